@@ -1,0 +1,51 @@
+# Two commands for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv and installs the stack on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+
+# torch is installed on its own, before the rest, so that pip never resolves an unpinned `torch` to a
+# multi-GB CUDA build on a machine without a GPU. With a GPU, the default PyPI build (CUDA) is right.
+# On a CPU-only machine elsewhere, point TORCH_PIP_ARGS at PyTorch's CPU index, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+HAS_GPU        := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC     ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup demo test test-quick lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	# deepspeed builds from source against the torch installed above (no isolated build env).
+	$(PY) -m pip install -q --no-build-isolation -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+demo: $(STAMP)
+	$(PY) demo.py --out $(DEMO)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-quick: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow and not browser"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache
