@@ -1,0 +1,96 @@
+"""Fold a LoRA adapter into its base model and write a standalone model directory.
+
+    python merge_params.py --ori_model_dir BASE --model_dir ADAPTER --save_model_dir OUT
+
+By default a QLoRA adapter is merged into the base *as training saw it* (NF4-dequantised weights);
+``--merge_into original`` merges into the unquantised weights. The merged model's logits are checked
+against base + adapter on probe inputs before anything is written. See docs/INFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sft.generation import QUANTIZATIONS, resolve_device
+from sft.merge import MERGE_INTO, MergeCheckError, merge_lora
+from sft.modeling import DTYPES
+from utils import require_local_dir, setup_logging
+
+logger = logging.getLogger("merge_params")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags (the RolePlayProj recipe's names for the three directories)."""
+    parser = argparse.ArgumentParser(
+        description="Merge a LoRA adapter into its base model (see docs/INFERENCE.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ori_model_dir", required=True, help="Local directory of the base model the adapter was trained on.")
+    parser.add_argument("--model_dir", required=True, help="The LoRA adapter directory (a train.py checkpoint).")
+    parser.add_argument("--save_model_dir", required=True, help="Where to write the merged model (new or empty directory).")
+    parser.add_argument(
+        "--merge_into",
+        choices=MERGE_INTO,
+        default="dequantized",
+        help="dequantized: merge into the base as a quantised (QLoRA) training run saw it; original: into the "
+        "unquantised weights. Identical for adapters trained without quantisation.",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="The adapter's training quantisation, for adapters without train_args.json (otherwise read from it).",
+    )
+    parser.add_argument(
+        "--double_quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="4-bit training used double quantisation (default: from train_args.json, else yes).",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights.")
+    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB.")
+    parser.add_argument("--device", default="auto", help="Where to merge: auto (first GPU, else CPU), cpu, cuda, cuda:N.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --save_model_dir.")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="Largest allowed |merged - (base+adapter)| logit difference on the probe inputs (fp32).",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, merge, print the report; exit 1 with a one-line reason on refusal or failed check."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+
+    try:
+        base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")
+        report = merge_lora(
+            base_dir,
+            args.model_dir,
+            args.save_model_dir,
+            merge_into=args.merge_into,
+            quantization=args.quantization,
+            double_quant=args.double_quant,
+            dtype=DTYPES[args.dtype],
+            device=resolve_device(args.device),
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, MergeCheckError) as err:
+        logger.error("%s", err)
+        return 1
+    logger.info("merged model written to %s", report.out_dir)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

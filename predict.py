@@ -1,0 +1,230 @@
+"""Generate answers with a fine-tuned model: batch predictions over a JSONL file, or a terminal chat.
+
+    python predict.py --model_path MERGED --data_path test.jsonl --output_path preds.jsonl
+    python predict.py --model_path BASE --adapter_dir ADAPTER --data_path test.jsonl --output_path preds.jsonl
+    python predict.py --model_path MERGED --chat [--system "..."]
+
+The output JSONL has one line per input record: ``prompt`` (the decoded prompt), ``prediction``,
+``references`` (the record's ``references``, else its last assistant turn) and the input ``record``.
+``python evaluate.py rouge --pred_path preds.jsonl`` scores it. See docs/INFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from sft.generation import (
+    QUANTIZATIONS,
+    build_generation_config,
+    context_window,
+    describe,
+    fit_history,
+    generate_batch,
+    inference_quantization,
+    load_for_inference,
+    resolve_device,
+    resolve_dtype,
+    split_prompt,
+    stream_reply,
+)
+from utils import require_local_dir, set_seed, setup_logging
+
+logger = logging.getLogger("predict")
+
+CHAT_HELP = "Type a message and press Enter; 'clear' starts a new conversation, 'exit' (or Ctrl-D) quits."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags. Generation flags default to the model's generation_config.json."""
+    parser = argparse.ArgumentParser(
+        description="Batch generation over a JSONL file, or an interactive chat (see docs/INFERENCE.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_path", required=True, help="Local model directory (merged model, or the adapter's base).")
+    model.add_argument("--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path (unmerged).")
+    model.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="Load the base weights quantised; default: as the adapter was trained (train_args.json), else none.",
+    )
+    model.add_argument("--template", default=None, help="Chat template; default: chosen from the model type.")
+    model.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
+    model.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU."
+    )
+
+    data = parser.add_argument_group("batch prediction")
+    data.add_argument("--data_path", default=None, help="JSONL conversations to answer (see docs/DATA format).")
+    data.add_argument("--output_path", default=None, help="Where to write the predictions JSONL.")
+    data.add_argument("--batch_size", type=int, default=8, help="Prompts generated together (left-padded).")
+    data.add_argument("--max_src_len", type=int, default=None, help="Cut prompts to this many tokens as training did.")
+    data.add_argument("--max_samples", type=int, default=None, help="Answer only the first N records.")
+
+    chat = parser.add_argument_group("interactive chat")
+    chat.add_argument("--chat", action="store_true", help="Chat in the terminal (multi-turn, streamed) instead.")
+    chat.add_argument("--system", default=None, help="System prompt of the chat (e.g. a role description).")
+
+    gen = parser.add_argument_group("generation (default: the model's generation_config.json)")
+    gen.add_argument("--max_new_tokens", type=int, default=None, help="Most tokens generated per answer.")
+    gen.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None, help="Sample (or --no-do_sample: greedy).")
+    gen.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
+    gen.add_argument("--top_p", type=float, default=None, help="Nucleus sampling: keep the top tokens with this much mass.")
+    gen.add_argument("--top_k", type=int, default=None, help="Sample among the k most likely tokens (0 = all).")
+    gen.add_argument("--repetition_penalty", type=float, default=None, help="Penalty for repeating tokens (1 = off).")
+    gen.add_argument("--num_beams", type=int, default=None, help="Beam search width (1 = no beam search).")
+    gen.add_argument("--seed", type=int, default=1234, help="Random seed (makes sampling repeatable).")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse impossible flag combinations before loading anything."""
+    problems = []
+    if args.chat:
+        if args.data_path or args.output_path:
+            problems.append("--chat is interactive: drop --data_path/--output_path (or drop --chat for batch mode)")
+        if args.num_beams is not None and args.num_beams > 1:
+            problems.append("--chat streams its replies, which beam search cannot: drop --num_beams")
+    else:
+        if not args.data_path or not args.output_path:
+            problems.append("batch mode needs --data_path and --output_path (or pass --chat for a terminal chat)")
+        if args.system is not None:
+            problems.append("--system only applies to --chat (batch records carry their own 'system')")
+    if args.batch_size < 1:
+        problems.append(f"--batch_size={args.batch_size} must be >= 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        problems.append(f"--max_samples={args.max_samples} must be >= 1")
+    if args.max_src_len is not None and args.max_src_len < 1:
+        problems.append(f"--max_src_len={args.max_src_len} must be >= 1")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """Model, tokenizer, chat template and generation config from the flags."""
+    from sft.data.templates import default_template_name, get_template
+
+    model_path = require_local_dir(args.model_path, "--model_path")
+    device = resolve_device(args.device)
+    quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
+    model, tokenizer = load_for_inference(
+        model_path,
+        args.adapter_dir,
+        quantization=quantization,
+        double_quant=double_quant,
+        dtype=resolve_dtype(args.dtype, device),
+        device=device,
+    )
+    name = args.template or default_template_name(model.config.model_type)
+    template = get_template(name, tokenizer, model_path)
+    config = build_generation_config(
+        model,
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+    )
+    logger.info("template %s; generation: %s", name, describe(config))
+    return model, tokenizer, template, config
+
+
+def predict_file(args: argparse.Namespace, model: Any, tokenizer: Any, template: Any, config: Any) -> int:
+    """Answer every record of --data_path and write prompt, prediction and references to --output_path."""
+    from sft.data.formats import read_conversations, write_jsonl_atomic
+
+    records = read_conversations(args.data_path, for_generation=True)
+    if args.max_samples is not None:
+        records = records[: args.max_samples]
+    prompts, references = [], []
+    for record in records:
+        prompt_record, refs = split_prompt(record)
+        prompts.append(template.build_prompt(prompt_record, max_src_len=args.max_src_len))
+        references.append(refs)
+    with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
+        predictions = generate_batch(model, tokenizer, prompts, config, batch_size=args.batch_size, progress=bar.update)
+    rows = (
+        {
+            "prompt": tokenizer.decode(prompt),
+            "prediction": prediction,
+            "references": refs,
+            "record": record,
+        }
+        for prompt, prediction, refs, record in zip(prompts, predictions, references, records, strict=True)
+    )
+    count = write_jsonl_atomic(args.output_path, rows)
+    logger.info("wrote %d predictions to %s", count, args.output_path)
+    return count
+
+
+def chat_loop(args: argparse.Namespace, model: Any, tokenizer: Any, template: Any, config: Any) -> None:
+    """Multi-turn terminal chat: history kept across turns, replies streamed to stdout as generated."""
+    room = context_window(model) - config.max_new_tokens
+    history: list[dict[str, str]] = []
+
+    def build(turns: list[dict[str, str]]) -> list[int]:
+        record = {"conversations": turns, **({"system": args.system} if args.system else {})}
+        return template.build_prompt(record)
+
+    print(CHAT_HELP, flush=True)
+    while True:
+        try:
+            message = input("\nUser: ").strip()
+        except EOFError:
+            print(flush=True)
+            return
+        if message in ("exit", "quit"):
+            return
+        if message == "clear":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if not message:
+            continue
+        prompt, kept = fit_history(build, [*history, {"role": "user", "content": message}], room)
+        if len(kept) < len(history) + 1:
+            logger.info("dropped the %d oldest turns to fit the context window", len(history) + 1 - len(kept))
+        print("Assistant: ", end="", flush=True)
+        reply = ""
+        for piece in stream_reply(model, tokenizer, prompt, config):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        if reply.strip():
+            history = [*kept, {"role": "assistant", "content": reply.strip()}]
+        else:  # an empty answer cannot be a history turn (the format forbids it): forget this round
+            history = kept[:-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    from sft.data.formats import DataFormatError
+
+    try:
+        validate(args)
+        set_seed(args.seed)
+        model, tokenizer, template, config = load(args)
+        if args.chat:
+            chat_loop(args, model, tokenizer, template, config)
+        else:
+            predict_file(args, model, tokenizer, template, config)
+    except (ValueError, FileNotFoundError, DataFormatError) as err:
+        logger.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,667 @@
+"""Tokenised SFT datasets, packing, collators and rank-aware batch samplers.
+
+* :func:`load_sft_dataset` reads conversation files, encodes them with a chat template (one batched
+  tokenizer pass over every distinct string), applies ``max_len``/``max_src_len`` truncation and
+  caches the result on disk, keyed by file content, template, tokenizer and lengths.
+* :func:`build_dataloader` batches a dataset for training: padded batches (batch maximum rounded up
+  to a multiple of 8, right padding, ``attention_mask``) or packed rows (first-fit decreasing into
+  rows of ``max_len`` tokens; ``position_ids`` restart at 0 for each sample and no
+  ``attention_mask`` is sent, so the models mask attention per document). Every rank gets the same
+  number of batches; the order is fixed by ``seed`` and the epoch.
+* :func:`build_eval_dataloader` shards without duplicates and pads short shards with dummy batches
+  (labels all -100) so that every rank runs the same number of forwards (ZeRO-3 needs that).
+
+Masks always come from positions, never from token values: pad ids may equal EOS (Llama) or unk
+(Baichuan), and the learned EOS must keep its label.
+
+Packed rows are only separated when the model sees ``attention_mask=None`` *and* no cache: call the
+model with ``use_cache=False`` in training (transformers' masking_utils skips its packed-sequence
+detection when a ``past_key_values`` object exists, and Llama creates one when ``use_cache`` is on).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sft.data.formats import read_conversations
+from sft.data.templates import IGNORE_INDEX, LOSS_PLACEMENTS, Template, assemble, sample_plan
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+PAD_MULTIPLE = 8
+# Samples per "mega-batch" that group_by_length sorts by length before cutting batches.
+GROUP_MEGABATCH = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+class SFTDataset(Dataset):
+    """Encoded samples as flat int32 arrays; item ``i`` is ``{"input_ids": list, "labels": list}``.
+
+    Attributes:
+        lengths: token count of every sample (numpy int array).
+        stats: records, samples, truncation and skip counts, token counts, encode time.
+    """
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: dict) -> None:
+        self._ids = input_ids
+        self._labels = labels
+        self._offsets = offsets
+        self.lengths = np.diff(offsets)
+        self.stats = stats
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[tuple[list[int], list[int]]], stats: dict) -> SFTDataset:
+        ids, labels = array("i"), array("i")
+        lengths = np.empty(len(samples), dtype=np.int64)
+        for k, (s_ids, s_labels) in enumerate(samples):
+            ids.extend(s_ids)  # C-level copy of a whole list: much faster than per-token numpy
+            labels.extend(s_labels)
+            lengths[k] = len(s_ids)
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.frombuffer(ids, dtype=np.int32), np.frombuffer(labels, dtype=np.int32), offsets, stats)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, labels)`` of sample ``i`` as numpy views (for collators)."""
+        a, b = self._offsets[i], self._offsets[i + 1]
+        return self._ids[a:b], self._labels[a:b]
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if i < 0:
+            i += len(self)
+        ids, labels = self.arrays(i)
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    def save(self, path: Path) -> None:
+        """Write to ``path`` (npz) through a temp file and rename, so readers never see half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    input_ids=self._ids,
+                    labels=self._labels,
+                    offsets=self._offsets,
+                    stats=np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> SFTDataset:
+        with np.load(path, allow_pickle=False) as data:
+            stats = json.loads(data["stats"].tobytes().decode())
+            return cls(data["input_ids"], data["labels"], data["offsets"], stats)
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what decides token ids: class, vocabulary, special ids and a probe encoding."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    probe = tokenizer(["Hello world, 你好！\n  x", "[INST] ### Response:\n"], add_special_tokens=False)[
+        "input_ids"
+    ]
+    h.update(json.dumps([special, probe]).encode())
+    return h.hexdigest()
+
+
+def _cache_key(paths: list[Path], template: Template, tokenizer: Any, params: dict) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    h.update(template.fingerprint().encode())
+    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    h.update(json.dumps({**params, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def load_sft_dataset(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer: Any,
+    template: Template,
+    *,
+    max_len: int,
+    max_src_len: int,
+    is_skip: bool,
+    loss_on: str = "all",
+    cache_dir: str | os.PathLike | None = None,
+) -> SFTDataset:
+    """Read conversation (or Alpaca) JSONL file(s) and encode them into training samples.
+
+    Args:
+        path: one file or several (concatenated in order).
+        tokenizer: the model's tokenizer (the one ``template`` was built with).
+        template: from :func:`sft.data.templates.get_template`.
+        max_len: most tokens of a sample; an answer that alone overflows is cut (EOS kept).
+        max_src_len: most tokens before the answer; oldest rounds, then the start of the last user
+            text are cut.
+        is_skip: drop a sample that needs any truncation instead of truncating it.
+        loss_on: ``"all"`` | ``"last"`` | ``"each"`` (see :mod:`sft.data.templates`).
+        cache_dir: store/reuse the encoded dataset here (keyed by file content, template,
+            tokenizer and the arguments above).
+
+    Raises:
+        DataFormatError: a bad record, naming file and line.
+        ValueError: impossible lengths or an unknown ``loss_on``.
+    """
+    if loss_on not in LOSS_PLACEMENTS:
+        raise ValueError(f"loss_on must be one of {LOSS_PLACEMENTS}, got {loss_on!r}")
+    if not 0 < max_src_len < max_len:
+        raise ValueError(f"need 0 < max_src_len < max_len, got max_src_len={max_src_len}, max_len={max_len}")
+    paths = [Path(path)] if isinstance(path, str | os.PathLike) else [Path(p) for p in path]
+    params = {"max_len": max_len, "max_src_len": max_src_len, "is_skip": is_skip, "loss_on": loss_on}
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"sft-{_cache_key(paths, template, tokenizer, params)}.npz"
+        if cache_file.is_file():
+            dataset = SFTDataset.load(cache_file)
+            dataset.stats["cached"] = True
+            logger.info("loaded %d encoded samples from cache %s", len(dataset), cache_file)
+            return dataset
+
+    start = time.perf_counter()
+    # Millions of small lists are created below; the cyclic GC would rescan them over and over.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples, skipped, truncated_prompt, truncated_answer, n_records = _encode_files(
+            paths, template, loss_on, max_len, max_src_len, is_skip
+        )
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if not samples:
+        raise ValueError(
+            f"no samples left from {[str(p) for p in paths]}: skipped {dict(skipped)}; raise max_len/max_src_len"
+        )
+
+    dataset = SFTDataset.from_samples(samples, {})
+    dataset.stats = {
+        "files": [str(p) for p in paths],
+        "records": n_records,
+        "samples": len(samples),
+        "truncated_prompt": truncated_prompt,
+        "truncated_answer": truncated_answer,
+        "skipped": dict(skipped),
+        "tokens": int(dataset.lengths.sum()),
+        "learned_tokens": int((dataset._labels != IGNORE_INDEX).sum()),
+        "seconds": round(time.perf_counter() - start, 3),
+        "cached": False,
+        **params,
+    }
+    stats = dataset.stats
+    logger.info(
+        "encoded %d records -> %d samples in %.2fs (truncated: %d prompts, %d answers; skipped: %s)",
+        stats["records"],
+        stats["samples"],
+        stats["seconds"],
+        truncated_prompt,
+        truncated_answer,
+        dict(skipped) or "none",
+    )
+    if cache_file is not None:
+        dataset.save(cache_file)
+    return dataset
+
+
+def _encode_files(
+    paths: list[Path], template: Template, loss_on: str, max_len: int, max_src_len: int, is_skip: bool
+) -> tuple[list[tuple[list[int], list[int]]], Counter, int, int, int]:
+    records = []
+    for p in paths:
+        records.extend(read_conversations(p))
+    rendered = [template.render(r) for r in records]
+    # One batched tokenizer pass over every distinct string (system prompts repeat a lot).
+    template.tokenize_texts([text for r in rendered for text in template.texts_of(r)])
+    samples: list[tuple[list[int], list[int]]] = []
+    skipped: Counter = Counter()
+    truncated_prompt = truncated_answer = 0
+    for r in rendered:
+        conv = template.tokenize_rendered(r)
+        for target, learned in sample_plan(conv, loss_on):
+            res = assemble(conv, target, learned, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
+            if res.dropped:
+                skipped[res.dropped] += 1
+                continue
+            truncated_prompt += res.truncated_prompt
+            truncated_answer += res.truncated_answer
+            samples.append((res.input_ids, res.labels))
+    template.clear_cache()
+    return samples, skipped, truncated_prompt, truncated_answer, len(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pack items into bins of ``capacity`` with first-fit decreasing; deterministic.
+
+    Items are visited longest first (ties by index) and go into the lowest-numbered bin with room.
+    A segment tree over the bins' free space finds that bin in O(log n). Returns lists of item
+    indices per bin, in bin order.
+    """
+    lengths = [int(n) for n in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} sample(s) longer than the row size {capacity} (e.g. index {too_long[0]})"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    tree = [capacity] * (2 * size)  # max free space per subtree; leaves are bins (unused bins = empty)
+    bins: list[list[int]] = []
+    for i in order:
+        need = lengths[i]
+        node = 1
+        while node < size:  # descend to the leftmost leaf with free >= need
+            node = 2 * node if tree[2 * node] >= need else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        tree[node] -= need
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
+
+
+class PackedRows(Dataset):
+    """Rows of packed samples: item ``r`` concatenates the samples of row ``r`` with position ids
+    restarting at 0 for each sample."""
+
+    def __init__(self, dataset: SFTDataset, max_len: int) -> None:
+        self.dataset = dataset
+        self.max_len = max_len
+        self.rows = pack_first_fit_decreasing(dataset.lengths, max_len)
+        self.lengths = np.array(
+            [sum(int(dataset.lengths[i]) for i in row) for row in self.rows], dtype=np.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        parts = [self.dataset.arrays(i) for i in self.rows[r]]
+        ids = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        positions = np.concatenate([np.arange(len(p[0])) for p in parts])
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+class _Samples(Dataset):
+    """Unpacked samples as numpy arrays (what the padded collator consumes)."""
+
+    def __init__(self, dataset: SFTDataset) -> None:
+        self.dataset = dataset
+        self.lengths = dataset.lengths
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        ids, labels = self.dataset.arrays(i)
+        return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Collators
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class PaddedCollator:
+    """Right-pad to the batch maximum rounded up to a multiple of 8, with ``attention_mask``.
+
+    Labels of padding are -100 and the mask is 0 there -- by position, so a pad id equal to EOS
+    never hides a learned EOS.
+    """
+
+    def __init__(self, pad_token_id: int, multiple_of: int = PAD_MULTIPLE) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        if not items:
+            return dummy_batch(self.pad_token_id, packed=False)
+        width = _round_up(max(len(it["input_ids"]) for it in items), self.multiple_of)
+        n = len(items)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for row, it in enumerate(items):
+            k = len(it["input_ids"])
+            input_ids[row, :k] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
+            labels[row, :k] = torch.as_tensor(np.asarray(it["labels"], dtype=np.int64))
+            attention_mask[row, :k] = 1
+        position_ids = torch.arange(width, dtype=torch.long).expand(n, width).clone()
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+
+
+class PackedCollator:
+    """Stack packed rows, padding each to the batch's longest row (multiple of 8, at most
+    ``max_len`` when possible). The padding is its own pseudo-document: positions restart at 0 and
+    labels are -100. No ``attention_mask``: the models mask per document from ``position_ids``."""
+
+    def __init__(self, pad_token_id: int, max_len: int, multiple_of: int = PAD_MULTIPLE) -> None:
+        self.pad_token_id = pad_token_id
+        self.max_len = max_len
+        self.multiple_of = multiple_of
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        if not items:
+            return dummy_batch(self.pad_token_id, packed=True)
+        longest = max(len(it["input_ids"]) for it in items)
+        width = max(longest, min(_round_up(longest, self.multiple_of), self.max_len))
+        n = len(items)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        for row, it in enumerate(items):
+            k = len(it["input_ids"])
+            input_ids[row, :k] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
+            labels[row, :k] = torch.as_tensor(np.asarray(it["labels"], dtype=np.int64))
+            position_ids[row, :k] = torch.as_tensor(np.asarray(it["position_ids"], dtype=np.int64))
+            position_ids[row, k:] = torch.arange(width - k)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def dummy_batch(pad_token_id: int, *, packed: bool, width: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+    """A one-row batch with no learned token (labels all -100): keeps ranks in step in eval.
+
+    Its mask is all ones (a fully masked row can give NaN attention), which is harmless since no
+    label is counted.
+    """
+    batch = {
+        "input_ids": torch.full((1, width), pad_token_id, dtype=torch.long),
+        "labels": torch.full((1, width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.arange(width, dtype=torch.long).unsqueeze(0),
+    }
+    if not packed:
+        batch["attention_mask"] = torch.ones((1, width), dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Training batches for one rank; every rank gets the same number of batches.
+
+    Per epoch the item order is a permutation seeded by ``(seed, epoch)`` (or the identity without
+    ``shuffle``); ``group_by_length`` sorts each mega-batch of 64 batches by length before cutting
+    batches and then shuffles the batches, so a batch holds similar lengths. Global batch ``j`` goes
+    to rank ``j % world_size``. The batch count is made a multiple of ``world_size``: with
+    ``drop_last`` the partial last batch and the remainder are dropped; otherwise the first
+    batches of the epoch are repeated.
+
+    ``set_epoch(e)`` picks the epoch's order; ``skip_batches(n)`` makes the *next* iteration start
+    at this rank's batch ``n`` (resume); ``len()`` is always the full per-rank count.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        group_by_length: bool,
+        rank: int,
+        world_size: int,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._skip = 0
+        if len(self._global_batches()) == 0:
+            raise ValueError(
+                f"{len(self.lengths)} samples give no full batch of {batch_size} x {world_size} ranks "
+                "with drop_last; lower the batch size or set drop_last=False"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration at this rank's batch ``n`` (for resuming mid-epoch)."""
+        if not 0 <= n <= len(self):
+            raise ValueError(f"cannot skip {n} batches: an epoch has {len(self)} per rank")
+        self._skip = n
+
+    def _global_batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        bs = self.batch_size
+        if self.group_by_length:
+            mega = bs * GROUP_MEGABATCH
+            batches = []
+            for start in range(0, n, mega):
+                chunk = order[start : start + mega]
+                # Stable sort, longest first: ties keep the shuffled order.
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                batches += [chunk[i : i + bs].tolist() for i in range(0, len(chunk), bs)]
+            # Every mega-batch but the last is a multiple of bs, so at most one batch is partial;
+            # it stays last so that drop_last removes it.
+            full = [b for b in batches if len(b) == bs]
+            part = [b for b in batches if len(b) < bs]
+            if self.shuffle:
+                perm = rng.permutation(len(full))
+                full = [full[i] for i in perm]
+            batches = full + part
+        else:
+            batches = [order[i : i + bs].tolist() for i in range(0, n, bs)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == bs]
+            keep = len(batches) - len(batches) % self.world_size
+            return batches[:keep]
+        short = (-len(batches)) % self.world_size
+        return batches + [batches[i % len(batches)] for i in range(short)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self._skip = self._skip, 0
+        mine = self._global_batches()[self.rank :: self.world_size]
+        yield from mine[skip:]
+
+    def __len__(self) -> int:
+        n_batches = (
+            (len(self.lengths) // self.batch_size)
+            if self.drop_last
+            else math.ceil(len(self.lengths) / self.batch_size)
+        )
+        if self.drop_last:
+            return n_batches // self.world_size
+        return math.ceil(n_batches / self.world_size)
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Eval batches for one rank: each item on exactly one rank (strided shards), in order; short
+    shards are padded with empty batches (the collators turn them into dummy batches) so every
+    rank runs the same number of batches."""
+
+    def __init__(self, n_items: int, *, batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.items = list(range(rank, n_items, world_size))
+        self.batch_size = batch_size
+        self.n_batches = math.ceil(math.ceil(n_items / world_size) / batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        bs = self.batch_size
+        batches = [self.items[i : i + bs] for i in range(0, len(self.items), bs)]
+        yield from batches
+        for _ in range(self.n_batches - len(batches)):
+            yield []
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Eval order does not depend on the epoch (kept for a uniform sampler interface)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoaders
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataloader(
+    dataset: SFTDataset,
+    *,
+    batch_size: int,
+    packing: bool,
+    max_len: int,
+    shuffle: bool,
+    seed: int,
+    group_by_length: bool,
+    rank: int,
+    world_size: int,
+    pad_token_id: int,
+    drop_last: bool = False,
+    for_eval: bool = False,
+) -> DataLoader:
+    """A DataLoader of dicts of LongTensors: ``input_ids``, ``labels``, ``position_ids`` and, for
+    padded batches, ``attention_mask``.
+
+    Training (``for_eval=False``): :class:`ShardedBatchSampler` (``loader.batch_sampler`` has
+    ``set_epoch``/``skip_batches``). With ``packing`` the batch items are rows of up to ``max_len``
+    tokens. ``for_eval=True`` delegates to :func:`build_eval_dataloader` (``shuffle``, ``seed``,
+    ``group_by_length`` and ``drop_last`` must then be off / are ignored for the order).
+    """
+    if packing and group_by_length:
+        raise ValueError("group_by_length has no effect with packing (rows are all ~max_len); turn one off")
+    if pad_token_id is None:
+        raise ValueError(
+            "pad_token_id is None; set tokenizer.pad_token (e.g. to unk) before building batches"
+        )
+    if for_eval:
+        return build_eval_dataloader(
+            dataset,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            pad_token_id=pad_token_id,
+            packing=packing,
+            max_len=max_len,
+        )
+    items, collate = _items_and_collate(dataset, packing, max_len, pad_token_id)
+    sampler = ShardedBatchSampler(
+        items.lengths,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        group_by_length=group_by_length,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+
+
+def build_eval_dataloader(
+    dataset: SFTDataset,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    pad_token_id: int,
+    packing: bool = False,
+    max_len: int | None = None,
+) -> DataLoader:
+    """Eval DataLoader: every sample counted exactly once over all ranks, same batch count on every
+    rank (short shards get dummy batches whose labels are all -100)."""
+    if packing and max_len is None:
+        raise ValueError("packing needs max_len (the row size)")
+    items, collate = _items_and_collate(dataset, packing, max_len or 0, pad_token_id)
+    sampler = EvalBatchSampler(len(items), batch_size=batch_size, rank=rank, world_size=world_size)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+
+
+def _items_and_collate(dataset: SFTDataset, packing: bool, max_len: int, pad_token_id: int):
+    if packing:
+        rows = PackedRows(dataset, max_len)
+        logger.info(
+            "packed %d samples into %d rows of %d tokens (fill %.1f%%)",
+            len(dataset),
+            len(rows),
+            max_len,
+            100.0 * rows.lengths.sum() / max(1, len(rows) * max_len),
+        )
+        return rows, PackedCollator(pad_token_id, max_len)
+    return _Samples(dataset), PaddedCollator(pad_token_id)
+
+
+__all__ = [
+    "EvalBatchSampler",
+    "PackedCollator",
+    "PackedRows",
+    "PaddedCollator",
+    "SFTDataset",
+    "ShardedBatchSampler",
+    "build_dataloader",
+    "build_eval_dataloader",
+    "dummy_batch",
+    "load_sft_dataset",
+    "pack_first_fit_decreasing",
+]

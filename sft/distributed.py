@@ -1,0 +1,159 @@
+"""Every bit of rank logic of the training code lives here.
+
+The rest of the code asks ``is_main_process()``, ``get_rank()``,
+``get_world_size()`` and reduces with ``all_reduce_sum`` / ``all_reduce_max``
+/ ``all_reduce_min``; it never looks at environment variables or
+``torch.distributed`` directly.
+
+Launch modes handled by :func:`init_distributed`:
+
+- ``python train.py``: no launcher. We create a one-rank process group on
+  127.0.0.1 ourselves, so no MPI discovery is attempted.
+- ``deepspeed train.py`` / ``deepspeed --hostfile ...``, ``torchrun
+  --nproc_per_node N`` / ``torchrun --nnodes N ...``: the launcher sets
+  ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+
+The backend is the accelerator's: NCCL on CUDA, gloo on DeepSpeed's CPU
+accelerator (CI runs multi-rank training that way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_DEVICE: torch.device | None = None
+
+
+def _free_port() -> int:
+    """Ask the OS for a free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launched_by_launcher() -> bool:
+    """True when a launcher (deepspeed, torchrun) started this process and set the rank variables."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(timeout_minutes: int = 30) -> torch.device:
+    """Join (or create) the process group and return this process's device.
+
+    Idempotent: a second call returns the device chosen by the first.
+
+    Args:
+        timeout_minutes: collective timeout; a rank that waits longer raises instead of hanging forever.
+
+    Returns:
+        ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    """
+    global _DEVICE
+    if _DEVICE is not None:
+        return _DEVICE
+
+    if not launched_by_launcher():
+        # Single process without a launcher: describe a one-rank world so DeepSpeed does not try MPI.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+
+    import deepspeed  # imported here: importing deepspeed probes the accelerator, which is slow
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = get_local_rank()
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                "start fewer processes per node or fix CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_device(local_rank)
+        _DEVICE = torch.device("cuda", local_rank)
+    else:
+        _DEVICE = torch.device("cpu")
+
+    if not dist.is_initialized():
+        backend = get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes)
+        )
+    logger.debug("rank %d/%d on %s", get_rank(), get_world_size(), _DEVICE)
+    return _DEVICE
+
+
+def get_device() -> torch.device:
+    """The device chosen by :func:`init_distributed` (cpu before it was called)."""
+    return _DEVICE if _DEVICE is not None else torch.device("cpu")
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_local_rank() -> int:
+    """Rank of this process on its node (selects the GPU)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def get_world_size() -> int:
+    """Number of processes taking part in training (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the one rank that logs, writes files and draws the progress bar."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point (no-op when not distributed)."""
+    if dist.is_initialized() and get_world_size() > 1:
+        dist.barrier()
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if dist.is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place; returns it for chaining. No host sync on GPU."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all ranks, in place."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of ``tensor`` over all ranks, in place."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank ``src`` to every rank (e.g. a path only rank 0 resolved)."""
+    if not (dist.is_initialized() and get_world_size() > 1):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def destroy() -> None:
+    """Leave the process group at the end of training so the launcher sees a clean exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,271 @@
+"""Loading base models (4-bit / 8-bit / full precision) and attaching peft adapters.
+
+Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py and web_demo.py:
+
+- :func:`load_tokenizer` -- AutoTokenizer from a local directory, with a pad token.
+- :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
+- :func:`find_lora_targets` -- every linear layer except the output head.
+- :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up.
+- :func:`prepended_positions` -- how many positions a prompt-learning adapter adds in front.
+
+Importing ``models.baichuan`` registers our Baichuan2 with the Auto classes, so every
+function here handles Baichuan2 and every causal LM transformers ships.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from sft.args import TrainArgs
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """``"bf16"|"fp16"|"fp32"`` -> the torch dtype."""
+    return DTYPES[precision]
+
+
+def _register_models() -> None:
+    """Register our Baichuan2 classes with transformers' Auto classes (idempotent)."""
+    import models.baichuan  # noqa: F401  (import side effect: Auto-class registration)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local model directory and make sure it has a pad token.
+
+    Padding positions never carry a loss (labels -100) and are masked out of attention, so any
+    existing token can serve as pad; we prefer unk, then eos.
+    """
+    from transformers import AutoTokenizer
+
+    _register_models()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(
+    quantization: str,
+    compute_dtype: torch.dtype,
+    *,
+    double_quant: bool = True,
+    quant_storage: torch.dtype | None = None,
+) -> BitsAndBytesConfig | None:
+    """bitsandbytes config for ``quantization`` in ``{"nf4", "fp4", "int8", "none"}`` (None for "none").
+
+    Args:
+        quantization: storage of the frozen base weights.
+        compute_dtype: dtype of the 4-bit matmuls (the training precision).
+        double_quant: also quantise the 4-bit quantisation constants.
+        quant_storage: dtype the packed 4-bit weights are stored in. ZeRO-3 needs it equal to the
+            compute dtype so that it can partition and gather the packed weights like any other
+            parameter; None keeps bitsandbytes' default (uint8).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant_storage if quant_storage is not None else torch.uint8,
+        )
+    raise ValueError(f"unknown quantization {quantization!r}: use nf4, fp4, int8 or none")
+
+
+def load_base_model(
+    path: str | os.PathLike,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.bfloat16,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    *,
+    double_quant: bool = True,
+    quant_storage: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory, optionally quantised with bitsandbytes.
+
+    Args:
+        path: local model directory (config.json, weights).
+        quantization: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"none"``.
+        dtype: dtype of the unquantised weights and compute dtype of the 4-bit matmuls.
+        device_map: passed to ``from_pretrained`` (e.g. ``{"": "cuda:0"}``, ``"auto"``); quantised
+            models need one, so None means the current CUDA device, or the CPU.
+        attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"`` or None (model default).
+        double_quant: 4-bit only: quantise the quantisation constants too.
+        quant_storage: 4-bit only: storage dtype of the packed weights (see :func:`quantization_config`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    _register_models()
+    bnb_config = quantization_config(quantization, dtype, double_quant=double_quant, quant_storage=quant_storage)
+    if bnb_config is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    kwargs: dict = {"dtype": dtype, "device_map": device_map}
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    logger.info(
+        "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",
+        path,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        quantization,
+        dtype,
+    )
+    return model
+
+
+def find_lora_targets(model: nn.Module) -> list[str]:
+    """Names (last dotted component) of every linear layer except the output head.
+
+    bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` subclass ``nn.Linear``, so quantised layers are
+    found too. The output head is excluded by identity (``get_output_embeddings``); Baichuan2's
+    ``NormHead`` is not an ``nn.Linear`` and is never a candidate.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to adapt: pass --lora_target explicitly")
+    return sorted(names)
+
+
+def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
+    """The peft config for ``--peft`` (LoRA targets from ``--lora_target`` or discovered)."""
+    from peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        TaskType,
+    )
+
+    if args.peft == "lora":
+        targets = args.lora_target_modules or find_lora_targets(model)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ValueError(
+                f"--lora_target {','.join(missing)}: no such module in {type(model).__name__}; "
+                f"linear layers are {','.join(find_lora_targets(model))}"
+            )
+        logger.info("LoRA on %s (r=%d, alpha=%d)", ",".join(targets), args.lora_dim, args.lora_alpha)
+        return LoraConfig(
+            r=args.lora_dim,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type=TaskType.CAUSAL_LM,
+        )
+    if args.peft == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
+    if args.peft == "p_tuning":
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=args.num_virtual_tokens,
+            encoder_hidden_size=model.config.hidden_size,
+        )
+    if args.peft == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
+    raise ValueError(f"unknown --peft {args.peft!r}")
+
+
+def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: bool = False) -> PeftModel:
+    """Base model (quantised per ``--quantization``) with a fresh trainable peft adapter.
+
+    Args:
+        args: validated training arguments.
+        device: this rank's device; quantised weights are placed there at load time.
+        zero3: the run uses ZeRO-3, so 4-bit weights are stored in the compute dtype (partitionable).
+
+    Returns:
+        A ``PeftModel`` whose only trainable parameters are the adapter's.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    dtype = torch_dtype(args.precision)
+    quantized = args.quantization != "none"
+    four_bit = args.quantization in ("nf4", "fp4")
+    model = load_base_model(
+        args.model_name_or_path,
+        args.quantization,
+        dtype,
+        device_map={"": device} if quantized else None,
+        attn_implementation=args.attn_implementation,
+        double_quant=args.double_quant,
+        quant_storage=dtype if (zero3 and four_bit) else None,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    # Non-reentrant checkpointing needs no requires_grad hack on the input embeddings.
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantized:
+        # Freezes the base, upcasts the unquantised layers (norms) to fp32 for stability and turns on
+        # gradient checkpointing when asked. The DeepSpeed engine casts them to --precision afterwards.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+    peft_model = get_peft_model(model, build_peft_config(args, model))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return peft_model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def prepended_positions(model: nn.Module) -> int:
+    """Positions a prompt-learning adapter prepends to the sequence (prompt/p-tuning), else 0.
+
+    The logits of such a model start with these virtual positions, so loss positions shift by it.
+    Prefix tuning adds keys/values, not positions, and LoRA adds nothing.
+    """
+    from peft import PeftModel, PeftType
+
+    model = unwrap_model(model)
+    if not isinstance(model, PeftModel):
+        return 0
+    config = model.active_peft_config
+    if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
+        return int(config.num_virtual_tokens)
+    return 0
+
+
+def uses_position_ids(model: nn.Module) -> bool:
+    """Whether ``position_ids`` may be passed to the model (peft prompt-learning models ignore them)."""
+    from peft import PeftModel
+
+    model = unwrap_model(model)
+    return not (isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning)

@@ -1,0 +1,42 @@
+"""Shared pytest fixtures: tiny model directories (built once per session) and the real data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.tiny import build_tiny_baichuan, build_tiny_llama
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+# The CI machine has 2 cores shared with other jobs: more threads only add contention for tiny models.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_baichuan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Baichuan2 model directory in the 7B layout (RoPE); read-only by convention: copy before changing."""
+    return build_tiny_baichuan(tmp_path_factory.mktemp("tiny_baichuan"), position="rope")
+
+
+@pytest.fixture(scope="session")
+def tiny_baichuan_alibi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Baichuan2 model directory in the 13B layout (ALiBi); read-only by convention."""
+    return build_tiny_baichuan(tmp_path_factory.mktemp("tiny_baichuan_alibi"), position="alibi")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny transformers Llama model directory with a fast tokenizer; read-only by convention."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real data sets (`../shared/data` next to the repository); tests using it skip where it is absent."""
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(f"real data directory {SHARED_DATA_DIR} not found")
+    return SHARED_DATA_DIR

@@ -1,0 +1,139 @@
+"""sft.args: flag parsing, validation (all problems at once) and ds_config "auto" filling."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from sft.args import REPO_ROOT, ArgsError, TrainArgs, build_ds_config, build_parser, parse_args, validate_args
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, str]:
+    model = tmp_path / "model"
+    model.mkdir()
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"conversations": []}\n', encoding="utf-8")
+    return {"model": str(model), "train": str(train)}
+
+
+def _args(paths: dict[str, str], *extra: str) -> TrainArgs:
+    return parse_args(["--model_name_or_path", paths["model"], "--train_path", paths["train"], *extra])
+
+
+def test_every_field_is_a_flag_with_help():
+    parser = build_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for f in dataclasses.fields(TrainArgs):
+        assert f"--{f.name}" in flags
+        assert f.metadata["help"]
+    recipe = (
+        "model_name_or_path train_path test_path max_len max_src_len is_skip per_device_train_batch_size "
+        "learning_rate weight_decay num_train_epochs gradient_accumulation_steps warmup_ratio seed show_loss_step "
+        "gradient_checkpointing save_model_step lora_dim lora_alpha lora_dropout output_dir ds_file local_rank"
+    ).split()
+    for name in recipe:
+        assert f"--{name}" in flags, name
+
+
+def test_recipe_command_line_parses(paths):
+    args = parse_args(
+        ["--model_name_or_path", paths["model"], "--train_path", paths["train"], "--ds_file", "ds_configs/zero3.json",
+         "--gradient_checkpointing", "--is_skip", "--local_rank=1", "--lora_dim", "8"]
+    )
+    assert args.ds_config == "ds_configs/zero3.json"
+    assert args.gradient_checkpointing and args.is_skip
+    assert args.local_rank == 1 and args.lora_dim == 8
+    assert args.quantization == "nf4" and args.double_quant  # QLoRA defaults
+
+
+def test_valid_arguments_pass(paths):
+    validate_args(_args(paths), cuda_available=False)
+
+
+def test_all_problems_are_reported_together(paths):
+    args = _args(
+        paths,
+        "--max_src_len", "600", "--max_len", "512",
+        "--gradient_accumulation_steps", "0",
+        "--precision", "fp16",
+        "--warmup_ratio", "1.5",
+        "--peft", "prompt_tuning", "--packing",
+        "--lora_target", "q_proj",
+    )
+    with pytest.raises(ArgsError) as info:
+        validate_args(args, cuda_available=False)
+    text = str(info.value)
+    for needle in ("--max_src_len=600", "--gradient_accumulation_steps=0", "--precision fp16 needs a GPU",
+                   "--warmup_ratio=1.5", "--packing cannot be combined", "--lora_target only applies"):
+        assert needle in text, needle
+    assert len(info.value.problems) == 6
+
+
+def test_missing_model_and_hub_id(paths, tmp_path):
+    args = parse_args(["--model_name_or_path", "baichuan-inc/Baichuan2-7B-Chat", "--train_path", str(tmp_path / "no.jsonl")])
+    with pytest.raises(ArgsError) as info:
+        validate_args(args, cuda_available=False)
+    assert "looks like a hub id" in str(info.value)
+    assert "--train_path=" in str(info.value)
+    with pytest.raises(ArgsError, match="--model_name_or_path is required"):
+        validate_args(parse_args(["--train_path", paths["train"]]), cuda_available=False)
+
+
+def test_gpu_only_options_rejected_on_cpu(paths):
+    with pytest.raises(ArgsError) as info:
+        validate_args(_args(paths, "--quantization", "int8", "--attn_implementation", "flash_attention_2"), cuda_available=False)
+    assert len(info.value.problems) == 2
+    validate_args(_args(paths, "--quantization", "int8", "--precision", "fp16"), cuda_available=True)
+
+
+def test_resume_path_must_be_a_checkpoint(paths, tmp_path):
+    with pytest.raises(ArgsError, match="no training_state"):
+        validate_args(_args(paths, "--resume_from_checkpoint", str(tmp_path)), cuda_available=False)
+    validate_args(_args(paths, "--resume_from_checkpoint", "latest"), cuda_available=False)
+
+
+def test_ds_config_auto_values_are_filled(paths):
+    args = _args(paths, "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5",
+                 "--learning_rate", "2e-4", "--precision", "fp32", "--max_grad_norm", "0.5")
+    config = build_ds_config(args, world_size=4)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 60
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"]["lr"] == 2e-4
+    assert config["optimizer"]["params"]["weight_decay"] == 0.1
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    assert config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])
+def test_bundled_configs_fill_completely(paths, name):
+    args = _args(paths, "--ds_config", str(REPO_ROOT / "ds_configs" / f"{name}.json"))
+    config = build_ds_config(args, world_size=2)
+    assert "auto" not in json.dumps(config)
+    assert config["bf16"]["enabled"] is True
+
+
+def test_ds_config_disagreement_is_an_error(paths, tmp_path):
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
+    config["gradient_accumulation_steps"] = 8
+    config["bf16"]["enabled"] = True
+    config["scheduler"] = {"type": "WarmupLR"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(config))
+    args = _args(paths, "--ds_config", str(path), "--gradient_accumulation_steps", "4", "--precision", "fp32")
+    with pytest.raises(ArgsError) as info:
+        validate_args(args, cuda_available=False)
+    text = str(info.value)
+    assert "gradient_accumulation_steps=8 but --gradient_accumulation_steps gives 4" in text
+    assert "bf16.enabled=True but --precision fp32" in text
+    assert '"scheduler" section' in text
+    # Explicit values that agree with the flags are fine.
+    args = _args(paths, "--ds_config", str(path), "--gradient_accumulation_steps", "8")
+    config.pop("scheduler")
+    path.write_text(json.dumps(config))
+    build_ds_config(args, world_size=1)

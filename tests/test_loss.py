@@ -1,0 +1,85 @@
+"""sft.loss: chunked loss sums equal a full-logits reference, and logits_to_keep gives the same loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sft.loss import (
+    IGNORE_INDEX,
+    aligned_loss_sums,
+    batch_loss_sums,
+    kept_targets,
+    learned_positions,
+    token_loss_sums,
+)
+from sft.modeling import load_base_model
+
+
+def _reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """The textbook loss: shift, upcast everything, cross-entropy summed over learned tokens."""
+    shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    nll = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((targets != IGNORE_INDEX).sum())
+
+
+def _labels(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels[0, :7] = IGNORE_INDEX  # a prompt
+    labels[1, :3] = IGNORE_INDEX
+    labels[1, 20:] = IGNORE_INDEX  # right padding
+    labels[:, 25:27] = IGNORE_INDEX  # a column nobody learns: skipped by logits_to_keep
+    return labels
+
+
+def test_token_loss_sums_matches_reference_in_every_chunking():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 32, 50, generator=gen).to(torch.bfloat16)
+    labels = _labels(3, 32, 50)
+    ref_nll, ref_tokens = _reference(logits, labels)
+    for chunk in (1, 5, 31, 1024):
+        nll, tokens = token_loss_sums(logits, labels, chunk_positions=chunk)
+        assert tokens.item() == ref_tokens
+        assert abs(nll.item() - ref_nll) < 1e-3 * abs(ref_nll)
+        assert nll.dtype == torch.float32
+
+
+def test_kept_positions_give_the_same_loss():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 32, 50, generator=gen)
+    labels = _labels(3, 32, 50)
+    positions = learned_positions(labels)
+    assert 24 not in positions.tolist() and 25 not in positions.tolist()  # predicting labels 25, 26
+    nll, tokens = aligned_loss_sums(logits[:, positions], kept_targets(labels, positions))
+    ref_nll, ref_tokens = _reference(logits, labels)
+    assert tokens.item() == ref_tokens
+    assert abs(nll.item() - ref_nll) < 1e-4 * abs(ref_nll)
+
+
+def test_no_learned_token_gives_zero():
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    positions = learned_positions(labels)
+    assert positions.tolist() == [0]
+    nll, tokens = aligned_loss_sums(torch.randn(2, 1, 10), kept_targets(labels, positions))
+    assert tokens.item() == 0 and nll.item() == 0.0
+
+
+def test_model_loss_with_logits_to_keep_equals_full_logits(tiny_llama_dir, tiny_baichuan_dir):
+    """Both model families accept a position tensor as logits_to_keep and give the full-logits loss."""
+    for model_dir in (tiny_llama_dir, tiny_baichuan_dir):
+        model = load_base_model(model_dir, "none", torch.float32)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(2)
+        input_ids = torch.randint(3, vocab, (3, 32), generator=gen)
+        labels = _labels(3, 32, vocab)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, 20:] = 0
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        with torch.no_grad():
+            full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            ref_nll, ref_tokens = _reference(full, labels)
+            nll, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
+        assert tokens.item() == ref_tokens
+        assert abs(nll.item() - ref_nll) < 1e-4 * abs(ref_nll), model_dir

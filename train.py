@@ -1,0 +1,357 @@
+"""QLoRA/LoRA supervised fine-tuning under DeepSpeed: a hand-written loop that reads top to bottom.
+
+    python train.py --model_name_or_path DIR --train_path train.jsonl --test_path test.jsonl
+    deepspeed --num_gpus 2 train.py --ds_config ds_configs/zero2.json ...
+    torchrun --nproc_per_node 2 train.py ...
+
+main() runs the steps in order: parse and validate the arguments, set up the process group, the
+tokenizer, the data, the model, the DeepSpeed engine, resume if asked, the training loop (with
+evaluation and checkpoints at save steps and epoch ends), the final save. See docs/TRAINING.md.
+
+Who owns what: DeepSpeed owns precision, gradient accumulation, clipping and the optimizer step;
+sft.distributed owns rank logic; sft.loss the memory-lean loss; sft.evaluation perplexity;
+sft.checkpoint saving and resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sft.args import ArgsError, TrainArgs, build_ds_config, parse_args, validate_args, zero_stage
+from sft.checkpoint import (
+    TrainProgress,
+    load_checkpoint,
+    resolve_resume_dir,
+    restore_rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from sft.distributed import (
+    all_reduce_min,
+    all_reduce_sum,
+    broadcast_object,
+    destroy,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+from sft.evaluation import evaluate_perplexity
+from sft.loss import IGNORE_INDEX, batch_loss_sums
+from sft.modeling import load_model_for_training, load_tokenizer
+from utils import set_seed, setup_logging
+
+logger = logging.getLogger("train")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. arguments
+# --------------------------------------------------------------------------------------------------
+def setup_args(argv: list[str] | None) -> TrainArgs:
+    """Parse and validate every flag before any work (all problems reported together)."""
+    args = parse_args(argv)
+    if args.local_rank >= 0:
+        # The deepspeed launcher passes --local_rank and also sets LOCAL_RANK; older launchers only the flag.
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    validate_args(args)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. data
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train: DataLoader
+    eval: DataLoader | None
+    micro_batches_per_epoch: int  # the same on every rank (the minimum over ranks)
+
+
+def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
+    """Tokenise the data sets with the chat template and build this rank's loaders."""
+    from transformers import AutoConfig
+
+    from sft.data.dataset import build_dataloader, load_sft_dataset
+    from sft.data.templates import default_template_name, get_template
+
+    model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+    template_name = args.template or default_template_name(model_type)
+    template = get_template(template_name, tokenizer, model_dir=args.model_name_or_path)
+    logger.info("chat template %s (model type %s)", template_name, model_type)
+
+    def load(path: str):
+        return load_sft_dataset(
+            path,
+            tokenizer,
+            template,
+            max_len=args.max_len,
+            max_src_len=args.max_src_len,
+            is_skip=args.is_skip,
+            loss_on=args.loss_on,
+            cache_dir=args.data_cache_dir or None,
+        )
+
+    common = {
+        "packing": args.packing,
+        "max_len": args.max_len,
+        "seed": args.seed,
+        "rank": get_rank(),
+        "world_size": get_world_size(),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    train_loader = build_dataloader(
+        load(args.train_path),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        group_by_length=args.group_by_length,
+        **common,
+    )
+    eval_loader = None
+    if args.test_path:
+        eval_loader = build_dataloader(
+            load(args.test_path),
+            batch_size=args.per_device_eval_batch_size,
+            shuffle=False,
+            group_by_length=False,
+            for_eval=True,
+            **common,
+        )
+    # Every rank must run the same number of micro-batches (each backward may be a collective).
+    n_micro = int(all_reduce_min(torch.tensor(len(train_loader), device=device)).item())
+    return Data(train=train_loader, eval=eval_loader, micro_batches_per_epoch=n_micro)
+
+
+def total_optimizer_steps(args: TrainArgs, data: Data) -> tuple[int, int]:
+    """(steps per epoch, total steps): --max_steps wins over --num_train_epochs when set."""
+    steps_per_epoch = math.ceil(data.micro_batches_per_epoch / args.gradient_accumulation_steps)
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return steps_per_epoch, total
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. model and DeepSpeed engine
+# --------------------------------------------------------------------------------------------------
+def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
+    """Quantised base + peft adapter, wrapped by a DeepSpeed engine that owns the optimizer step."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    ds_config = build_ds_config(args, world_size=get_world_size())
+    model = load_model_for_training(args, device, zero3=zero_stage(ds_config) == 3)
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
+
+    def make_scheduler(optimizer):
+        return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=make_scheduler,
+    )
+    logger.info(
+        "DeepSpeed ZeRO-%d, %s, %d rank(s), micro-batch %d x accumulation %d; %d steps (%d warm-up, %s)",
+        zero_stage(ds_config),
+        args.precision,
+        get_world_size(),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        total_steps,
+        warmup_steps,
+        args.lr_scheduler,
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the loop
+# --------------------------------------------------------------------------------------------------
+class Metrics:
+    """TensorBoard scalars (rank 0) plus the loss/throughput window between two logging steps.
+
+    The window lives on the device: nothing is read back to the host until a logging step.
+    """
+
+    def __init__(self, args: TrainArgs, device: torch.device, start_step: int):
+        self.device = device
+        self.writer = None
+        if is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a previous, interrupted run logged after the checkpoint we resume from.
+            self.writer = SummaryWriter(str(args.tensorboard_path), purge_step=start_step + 1 if start_step else None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.nll = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's NLL sum
+        self.counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # global (learned, input) tokens
+        self.started = time.perf_counter()
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_step(args: TrainArgs, engine, micro_batches: list[dict], device: torch.device, metrics: Metrics) -> None:
+    """One optimizer step over ``micro_batches`` (up to --gradient_accumulation_steps of them).
+
+    The loss is the mean NLL over every learned token of the step, on all ranks. DeepSpeed divides
+    each micro-batch loss by the accumulation steps and averages gradients over ranks, so each
+    micro-batch contributes nll_sum * world_size * accumulation / global_learned_tokens.
+    """
+    # Token counts come from the CPU labels: counting them costs no device sync.
+    learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    inputs = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches
+    )
+    counts = all_reduce_sum(torch.tensor([learned, inputs], dtype=torch.int64, device=device))
+    scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
+
+    for i, batch in enumerate(micro_batches):
+        # The last micro-batch closes the accumulation window, also when an epoch ends early.
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+        nll_sum, _ = batch_loss_sums(engine, batch, device)
+        engine.backward(nll_sum * scale)
+        metrics.nll += nll_sum.detach().double()
+    engine.step()
+    metrics.counts += counts
+
+
+def log_train_metrics(engine, metrics: Metrics, step: int, progress_bar) -> None:
+    """Reduce the window over ranks and publish loss, lr, grad norm, throughput (a host sync)."""
+    nll = all_reduce_sum(metrics.nll.clone()).item()
+    learned, inputs = metrics.counts.tolist()
+    elapsed = time.perf_counter() - metrics.started
+    loss = nll / max(learned, 1)
+    lr = engine.get_lr()[0]
+    grad_norm = engine.get_global_grad_norm()
+    tokens_per_sec = inputs / max(elapsed, 1e-9)
+    metrics.scalar("train/loss", loss, step)
+    metrics.scalar("train/lr", lr, step)
+    if grad_norm is not None:
+        metrics.scalar("train/grad_norm", float(grad_norm), step)
+    metrics.scalar("train/tokens_per_sec", tokens_per_sec, step)
+    if torch.cuda.is_available():
+        metrics.scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+    if progress_bar is not None:
+        progress_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
+    logger.debug("step %d loss %.4f lr %.3e grad_norm %s tok/s %.0f", step, loss, lr, grad_norm, tokens_per_sec)
+    metrics.reset()
+
+
+def evaluate_and_save(args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics) -> None:
+    """Perplexity on the test set (all ranks), then an adapter checkpoint, then rotation."""
+    progress.eval = {}
+    if data.eval is not None:
+        result = evaluate_perplexity(engine, data.eval)
+        progress.eval = result
+        metrics.scalar("eval/loss", result["loss"], progress.step)
+        metrics.scalar("eval/ppl", result["ppl"], progress.step)
+        logger.info(
+            "step %d eval loss %.4f ppl %.3f (%d tokens)", progress.step, result["loss"], result["ppl"], result["tokens"]
+        )
+    save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
+    rotate_checkpoints(args.output_dir, args.save_total_limit)
+
+
+def train(args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, resume: Path | None) -> TrainProgress:
+    """The training loop: epochs of optimizer steps, logging, evaluation and checkpoints."""
+    steps_per_epoch, total_steps = total_optimizer_steps(args, data)
+    accumulation = args.gradient_accumulation_steps
+    progress, rng_state = (load_checkpoint(engine, resume) if resume else (TrainProgress(), None))
+    if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+    metrics = Metrics(args, device, progress.step)
+    progress_bar = (
+        tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True) if is_main_process() else None
+    )
+    engine.train()
+    saved_at = progress.step if resume else -1
+    while progress.step < total_steps:
+        sampler = data.train.batch_sampler
+        sampler.set_epoch(progress.epoch)
+        sampler.skip_batches(progress.batches_in_epoch)
+        batches = iter(data.train)
+        if rng_state is not None:
+            # Restored after the iterator exists: creating it draws from the global RNG.
+            restore_rng_state(rng_state)
+            rng_state = None
+
+        while progress.step < total_steps and progress.batches_in_epoch < data.micro_batches_per_epoch:
+            # Prefetch the step's micro-batches so their learned tokens are counted before any backward.
+            n = min(accumulation, data.micro_batches_per_epoch - progress.batches_in_epoch)
+            micro_batches = list(islice(batches, n))
+            train_step(args, engine, micro_batches, device, metrics)
+            progress.step += 1
+            progress.batches_in_epoch += n
+            if progress_bar is not None:
+                progress_bar.update(1)
+            if progress.step % args.show_loss_step == 0:
+                log_train_metrics(engine, metrics, progress.step, progress_bar)
+            if args.save_model_step and progress.step % args.save_model_step == 0:
+                evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+                saved_at = progress.step
+
+        if saved_at != progress.step:  # end of an epoch (or of --max_steps)
+            evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+            saved_at = progress.step
+        if progress.batches_in_epoch >= data.micro_batches_per_epoch:
+            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+        logger.debug("epoch %d done (%d steps per epoch)", progress.epoch, steps_per_epoch)
+
+    if progress_bar is not None:
+        progress_bar.close()
+    metrics.close()
+    return progress
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> TrainProgress:
+    """Run one training job; returns where it ended (step, epoch, last eval)."""
+    setup_logging(int(os.environ.get("RANK", 0)))
+    args = setup_args(argv)
+    device = init_distributed()
+    setup_logging(get_rank())
+    set_seed(args.seed)
+    if is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = setup_data(args, tokenizer, device)
+    _, total_steps = total_optimizer_steps(args, data)
+    # Rank 0 picks the checkpoint, so every rank resumes from the same one.
+    resume = broadcast_object(resolve_resume_dir(args.resume_from_checkpoint, args.output_dir) if is_main_process() else None)
+    # Same seed right before the adapter is created: its initial weights do not depend on data set-up.
+    set_seed(args.seed)
+    engine = setup_engine(args, device, total_steps)
+    progress = train(args, engine, tokenizer, data, device, resume)
+    logger.info("done: %d steps, checkpoints in %s", progress.step, args.output_dir)
+    destroy()
+    return progress
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ArgsError as err:
+        logging.getLogger("train").error("%s", err)
+        sys.exit(2)
