@@ -182,6 +182,8 @@ def chat_loop(args: argparse.Namespace, model: Any, tokenizer: Any, template: An
         except EOFError:
             print(flush=True)
             return
+        if not sys.stdin.isatty():
+            print(message, flush=True)  # echo piped input so the transcript reads like a session
         if message in ("exit", "quit"):
             return
         if message == "clear":

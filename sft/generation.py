@@ -245,8 +245,9 @@ def build_generation_config(
         if value is not None:
             setattr(config, name, value)
     if not config.do_sample:
-        # Greedy/beam search ignores these; clearing them keeps transformers from warning about them.
-        config.temperature = config.top_p = config.top_k = None
+        # Greedy/beam search ignores these. Neutral values (not None: generate() would refill None from
+        # the model's generation_config) keep transformers from warning that they are ignored.
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
     if config.max_new_tokens is None and config.max_length is None:
         logger.info("generation_config sets no length: using max_new_tokens=%d", DEFAULT_MAX_NEW_TOKENS)
         config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS

@@ -26,7 +26,11 @@ DATA = REPO / "data"
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "data_helper.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, str(REPO / "data_helper.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -69,7 +73,7 @@ def test_rolebench_counts_and_answers(rolebench):
 
 
 def test_rolebench_role_specific_address_removed(rolebench):
-    data_dir, (train, stats), (test, _) = rolebench
+    _data_dir, (train, stats), (_test, _) = rolebench
     removed = stats.notes["role-specific questions with the address removed"]
     kept = stats.notes["role-specific questions without an address"]
     assert removed + kept == 1535 and removed >= 1500
@@ -86,10 +90,12 @@ def test_rolebench_role_specific_address_removed(rolebench):
 
 def test_rolebench_roles_seed_and_template(shared_data_dir: Path):
     data_dir = shared_data_dir / "rolebench-zh"
-    a, sa = convert_rolebench(data_dir, "test", roles=["李白", "张飞"], seed=7, max_answers=1,
-                              system_template="扮演{role}。{desc}")
-    b, _ = convert_rolebench(data_dir, "test", roles=["李白", "张飞"], seed=7, max_answers=1,
-                             system_template="扮演{role}。{desc}")
+    a, sa = convert_rolebench(
+        data_dir, "test", roles=["李白", "张飞"], seed=7, max_answers=1, system_template="扮演{role}。{desc}"
+    )
+    b, _ = convert_rolebench(
+        data_dir, "test", roles=["李白", "张飞"], seed=7, max_answers=1, system_template="扮演{role}。{desc}"
+    )
     c, _ = convert_rolebench(data_dir, "test", roles=["李白", "张飞"], seed=8, max_answers=1)
     assert a == b  # deterministic for a seed
     assert [r["conversations"][1] for r in a] != [r["conversations"][1] for r in c]
@@ -128,7 +134,10 @@ def test_alpaca_and_conversations_examples():
     alpaca, _ = convert_alpaca(DATA / "example_alpaca.json")
     assert alpaca[0] == {
         "system": "Translate to French.",
-        "conversations": [{"role": "user", "content": "Good morning"}, {"role": "assistant", "content": "Bonjour"}],
+        "conversations": [
+            {"role": "user", "content": "Good morning"},
+            {"role": "assistant", "content": "Bonjour"},
+        ],
     }
     assert "system" not in alpaca[1] and alpaca[1]["conversations"][0]["content"].startswith("Name a prime")
     convs, stats = convert_conversations(DATA / "example_conversations.jsonl")
@@ -146,17 +155,36 @@ def test_alpaca_and_conversations_examples():
     ("record", "message"),
     [
         ({"conversations": [{"role": "assistant", "content": "hi"}]}, "not allowed at the start"),
-        ({"conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "after 'user'"),
+        (
+            {"conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "after 'user'",
+        ),
         ({"conversations": [{"role": "user", "content": "a"}]}, "no assistant turn"),
         (
-            {"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                               {"role": "user", "content": "c"}]},
+            {
+                "conversations": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            },
             "must end with an assistant turn",
         ),
-        ({"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}, "must be a string"),
+        (
+            {"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]},
+            "must be a string",
+        ),
         ({"conversations": [{"role": "bot", "content": "x"}]}, "unknown role"),
-        ({"conversations": [{"role": "user", "content": "a"}, {"role": "tool", "content": "f()"},
-                            {"role": "assistant", "content": "b"}]}, "after 'tool'"),
+        (
+            {
+                "conversations": [
+                    {"role": "user", "content": "a"},
+                    {"role": "tool", "content": "f()"},
+                    {"role": "assistant", "content": "b"},
+                ]
+            },
+            "after 'tool'",
+        ),
         ({"instruction": "x", "input": "", "output": 5}, "'output' must be a string"),
         ({"question": "x"}, "missing field 'conversations'"),
         ([1, 2], "expected a JSON object"),
@@ -198,14 +226,28 @@ def test_cli_help_for_every_source():
 @pytest.mark.parametrize(
     ("source", "content", "message"),
     [
-        ("conversations", '{"conversations": [{"role": "user", "content": "a"}]}\n', ":1: conversation has no assistant"),
-        ("conversations", '{"conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n',
-         ":1: turn 1: role 'user' not allowed after 'user'"),
+        (
+            "conversations",
+            '{"conversations": [{"role": "user", "content": "a"}]}\n',
+            ":1: conversation has no assistant",
+        ),
+        (
+            "conversations",
+            '{"conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+            ":1: turn 1: role 'user' not allowed after 'user'",
+        ),
         ("alpaca", '{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', ":2: invalid JSON"),
-        ("alpaca", '{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "x", "input": 1, "output": "y"}\n',
-         ":2: alpaca record: field 'input' must be a string"),
+        (
+            "alpaca",
+            '{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "x", "input": 1, "output": "y"}\n',
+            ":2: alpaca record: field 'input' must be a string",
+        ),
         ("dolly", "", "file is empty"),
-        ("dolly", '{"instruction": "a", "context": "", "category": "x"}\n', ":1: field 'response' is missing"),
+        (
+            "dolly",
+            '{"instruction": "a", "context": "", "category": "x"}\n',
+            ":1: field 'response' is missing",
+        ),
         ("dialogsum", '{"fname": "x", "dialogue": "#Person1#: hi"}\n', ":1: no 'summary'"),
     ],
 )
@@ -233,13 +275,22 @@ def test_cli_skip_invalid_counts(tmp_path: Path):
 
 def test_cli_rolebench_missing_role_and_bad_data(tmp_path: Path, shared_data_dir: Path):
     out = tmp_path / "rb"
-    result = run_cli("rolebench", "--data_dir", str(shared_data_dir / "rolebench-zh"), "--out_dir", str(out),
-                     "--roles", "诸葛亮")
+    result = run_cli(
+        "rolebench",
+        "--data_dir",
+        str(shared_data_dir / "rolebench-zh"),
+        "--out_dir",
+        str(out),
+        "--roles",
+        "诸葛亮",
+    )
     assert result.returncode == 1 and "诸葛亮" in result.stderr and not out.exists()
     # A role missing from the profiles in the data itself: file and line named, nothing written.
     fake = tmp_path / "fake"
     fake.mkdir()
-    (fake / "profiles-zh_desc.json").write_text(json.dumps({"李白": "诗人"}, ensure_ascii=False), encoding="utf-8")
+    (fake / "profiles-zh_desc.json").write_text(
+        json.dumps({"李白": "诗人"}, ensure_ascii=False), encoding="utf-8"
+    )
     line = {"role": "李白", "question": "李白，你好？", "generated": ["好"], "type": "script_based"}
     (fake / "rolebench-zh_role_specific_train.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
     other = {"role": "杜甫", "question": "写诗", "generated": ["好"]}
@@ -250,8 +301,9 @@ def test_cli_rolebench_missing_role_and_bad_data(tmp_path: Path, shared_data_dir
     assert result.returncode == 1
     assert "rolebench-zh_general_train.jsonl:2: role '杜甫' is not in the profiles file" in result.stderr
     assert not out.exists()
-    result = run_cli("rolebench", "--data_dir", str(fake), "--out_dir", str(out), "--splits", "train",
-                     "--skip_invalid")
+    result = run_cli(
+        "rolebench", "--data_dir", str(fake), "--out_dir", str(out), "--splits", "train", "--skip_invalid"
+    )
     assert result.returncode == 0 and "read 3, written 2, skipped 1" in result.stdout
     written = [json.loads(x) for x in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert written[0]["conversations"][0]["content"] == "你好？"

@@ -233,8 +233,7 @@ def build_attention_layout(
             config, batch_size, q_length, past_length, attention_mask, position_ids, documents
         )
 
-    # Key positions: in a prefill the keys are the queries; cached keys are numbered the way generate() numbers
-    # position_ids (count of real tokens before them), which keeps ALiBi distances right under left padding.
+    # RoPE without padding or packing needs no mask: SDPA's is_causal (prefill) or nothing (one-token decode).
     plain_causal = attention_mask is None and documents is None
     if not alibi and plain_causal and (past_length == 0 or q_length == 1) and implementation == "sdpa":
         return AttentionLayout(
@@ -254,6 +253,8 @@ def build_attention_layout(
     if not alibi:
         return AttentionLayout(implementation, kv_length, mask=allowed[:, None])  # (B|1, 1, T, K)
 
+    # Key positions: in a prefill the keys are the queries; cached keys are numbered the way generate() numbers
+    # position_ids (count of real tokens before them), which keeps ALiBi distances right under left padding.
     if past_length == 0:
         key_positions = position_ids.to(device)
     elif attention_mask is not None:

@@ -586,8 +586,8 @@ def build_dataloader(
 
     Training (``for_eval=False``): :class:`ShardedBatchSampler` (``loader.batch_sampler`` has
     ``set_epoch``/``skip_batches``). With ``packing`` the batch items are rows of up to ``max_len``
-    tokens. ``for_eval=True`` delegates to :func:`build_eval_dataloader` (``shuffle``, ``seed``,
-    ``group_by_length`` and ``drop_last`` must then be off / are ignored for the order).
+    tokens. ``for_eval=True`` delegates to :func:`build_eval_dataloader` (``shuffle``,
+    ``group_by_length`` and ``drop_last`` must then be off; ``seed`` is unused).
     """
     if packing and group_by_length:
         raise ValueError("group_by_length has no effect with packing (rows are all ~max_len); turn one off")
@@ -596,6 +596,11 @@ def build_dataloader(
             "pad_token_id is None; set tokenizer.pad_token (e.g. to unk) before building batches"
         )
     if for_eval:
+        if shuffle or group_by_length or drop_last:
+            raise ValueError(
+                "for_eval=True keeps every sample once and in order: pass shuffle=False, "
+                "group_by_length=False, drop_last=False"
+            )
         return build_eval_dataloader(
             dataset,
             batch_size=batch_size,

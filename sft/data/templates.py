@@ -48,6 +48,7 @@ from sft.data.formats import normalize_record
 IGNORE_INDEX = -100
 LOSS_PLACEMENTS = ("all", "last", "each")
 TEMPLATE_NAMES = ("baichuan2", "llama2", "alpaca", "chatml")
+_CACHE_LIMIT = 500_000  # distinct strings kept in a template's text -> ids cache
 _DEFAULT_BY_MODEL_TYPE = {"baichuan": "baichuan2", "llama": "llama2", "qwen2": "chatml"}
 
 # A piece of a rendered turn: text to tokenise, or literal token ids.
@@ -165,6 +166,9 @@ class Template:
 
     def tokenize_texts(self, texts: Sequence[str], batch_size: int = 1024) -> None:
         """Tokenise new strings in batches into the template's text -> ids cache."""
+        if len(self._cache) > _CACHE_LIMIT:
+            # Long-running callers (web demo) build prompts forever; misses are re-tokenised on demand.
+            self._cache.clear()
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))
         for start in range(0, len(new), batch_size):
             chunk = new[start : start + batch_size]

@@ -1,0 +1,630 @@
+"""Training-step benchmark: our data + loss pipeline against the RolePlayProj recipe, in one run.
+
+Both variants train the same LoRA model (a tiny Baichuan2 with the official 125,696-token vocabulary, so the
+output head and the loss cost what they cost in the real model) for one epoch over the same RoleBench-zh
+samples, with a plain PyTorch loop (forward, backward, AdamW on the LoRA parameters):
+
+    recipe  the RolePlayProj recipe: random sample order, every batch right-padded to its longest sample,
+            no attention_mask, loss from the full-vocabulary logits upcast to fp32 (what
+            `model(input_ids, labels=labels)` does in the official modeling file), `loss.item()` every step;
+    ours    what train.py does: samples packed into rows of max_len (position_ids restart per document,
+            attention_mask=None), the output head computed only at positions with a learned next token
+            (`logits_to_keep`), chunked fp32 loss (`sft.loss.batch_loss_sums`), loss kept on the device.
+
+Each variant runs in a fresh subprocess so that its peak memory (peak RSS on CPU,
+`torch.cuda.max_memory_allocated` on GPU) is its own. Before training, each worker computes the loss of
+the untrained model on the same probe samples through its own pipeline; the two must agree (same model,
+same data), which checks that packing, `logits_to_keep` and the chunked loss change the cost, not the loss.
+
+    python benchmarks/bench_train.py                          # CPU defaults (fp32 base), ~3 minutes on 2 cores
+    python benchmarks/bench_train.py --device cuda --precision bf16 --quantization nf4 --samples 2048
+    python benchmarks/bench_train.py --json bench.json        # also write every number as JSON
+
+See docs/PERFORMANCE.md for recorded results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project's packages live at the root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from models.tiny import build_tiny_baichuan  # noqa: E402
+from sft.data.converters import convert_rolebench  # noqa: E402
+from sft.data.dataset import SFTDataset, build_dataloader, load_sft_dataset  # noqa: E402
+from sft.data.formats import write_jsonl_atomic  # noqa: E402
+from sft.data.templates import get_template  # noqa: E402
+from sft.loss import IGNORE_INDEX, batch_loss_sums, learned_positions  # noqa: E402
+from sft.modeling import find_lora_targets, load_base_model, load_tokenizer, torch_dtype  # noqa: E402
+
+logger = logging.getLogger("bench_train")
+
+VARIANTS = ("recipe", "ours")
+# Official Baichuan2-7B vocabulary: the output head and the loss scale with it.
+BAICHUAN2_VOCAB_SIZE = 125696
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up shared by both variants (parent process)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench_train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data_dir",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "data" / "rolebench-zh",
+        help="RoleBench-zh folder (rolebench-zh_*_train.jsonl, profiles-zh_desc.json)",
+    )
+    p.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="where the model, converted data and results are written (default: a temp dir, removed)",
+    )
+    p.add_argument("--samples", type=int, default=256, help="training samples (a seeded subset of the train split)")
+    p.add_argument("--max_len", type=int, default=512, help="most tokens per sample, and the packed row size")
+    p.add_argument("--max_src_len", type=int, default=384, help="most prompt tokens per sample")
+    p.add_argument("--recipe_batch_size", type=int, default=8, help="samples per step of the recipe")
+    p.add_argument(
+        "--packed_batch_size",
+        type=int,
+        default=0,
+        help="packed rows per step of ours; 0 = as many rows as hold the recipe's real tokens per step",
+    )
+    p.add_argument("--probe_samples", type=int, default=16, help="samples of the step-0 loss check")
+    p.add_argument("--vocab_size", type=int, default=BAICHUAN2_VOCAB_SIZE, help="model vocabulary (output head)")
+    p.add_argument(
+        "--tokenizer_vocab_size",
+        type=int,
+        default=8000,
+        help="pieces of the tokenizer trained on the train split (sets the token lengths of the samples)",
+    )
+    p.add_argument("--hidden_size", type=int, default=256, help="model width")
+    p.add_argument("--num_layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--num_heads", type=int, default=4, help="attention heads")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank (all linear layers but the head)")
+    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="model/compute dtype")
+    p.add_argument("--quantization", choices=("none", "nf4"), default="none", help="storage of the frozen base")
+    p.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the subset, the order and the LoRA init")
+    p.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to run, in this order"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--loss_rtol", type=float, default=1e-4, help="largest relative step-0 loss difference accepted"
+    )
+    # Internal: a worker subprocess runs one variant and writes its result to a file.
+    p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Collect every problem, then fail once with all of them."""
+    problems = []
+    if args.samples < args.recipe_batch_size:
+        problems.append(f"--samples {args.samples} < --recipe_batch_size {args.recipe_batch_size}")
+    if not 0 < args.max_src_len < args.max_len:
+        problems.append(f"need 0 < --max_src_len < --max_len, got {args.max_src_len} and {args.max_len}")
+    if args.vocab_size < args.tokenizer_vocab_size:
+        problems.append(f"--vocab_size {args.vocab_size} < --tokenizer_vocab_size {args.tokenizer_vocab_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.quantization == "nf4" and args.precision == "fp32" and args.device.startswith("cuda"):
+        problems.append("--quantization nf4 on cuda: use --precision bf16 (QLoRA computes in bf16)")
+    if not args.data_dir.is_dir():
+        problems.append(f"--data_dir {args.data_dir} does not exist (RoleBench-zh lives in ../shared/data)")
+    if problems:
+        raise SystemExit("bench_train.py: " + "; ".join(problems))
+
+
+def prepare(args: argparse.Namespace, work_dir: Path) -> dict:
+    """Convert the data, train a tokenizer on it, build the model; return the spec the workers read."""
+    records, _ = convert_rolebench(args.data_dir, "train")
+    # An in-domain tokenizer: its token lengths are of the order a large Chinese vocabulary gives (the
+    # official tokenizer cannot be downloaded here). Every distinct line of the split, once.
+    corpus = work_dir / "tokenizer_corpus.txt"
+    lines = dict.fromkeys(
+        line
+        for r in records
+        for text in (r.get("system", ""), *(t["content"] for t in r["conversations"]))
+        for line in text.split("\n")
+        if line.strip()
+    )
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    subset = random.Random(args.seed).sample(records, min(args.samples, len(records)))
+    data_file = work_dir / "train_subset.jsonl"
+    write_jsonl_atomic(data_file, subset)
+
+    model_dir = build_tiny_baichuan(
+        work_dir / "model",
+        position="rope",  # the Baichuan2-7B layout the recipe trains
+        vocab_size=args.tokenizer_vocab_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        seed=args.seed,
+        corpus_files=[corpus],
+    )
+    widen_vocabulary(model_dir, args.vocab_size, args.seed)
+
+    # Encode once here; the workers read the cache.
+    tokenizer = load_tokenizer(model_dir)
+    dataset = _load_dataset(model_dir, tokenizer, data_file, args, work_dir / "cache")
+    stats = dict(dataset.stats)
+    learned = sum(int((torch.tensor(dataset[i]["labels"][1:]) != IGNORE_INDEX).sum()) for i in range(len(dataset)))
+    n_chars = sum(
+        len(r.get("system", "")) + sum(len(t["content"]) for t in r["conversations"]) for r in subset
+    )
+    mean_len = stats["tokens"] / len(dataset)
+    packed_bs = args.packed_batch_size or max(1, round(args.recipe_batch_size * mean_len / args.max_len))
+    return {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model_dir": str(model_dir),
+        "data_file": str(data_file),
+        "cache_dir": str(work_dir / "cache"),
+        "packed_batch_size": packed_bs,
+        "dataset": {
+            "samples": len(dataset),
+            "tokens": stats["tokens"],
+            "learned_tokens": learned,
+            "mean_len": round(mean_len, 1),
+            "max_len_seen": int(dataset.lengths.max()),
+            "chars_per_token": round(n_chars / stats["tokens"], 2),
+            "truncated_prompt": stats["truncated_prompt"],
+            "truncated_answer": stats["truncated_answer"],
+            "skipped": stats["skipped"],
+        },
+    }
+
+
+def widen_vocabulary(model_dir: Path, vocab_size: int, seed: int) -> None:
+    """Rewrite the model with a `vocab_size` embedding and head (random, seeded).
+
+    The tokenizer keeps its own pieces (ids < its size); the extra rows are never a target but every
+    softmax runs over all of them, as in the official 125,696-token model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if config.vocab_size == vocab_size:
+        return
+    # save_pretrained rewrites these two in transformers' own layout; keep the official files' layout
+    # (generation_config.json carries the user/assistant turn tokens the template needs).
+    kept = {name: (model_dir / name).read_text(encoding="utf-8") for name in ("config.json", "generation_config.json")}
+    config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(model_dir)
+    official = json.loads(kept["config.json"])
+    official["vocab_size"] = vocab_size
+    (model_dir / "config.json").write_text(json.dumps(official, indent=2) + "\n", encoding="utf-8")
+    (model_dir / "generation_config.json").write_text(kept["generation_config.json"], encoding="utf-8")
+
+
+def _load_dataset(model_dir: Path, tokenizer, data_file: Path, args, cache_dir: Path) -> SFTDataset:
+    template = get_template("baichuan2", tokenizer, model_dir)
+    return load_sft_dataset(
+        data_file,
+        tokenizer,
+        template,
+        max_len=args.max_len,
+        max_src_len=args.max_src_len,
+        is_skip=False,
+        loss_on="all",
+        cache_dir=cache_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's pieces, reproduced (not used anywhere else in the project)
+# ---------------------------------------------------------------------------------------------
+
+
+class RecipeCollator:
+    """The recipe's collator: right-pad to the batch's longest sample, no attention_mask."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        for row, it in enumerate(items):
+            input_ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+            labels[row, : len(it["labels"])] = torch.tensor(it["labels"])
+        return {"input_ids": input_ids, "labels": labels}
+
+
+def recipe_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Mean next-token loss as `model(input_ids, labels=labels)` computes it in the official modeling file.
+
+    All T positions go through the output head, and the whole (B, T, V) logits tensor is upcast to fp32
+    before the shift and the cross-entropy (a no-op copy-free cast when the model already runs in fp32).
+    """
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    logits = logits.float()
+    shift_logits = logits[:, :-1].contiguous()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].contiguous()  # (B, T-1)
+    return F.cross_entropy(
+        shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one variant in its own process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    """Every number one variant reports."""
+
+    variant: str
+    steps: int = 0
+    batch_size: int = 0
+    rows: int = 0
+    samples: int = 0
+    real_tokens: int = 0
+    learned_tokens: int = 0
+    slots: int = 0  # batch rows x width summed over steps: what the model computes on
+    head_positions: int = 0  # rows x positions sent through the output head
+    wall_s: float = 0.0
+    train_loss: float = 0.0  # mean NLL per learned token over the epoch
+    probe_loss: float = 0.0  # step-0 loss of the untrained model on the probe samples
+    probe_tokens: int = 0
+    peak_mem_mb: float = 0.0
+    load_mem_mb: float = 0.0  # memory after the model is loaded, before the loop
+    memory_kind: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def real_tokens_per_s(self) -> float:
+        return self.real_tokens / self.wall_s
+
+    @property
+    def learned_tokens_per_s(self) -> float:
+        return self.learned_tokens / self.wall_s
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.slots
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build_model(spec: dict, device: torch.device) -> torch.nn.Module:
+    """The base model (fp32/bf16, or NF4) with LoRA on every linear layer but the head."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    dtype = torch_dtype(spec["precision"])
+    quantized = spec["quantization"] != "none"
+    model = load_base_model(
+        spec["model_dir"],
+        spec["quantization"],
+        dtype,
+        device_map={"": device} if quantized else None,
+        attn_implementation=spec["attn_implementation"],
+    )
+    if not quantized:
+        model.to(device)
+    model.config.use_cache = False
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(spec["seed"])  # the LoRA A matrices; B starts at zero, so step 0 is the base model
+    config = LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=0.0,  # dropout would make the two variants' losses differ by chance
+        target_modules=find_lora_targets(model),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)
+
+
+def _loader(spec: dict, variant: str, dataset: SFTDataset, pad_token_id: int) -> torch.utils.data.DataLoader:
+    if variant == "recipe":
+        # The recipe's RandomSampler over samples; seeded so that a rerun sees the same batches.
+        generator = torch.Generator().manual_seed(spec["seed"])
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=spec["recipe_batch_size"],
+            shuffle=True,
+            generator=generator,
+            collate_fn=RecipeCollator(pad_token_id),
+        )
+    return build_dataloader(
+        dataset,
+        batch_size=spec["packed_batch_size"],
+        packing=True,
+        max_len=spec["max_len"],
+        shuffle=True,
+        seed=spec["seed"],
+        group_by_length=False,
+        rank=0,
+        world_size=1,
+        pad_token_id=pad_token_id,
+    )
+
+
+@torch.no_grad()
+def _probe_loss(
+    spec: dict, variant: str, model, dataset: SFTDataset, pad_token_id: int, device
+) -> tuple[float, int]:
+    """Loss per learned token of the untrained model on the first probe samples, through `variant`'s path."""
+    n = min(spec["probe_samples"], len(dataset))
+    probe = SFTDataset.from_samples(
+        [(dataset[i]["input_ids"], dataset[i]["labels"]) for i in range(n)], {}
+    )
+    learned = sum(int((torch.tensor(probe[i]["labels"][1:]) != IGNORE_INDEX).sum()) for i in range(n))
+    if variant == "recipe":
+        batch = RecipeCollator(pad_token_id)([probe[i] for i in range(n)])
+        return float(recipe_loss(model, batch, device)), learned
+    loader = build_dataloader(
+        probe,
+        batch_size=n,  # every packed row of the probe in one batch
+        packing=True,
+        max_len=spec["max_len"],
+        shuffle=False,
+        seed=0,
+        group_by_length=False,
+        rank=0,
+        world_size=1,
+        pad_token_id=pad_token_id,
+    )
+    (batch,) = list(loader)
+    nll_sum, n_tokens = batch_loss_sums(model, batch, device)
+    if int(n_tokens) != learned:
+        raise RuntimeError(f"ours: probe learned tokens {int(n_tokens)} != {learned} counted per sample")
+    return float(nll_sum) / learned, learned
+
+
+def run_worker(spec: dict, variant: str) -> VariantResult:
+    """Train one epoch with `variant`'s data pipeline and loss; measure time, tokens and memory."""
+    device = torch.device(spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model_dir = Path(spec["model_dir"])
+    tokenizer = load_tokenizer(model_dir)
+    dataset = _load_dataset(model_dir, tokenizer, Path(spec["data_file"]), argparse.Namespace(**spec), Path(spec["cache_dir"]))
+    pad_id = tokenizer.pad_token_id
+    loader = _loader(spec, variant, dataset, pad_id)
+
+    model = _build_model(spec, device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+    result = VariantResult(variant=variant)
+    result.batch_size = spec["recipe_batch_size"] if variant == "recipe" else spec["packed_batch_size"]
+
+    # Step-0 check; it also warms up the kernels (untimed).
+    result.probe_loss, result.probe_tokens = _probe_loss(spec, variant, model, dataset, pad_id, device)
+    _sync(device)
+    if device.type == "cuda":
+        result.memory_kind = "torch.cuda.max_memory_allocated"
+        torch.cuda.reset_peak_memory_stats(device)
+        result.load_mem_mb = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        result.memory_kind = "peak RSS (ru_maxrss)"
+        result.load_mem_mb = _peak_rss_mb()
+
+    nll_total = 0.0  # recipe: host float, filled by the per-step .item()
+    nll_device = torch.zeros((), dtype=torch.float64, device=device)  # ours: summed on the device
+    # Iterate the batch sampler and collate by hand (what a DataLoader with num_workers=0 does) so that the
+    # real-token count of every batch comes from the item lengths, not from the padded tensors.
+    items = loader.dataset
+    lengths = items.lengths
+    start = time.perf_counter()
+    for indices in loader.batch_sampler:
+        batch = loader.collate_fn([items[i] for i in indices])
+        labels = batch["labels"]
+        learned = int((labels[:, 1:] != IGNORE_INDEX).sum())  # CPU tensor: no device sync
+        if variant == "recipe":
+            loss = recipe_loss(model, batch, device)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            nll_total += loss.item() * learned  # the recipe's per-step host sync
+            result.head_positions += labels.numel()
+        else:
+            nll_sum, _ = batch_loss_sums(model, batch, device)
+            (nll_sum / max(learned, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            nll_device += nll_sum.detach()  # no sync: read once after the loop
+            result.head_positions += labels.shape[0] * _kept_positions(labels)
+        result.steps += 1
+        result.rows += labels.shape[0]
+        result.slots += labels.numel()
+        result.real_tokens += int(sum(lengths[i] for i in indices))
+        result.learned_tokens += learned
+    _sync(device)
+    result.wall_s = time.perf_counter() - start
+
+    result.samples = len(dataset)
+    result.train_loss = (nll_total if variant == "recipe" else float(nll_device)) / result.learned_tokens
+    if device.type == "cuda":
+        result.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result.peak_mem_mb = _peak_rss_mb()
+    result.extra = {"torch_threads": torch.get_num_threads()}
+    return result
+
+
+def _kept_positions(labels: torch.Tensor) -> int:
+    """Positions `batch_loss_sums` sends through the output head (per row)."""
+    return int(learned_positions(labels).numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: run the workers, compare, report
+# ---------------------------------------------------------------------------------------------
+
+
+def run_variant_subprocess(variant: str, spec_file: Path, work_dir: Path) -> VariantResult:
+    result_file = work_dir / f"result_{variant}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--spec", str(spec_file)]
+    cmd += ["--result", str(result_file)]
+    logger.info("running %s in a fresh process", variant)
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+    data = json.loads(result_file.read_text(encoding="utf-8"))
+    return VariantResult(**data)
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model_name = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    return f"{model_name}, {os.cpu_count()} logical CPUs"
+
+
+def markdown_table(results: dict[str, VariantResult]) -> str:
+    head = (
+        "| variant | steps | batch | wall s | real tok/s | learned tok/s | padding | head positions | "
+        "peak mem MB | mem above load MB | step-0 loss | epoch loss |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in results.values():
+        lines.append(
+            f"| {r.variant} | {r.steps} | {r.batch_size} | {r.wall_s:.1f} | {r.real_tokens_per_s:.0f} | "
+            f"{r.learned_tokens_per_s:.0f} | {100 * r.padding_fraction:.1f}% | {r.head_positions} | "
+            f"{r.peak_mem_mb:.0f} | {r.peak_mem_mb - r.load_mem_mb:.0f} | {r.probe_loss:.5f} | "
+            f"{r.train_loss:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, VariantResult]) -> dict[str, float]:
+    rec, ours = results["recipe"], results["ours"]
+    return {
+        "wall_time_ours_over_recipe": ours.wall_s / rec.wall_s,
+        "speedup_recipe_time_over_ours": rec.wall_s / ours.wall_s,
+        "real_tokens_per_s_ours_over_recipe": ours.real_tokens_per_s / rec.real_tokens_per_s,
+        "learned_tokens_per_s_ours_over_recipe": ours.learned_tokens_per_s / rec.learned_tokens_per_s,
+        "peak_mem_ours_over_recipe": ours.peak_mem_mb / rec.peak_mem_mb,
+        "mem_above_load_ours_over_recipe": (ours.peak_mem_mb - ours.load_mem_mb)
+        / max(rec.peak_mem_mb - rec.load_mem_mb, 1e-9),
+        "head_positions_ours_over_recipe": ours.head_positions / rec.head_positions,
+        "slots_ours_over_recipe": ours.slots / rec.slots,
+    }
+
+
+def check_same_work(results: dict[str, VariantResult], rtol: float) -> dict[str, float]:
+    """Both variants must have seen the same samples and, at step 0, computed the same loss."""
+    rec, ours = results["recipe"], results["ours"]
+    for name in ("samples", "real_tokens", "learned_tokens", "probe_tokens"):
+        if getattr(rec, name) != getattr(ours, name):
+            raise RuntimeError(f"variants differ in {name}: recipe {getattr(rec, name)}, ours {getattr(ours, name)}")
+    rel = abs(ours.probe_loss - rec.probe_loss) / abs(rec.probe_loss)
+    if rel > rtol:
+        raise RuntimeError(
+            f"step-0 loss differs: recipe {rec.probe_loss:.6f}, ours {ours.probe_loss:.6f} (rel {rel:.2e} > "
+            f"--loss_rtol {rtol:.0e}): packing, logits_to_keep or the chunked loss changed the loss"
+        )
+    return {"probe_loss_rel_diff": rel}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.worker:
+        spec = json.loads(args.spec.read_text(encoding="utf-8"))
+        result = run_worker(spec, args.worker)
+        args.result.write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+        return 0
+
+    validate_args(args)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        work_dir = args.work_dir or Path(tmp)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        spec = prepare(args, work_dir)
+        logger.info("data: %s; ours packs %d rows per step", spec["dataset"], spec["packed_batch_size"])
+        spec_file = work_dir / "spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2, ensure_ascii=False), encoding="utf-8")
+        results = {v: run_variant_subprocess(v, spec_file, work_dir) for v in args.variants}
+
+    report = {
+        "command": "python " + " ".join([str(Path(sys.argv[0])), *(argv if argv is not None else sys.argv[1:])]),
+        "date": date.today().isoformat(),
+        "device": device_description(args.device),
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in spec.items() if k not in ("worker", "spec", "result")},
+        "results": {k: {**asdict(r), "real_tokens_per_s": r.real_tokens_per_s,
+                        "learned_tokens_per_s": r.learned_tokens_per_s,
+                        "padding_fraction": r.padding_fraction} for k, r in results.items()},
+        "total_s": time.perf_counter() - started,
+    }
+    # The table is this script's product: printed.
+    print(markdown_table(results))
+    if set(results) == set(VARIANTS):
+        report["checks"] = check_same_work(results, args.loss_rtol)
+        report["ratios"] = ratios(results)
+        print()
+        print("| ratio (ours / recipe) | value |")
+        print("|---|---|")
+        for name, value in report["ratios"].items():
+            print(f"| {name} | {value:.3f} |")
+        print(
+            f"\nstep-0 loss on {results['ours'].probe_tokens} learned tokens: recipe "
+            f"{results['recipe'].probe_loss:.6f}, ours {results['ours'].probe_loss:.6f} "
+            f"(relative difference {report['checks']['probe_loss_rel_diff']:.1e})"
+        )
+    print(f"\ndevice: {report['device']}; data: {spec['dataset']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

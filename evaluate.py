@@ -1,0 +1,244 @@
+"""Evaluate a fine-tuned model: ROUGE on a predictions file, perplexity of model+adapter on a test set.
+
+    python evaluate.py rouge --pred_path preds.jsonl [--lang auto|en|zh] [--zh_tokenizer char|jieba]
+    python evaluate.py ppl --model_path BASE --adapter_dir ADAPTER --data_path test.jsonl
+
+Both print a table and, with ``--output_json FILE``, write the same numbers as JSON. ``ppl`` computes
+exactly what train.py reports at its save steps (same data pipeline, same loss code); its data
+settings default to the adapter's train_args.json. See docs/INFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sft.generation import QUANTIZATIONS
+from sft.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
+from utils import require_local_dir, setup_logging
+
+logger = logging.getLogger("evaluate")
+
+# ppl data settings that must match training to reproduce its number; default: the adapter's train_args.json.
+PPL_SETTINGS = ("template", "max_len", "max_src_len", "is_skip", "loss_on", "packing", "per_device_eval_batch_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rouge`` and ``ppl`` subcommands."""
+    parser = argparse.ArgumentParser(
+        description="ROUGE on predictions and perplexity of model+adapter (see docs/INFERENCE.md).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    rouge = sub.add_parser("rouge", help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
+    rouge.add_argument("--pred_path", required=True, help="JSONL with 'prediction' and 'references' (predict.py output).")
+    rouge.add_argument(
+        "--lang",
+        choices=("auto", "en", "zh"),
+        default="auto",
+        help="en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
+    )
+    rouge.add_argument(
+        "--zh_tokenizer", choices=("char", "jieba"), default="char", help="Chinese units: characters or jieba words."
+    )
+    rouge.add_argument(
+        "--multi_ref",
+        choices=REDUCTIONS,
+        default="mean",
+        help="How a sample with several references is scored: mean over them (default) or the best one.",
+    )
+    rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
+
+    ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
+    ppl.add_argument("--model_path", required=True, help="Local model directory (merged model or the adapter's base).")
+    ppl.add_argument("--adapter_dir", default=None, help="peft adapter on top of --model_path.")
+    ppl.add_argument("--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path.")
+    ppl.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="Base weight quantisation; default: as the adapter was trained, else none.",
+    )
+    ppl.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default=None,
+        help="Compute dtype; default: the adapter's training precision, else auto (bf16 on GPU, fp32 on CPU).",
+    )
+    ppl.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
+    ppl.add_argument("--template", default=None, help="Chat template (default: train_args.json, else by model type).")
+    ppl.add_argument("--max_len", type=int, default=None, help="Max tokens per example (default: train_args.json).")
+    ppl.add_argument("--max_src_len", type=int, default=None, help="Max prompt tokens (default: train_args.json).")
+    ppl.add_argument(
+        "--is_skip", action=argparse.BooleanOptionalAction, default=None, help="Skip over-long examples (default: train_args.json)."
+    )
+    ppl.add_argument(
+        "--loss_on", choices=("all", "last", "each"), default=None, help="Learned turns (default: train_args.json)."
+    )
+    ppl.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=None, help="Pack examples (default: train_args.json)."
+    )
+    ppl.add_argument(
+        "--per_device_eval_batch_size", type=int, default=None, help="Batch size (default: train_args.json)."
+    )
+    ppl.add_argument("--output_json", default=None, help="Also write the result to this JSON file.")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# rouge
+# ---------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: str) -> tuple[list[str], list[list[str]]]:
+    """Predictions and their reference lists from a predict.py output file (errors name file:line)."""
+    from sft.data.formats import DataFormatError, iter_json_records
+
+    predictions, references = [], []
+    for line, row in iter_json_records(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str):
+            raise DataFormatError("expected an object with a string 'prediction' (predict.py output)", source=path, line=line)
+        refs = row.get("references")
+        if isinstance(refs, str):
+            refs = [refs]
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise DataFormatError("'references' must be a list of strings", source=path, line=line)
+        predictions.append(row["prediction"])
+        references.append(refs)
+    return predictions, references
+
+
+def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
+    """Score ``--pred_path`` and print the table."""
+    from sft.rouge import corpus_rouge
+
+    predictions, references = read_predictions(args.pred_path)
+    mode = {"auto": "auto", "en": "en", "zh": f"zh-{args.zh_tokenizer}"}[args.lang]
+    result = corpus_rouge(predictions, references, mode=mode, zh_tokenizer=args.zh_tokenizer, reduce=args.multi_ref)
+    out = {"pred_path": args.pred_path, **result.to_dict()}
+    print(f"ROUGE of {args.pred_path}: {result.samples} samples")
+    print(f"tokenization: {MODE_DESCRIPTIONS[result.mode]}")
+    print(f"multi-reference: {out['multi_reference']}")
+    if result.skipped_no_reference:
+        print(f"skipped (no reference): {result.skipped_no_reference}")
+    print(f"{'metric':<10}{'precision':>11}{'recall':>9}{'f1':>9}")
+    for kind in ROUGE_TYPES:
+        s = result.scores[kind]
+        print(f"{kind:<10}{s['precision']:>11.2f}{s['recall']:>9.2f}{s['f1']:>9.2f}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ppl
+# ---------------------------------------------------------------------------------------------
+
+
+def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Data settings for perplexity: flag, else the adapter's train_args.json, else train.py's default."""
+    from sft.args import TrainArgs
+
+    defaults = TrainArgs()
+    train_args: dict[str, Any] = {}
+    args_file = Path(args.adapter_dir) / "train_args.json" if args.adapter_dir else None
+    if args_file is not None and args_file.is_file():
+        train_args = json.loads(args_file.read_text(encoding="utf-8"))
+    settings, sources = {}, {}
+    for name in PPL_SETTINGS:
+        flag = getattr(args, name)
+        if flag is not None:
+            settings[name], sources[name] = flag, "flag"
+        elif name in train_args:
+            settings[name], sources[name] = train_args[name], "train_args.json"
+        else:
+            settings[name], sources[name] = getattr(defaults, name), "train.py default"
+    dtype = args.dtype or train_args.get("precision") or "auto"
+    settings["dtype"] = dtype
+    described = ", ".join(f"{k}={settings[k]!r} ({sources[k]})" for k in PPL_SETTINGS)
+    return settings, described
+
+
+def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
+    from sft.data.dataset import build_dataloader, load_sft_dataset
+    from sft.data.templates import default_template_name, get_template
+    from sft.evaluation import evaluate_perplexity
+    from sft.generation import inference_quantization, load_for_inference, resolve_device, resolve_dtype
+
+    model_path = require_local_dir(args.model_path, "--model_path")
+    settings, described = ppl_settings(args)
+    logger.info("perplexity settings: %s", described)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(settings["dtype"], device)
+    quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
+    model, tokenizer = load_for_inference(
+        model_path, args.adapter_dir, quantization=quantization, double_quant=double_quant, dtype=dtype, device=device
+    )
+    template_name = settings["template"] or default_template_name(model.config.model_type)
+    template = get_template(template_name, tokenizer, model_path)
+    dataset = load_sft_dataset(
+        args.data_path,
+        tokenizer,
+        template,
+        max_len=settings["max_len"],
+        max_src_len=settings["max_src_len"],
+        is_skip=settings["is_skip"],
+        loss_on=settings["loss_on"],
+    )
+    loader = build_dataloader(
+        dataset,
+        batch_size=settings["per_device_eval_batch_size"],
+        packing=settings["packing"],
+        max_len=settings["max_len"],
+        shuffle=False,
+        seed=0,
+        group_by_length=False,
+        rank=0,
+        world_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        for_eval=True,
+    )
+    result = evaluate_perplexity(model, loader, device=device)
+    out = {
+        "model_path": str(args.model_path),
+        "adapter_dir": args.adapter_dir,
+        "data_path": args.data_path,
+        "examples": len(dataset),
+        "quantization": quantization,
+        "dtype": str(dtype).removeprefix("torch."),
+        "template": template_name,
+        **{k: settings[k] for k in PPL_SETTINGS if k != "template"},
+        **result,
+    }
+    print(f"perplexity of {args.model_path}" + (f" + {args.adapter_dir}" if args.adapter_dir else ""))
+    print(f"on {args.data_path}: {len(dataset)} examples, {result['tokens']} learned tokens")
+    print(f"{'loss':<8}{'ppl':>12}")
+    print(f"{result['loss']:<8.4f}{result['ppl']:>12.3f}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    from sft.data.formats import DataFormatError
+
+    try:
+        out = run_rouge(args) if args.command == "rouge" else run_ppl(args)
+    except (ValueError, FileNotFoundError, ImportError, DataFormatError) as err:
+        logger.error("%s", err)
+        return 1
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        logger.info("wrote %s", args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Gradio role-play chat page for a fine-tuned model.
+
+    python web_demo.py --model_path MERGED --desc_path ../shared/data/rolebench-zh/profiles-zh_desc.json --port 7860
+    python web_demo.py --model_path BASE --adapter_dir ADAPTER --desc_path profiles.json --port 7860
+
+Pick a role (its description becomes the system prompt, in the wording training used), chat with
+history, and change max new tokens / top-p / temperature between messages: the sliders are read
+for every message. Replies stream as they are generated. Binds to 127.0.0.1 unless --host says
+otherwise. Needs the demo extras: ``pip install -r requirements-demo.txt``. See docs/INFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from sft.generation import (
+    QUANTIZATIONS,
+    build_generation_config,
+    context_window,
+    fit_history,
+    inference_quantization,
+    load_for_inference,
+    resolve_device,
+    resolve_dtype,
+    stream_reply,
+)
+from utils import require_local_dir, set_seed, setup_logging
+
+logger = logging.getLogger("web_demo")
+
+MAX_NEW_TOKENS_LIMIT = 2048  # slider maximum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(
+        description="Gradio role-play chat demo (see docs/INFERENCE.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model_path", required=True, help="Local model directory (merged model, or the adapter's base).")
+    parser.add_argument("--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path.")
+    parser.add_argument(
+        "--desc_path", required=True, help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json)."
+    )
+    parser.add_argument(
+        "--system_template",
+        default=None,
+        help="System prompt with {role} and {desc}; default: the RoleBench template training used.",
+    )
+    parser.add_argument("--template", default=None, help="Chat template; default: chosen from the model type.")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="Load the base quantised; default: as the adapter was trained (train_args.json), else none.",
+    )
+    parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
+    parser.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo).")
+    parser.add_argument("--port", type=int, default=7860, help="TCP port of the page.")
+    parser.add_argument("--seed", type=int, default=1234, help="Random seed for sampling.")
+    return parser
+
+
+def text_of(content: Any) -> str:
+    """Plain text of a Gradio chat message's content (a string, or a list of content blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, list):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+class RolePlayChat:
+    """The model side of the demo: role prompts, history handling and streamed generation."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, template: Any, profiles: dict[str, str], system_template: str
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.profiles = profiles
+        self.system_template = system_template
+        self.defaults = model.generation_config
+
+    def system_prompt(self, role: str) -> str:
+        """The role's system prompt (same wording as the training data)."""
+        if role not in self.profiles:
+            raise ValueError(f"unknown role {role!r}; the profiles file has {list(self.profiles)}")
+        return self.system_template.format(role=role, desc=self.profiles[role])
+
+    def settings(self, max_new_tokens: float, top_p: float, temperature: float) -> Any:
+        """Generation config for one message from the slider values; temperature 0 = greedy."""
+        sample = temperature > 0
+        return build_generation_config(
+            self.model,
+            self.tokenizer,
+            max_new_tokens=int(max_new_tokens),
+            do_sample=sample,
+            temperature=float(temperature) if sample else None,
+            top_p=float(top_p) if sample else None,
+            num_beams=1,
+        )
+
+    def reply(
+        self,
+        message: str,
+        history: list[dict[str, Any]],
+        role: str,
+        max_new_tokens: float,
+        top_p: float,
+        temperature: float,
+    ) -> Iterator[tuple[str, list[dict[str, str]]]]:
+        """Stream the answer to ``message``: yields (textbox value, chat history) after every piece."""
+        message = (message or "").strip()
+        turns = [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
+        if not message:
+            yield "", turns
+            return
+        config = self.settings(max_new_tokens, top_p, temperature)
+        system = self.system_prompt(role)
+
+        def build(conv: list[dict[str, str]]) -> list[int]:
+            return self.template.build_prompt({"system": system, "conversations": conv})
+
+        # Earlier empty replies cannot be prompt turns (the data format forbids empty answers): skip those rounds.
+        prompt_turns = _drop_empty_rounds(turns) + [{"role": "user", "content": message}]
+        prompt, _ = fit_history(build, prompt_turns, context_window(self.model) - config.max_new_tokens)
+        shown = [*turns, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield "", shown
+        for piece in stream_reply(self.model, self.tokenizer, prompt, config):
+            shown[-1] = {"role": "assistant", "content": shown[-1]["content"] + piece}
+            yield "", copy.copy(shown)
+
+
+def _drop_empty_rounds(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Remove user/assistant pairs whose assistant answer is empty."""
+    out: list[dict[str, str]] = []
+    for turn in turns:
+        if turn["role"] == "assistant" and not turn["content"].strip():
+            if out and out[-1]["role"] == "user":
+                out.pop()
+            continue
+        out.append(turn)
+    return out
+
+
+def build_demo(chat: RolePlayChat, title: str) -> Any:
+    """The Gradio page. The ``chat`` event is also an API endpoint (``/chat``) for gradio_client."""
+    import gradio as gr
+
+    defaults = chat.defaults
+    roles = list(chat.profiles)
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}")
+        with gr.Row():
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot")
+                with gr.Row():
+                    textbox = gr.Textbox(
+                        placeholder="Say something to the role and press Enter",
+                        show_label=False,
+                        scale=5,
+                        elem_id="message",
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                clear = gr.Button("Clear history", elem_id="clear")
+            with gr.Column(scale=2):
+                role = gr.Dropdown(choices=roles, value=roles[0], label="Role", elem_id="role")
+                description = gr.Textbox(value=chat.profiles[roles[0]], label="Role description", lines=6, interactive=False)
+                max_new_tokens = gr.Slider(
+                    1, MAX_NEW_TOKENS_LIMIT, value=min(defaults.max_new_tokens or 512, MAX_NEW_TOKENS_LIMIT),
+                    step=1, label="Max new tokens", elem_id="max_new_tokens",
+                )
+                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p or 1.0, step=0.01, label="Top-p", elem_id="top_p")
+                temperature = gr.Slider(
+                    0.0, 2.0, value=defaults.temperature if defaults.do_sample else 0.0, step=0.05,
+                    label="Temperature (0 = greedy)", elem_id="temperature",
+                )
+        inputs = [textbox, chatbot, role, max_new_tokens, top_p, temperature]
+        textbox.submit(chat.reply, inputs, [textbox, chatbot], api_name="chat")
+        send.click(chat.reply, inputs, [textbox, chatbot], api_name=False)
+        clear.click(lambda: ("", []), None, [textbox, chatbot], api_name="clear")
+        # A new role starts a new conversation: the old history belongs to another character.
+        role.change(lambda r: (chat.profiles[r], []), role, [description, chatbot], api_name=False)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model, build the page and serve it until interrupted."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
+    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
+    from sft.data.formats import DataFormatError
+    from sft.data.templates import default_template_name, get_template
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        logger.error("the web demo needs gradio: pip install -r requirements-demo.txt")
+        return 1
+    try:
+        profiles = load_profiles(args.desc_path)
+        system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
+        system_template.format(role="r", desc="d")
+        model_path = require_local_dir(args.model_path, "--model_path")
+        set_seed(args.seed)
+        device = resolve_device(args.device)
+        quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
+        model, tokenizer = load_for_inference(
+            model_path,
+            args.adapter_dir,
+            quantization=quantization,
+            double_quant=double_quant,
+            dtype=resolve_dtype(args.dtype, device),
+            device=device,
+        )
+        template = get_template(args.template or default_template_name(model.config.model_type), tokenizer, model_path)
+    except (ValueError, KeyError, IndexError, FileNotFoundError, DataFormatError) as err:
+        logger.error("%s", err)
+        return 1
+    chat = RolePlayChat(model, tokenizer, template, profiles, system_template)
+    demo = build_demo(chat, title="Role-play chat")
+    logger.info("serving on http://%s:%d", args.host, args.port)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
