@@ -78,8 +78,8 @@ def main() -> None:
             "--num_train_epochs", str(args.epochs),
             "--per_device_train_batch_size", "4",
             "--learning_rate", "2e-3",
-            "--max_len", "256",
-            "--max_src_len", "192",
+            "--max_len", "512",
+            "--max_src_len", "384",
             "--lora_dim", "8",
             "--lora_alpha", "16",
             "--lora_dropout", "0.0",
@@ -128,7 +128,8 @@ def main() -> None:
     )  # fmt: skip
     outputs["predictions"] = predictions
     first = json.loads(predictions.read_text(encoding="utf-8").splitlines()[0])
-    logger.info("question: %s", first.get("prompt_text") or first.get("question") or "(see predictions file)")
+    question = next(t["content"] for t in first["record"]["conversations"] if t["role"] == "user")
+    logger.info("question: %s", question)
     logger.info("answer:   %s", first.get("prediction"))
 
     logger.info("demo finished; outputs:")

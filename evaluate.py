@@ -24,7 +24,15 @@ from utils import require_local_dir, setup_logging
 logger = logging.getLogger("evaluate")
 
 # ppl data settings that must match training to reproduce its number; default: the adapter's train_args.json.
-PPL_SETTINGS = ("template", "max_len", "max_src_len", "is_skip", "loss_on", "packing", "per_device_eval_batch_size")
+PPL_SETTINGS = (
+    "template",
+    "max_len",
+    "max_src_len",
+    "is_skip",
+    "loss_on",
+    "packing",
+    "per_device_eval_batch_size",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     rouge = sub.add_parser("rouge", help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
-    rouge.add_argument("--pred_path", required=True, help="JSONL with 'prediction' and 'references' (predict.py output).")
+    rouge.add_argument(
+        "--pred_path",
+        "--predictions",
+        dest="pred_path",
+        required=True,
+        help="JSONL with 'prediction' and 'references' (predict.py output).",
+    )
     rouge.add_argument(
         "--lang",
         choices=("auto", "en", "zh"),
@@ -44,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
     )
     rouge.add_argument(
-        "--zh_tokenizer", choices=("char", "jieba"), default="char", help="Chinese units: characters or jieba words."
+        "--zh_tokenizer",
+        choices=("char", "jieba"),
+        default="char",
+        help="Chinese units: characters or jieba words.",
     )
     rouge.add_argument(
         "--multi_ref",
@@ -55,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
 
     ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
-    ppl.add_argument("--model_path", required=True, help="Local model directory (merged model or the adapter's base).")
+    ppl.add_argument(
+        "--model_path", required=True, help="Local model directory (merged model or the adapter's base)."
+    )
     ppl.add_argument("--adapter_dir", default=None, help="peft adapter on top of --model_path.")
-    ppl.add_argument("--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path.")
+    ppl.add_argument(
+        "--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path."
+    )
     ppl.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -71,17 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Compute dtype; default: the adapter's training precision, else auto (bf16 on GPU, fp32 on CPU).",
     )
     ppl.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
-    ppl.add_argument("--template", default=None, help="Chat template (default: train_args.json, else by model type).")
-    ppl.add_argument("--max_len", type=int, default=None, help="Max tokens per example (default: train_args.json).")
-    ppl.add_argument("--max_src_len", type=int, default=None, help="Max prompt tokens (default: train_args.json).")
     ppl.add_argument(
-        "--is_skip", action=argparse.BooleanOptionalAction, default=None, help="Skip over-long examples (default: train_args.json)."
+        "--template", default=None, help="Chat template (default: train_args.json, else by model type)."
     )
     ppl.add_argument(
-        "--loss_on", choices=("all", "last", "each"), default=None, help="Learned turns (default: train_args.json)."
+        "--max_len", type=int, default=None, help="Max tokens per example (default: train_args.json)."
     )
     ppl.add_argument(
-        "--packing", action=argparse.BooleanOptionalAction, default=None, help="Pack examples (default: train_args.json)."
+        "--max_src_len", type=int, default=None, help="Max prompt tokens (default: train_args.json)."
+    )
+    ppl.add_argument(
+        "--is_skip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Skip over-long examples (default: train_args.json).",
+    )
+    ppl.add_argument(
+        "--loss_on",
+        choices=("all", "last", "each"),
+        default=None,
+        help="Learned turns (default: train_args.json).",
+    )
+    ppl.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Pack examples (default: train_args.json).",
     )
     ppl.add_argument(
         "--per_device_eval_batch_size", type=int, default=None, help="Batch size (default: train_args.json)."
@@ -102,7 +138,9 @@ def read_predictions(path: str) -> tuple[list[str], list[list[str]]]:
     predictions, references = [], []
     for line, row in iter_json_records(path):
         if not isinstance(row, dict) or not isinstance(row.get("prediction"), str):
-            raise DataFormatError("expected an object with a string 'prediction' (predict.py output)", source=path, line=line)
+            raise DataFormatError(
+                "expected an object with a string 'prediction' (predict.py output)", source=path, line=line
+            )
         refs = row.get("references")
         if isinstance(refs, str):
             refs = [refs]
@@ -119,7 +157,9 @@ def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
 
     predictions, references = read_predictions(args.pred_path)
     mode = {"auto": "auto", "en": "en", "zh": f"zh-{args.zh_tokenizer}"}[args.lang]
-    result = corpus_rouge(predictions, references, mode=mode, zh_tokenizer=args.zh_tokenizer, reduce=args.multi_ref)
+    result = corpus_rouge(
+        predictions, references, mode=mode, zh_tokenizer=args.zh_tokenizer, reduce=args.multi_ref
+    )
     out = {"pred_path": args.pred_path, **result.to_dict()}
     print(f"ROUGE of {args.pred_path}: {result.samples} samples")
     print(f"tokenization: {MODE_DESCRIPTIONS[result.mode]}")
@@ -176,7 +216,12 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(settings["dtype"], device)
     quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
     model, tokenizer = load_for_inference(
-        model_path, args.adapter_dir, quantization=quantization, double_quant=double_quant, dtype=dtype, device=device
+        model_path,
+        args.adapter_dir,
+        quantization=quantization,
+        double_quant=double_quant,
+        dtype=dtype,
+        device=device,
     )
     template_name = settings["template"] or default_template_name(model.config.model_type)
     template = get_template(template_name, tokenizer, model_path)
@@ -235,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(args.output_json).write_text(
+            json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         logger.info("wrote %s", args.output_json)
     return 0
 

@@ -28,9 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base model (see docs/INFERENCE.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ori_model_dir", required=True, help="Local directory of the base model the adapter was trained on.")
-    parser.add_argument("--model_dir", required=True, help="The LoRA adapter directory (a train.py checkpoint).")
-    parser.add_argument("--save_model_dir", required=True, help="Where to write the merged model (new or empty directory).")
+    parser.add_argument(
+        "--ori_model_dir", required=True, help="Local directory of the base model the adapter was trained on."
+    )
+    parser.add_argument(
+        "--model_dir", required=True, help="The LoRA adapter directory (a train.py checkpoint)."
+    )
+    parser.add_argument(
+        "--save_model_dir", required=True, help="Where to write the merged model (new or empty directory)."
+    )
     parser.add_argument(
         "--merge_into",
         choices=MERGE_INTO,
@@ -51,9 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="4-bit training used double quantisation (default: from train_args.json, else yes).",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights.")
-    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB.")
-    parser.add_argument("--device", default="auto", help="Where to merge: auto (first GPU, else CPU), cpu, cuda, cuda:N.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --save_model_dir.")
+    parser.add_argument(
+        "--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB."
+    )
+    parser.add_argument(
+        "--device", default="auto", help="Where to merge: auto (first GPU, else CPU), cpu, cuda, cuda:N."
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing non-empty --save_model_dir."
+    )
     parser.add_argument(
         "--tolerance",
         type=float,

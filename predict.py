@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model_path", required=True, help="Local model directory (merged model, or the adapter's base).")
-    model.add_argument("--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path (unmerged).")
+    model.add_argument(
+        "--model_path", required=True, help="Local model directory (merged model, or the adapter's base)."
+    )
+    model.add_argument(
+        "--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path (unmerged)."
+    )
     model.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -57,27 +61,64 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--template", default=None, help="Chat template; default: chosen from the model type.")
     model.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
     model.add_argument(
-        "--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU."
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on GPU, fp32 on CPU.",
     )
 
     data = parser.add_argument_group("batch prediction")
-    data.add_argument("--data_path", default=None, help="JSONL conversations to answer (see docs/DATA format).")
-    data.add_argument("--output_path", default=None, help="Where to write the predictions JSONL.")
+    data.add_argument(
+        "--data_path",
+        "--input",
+        dest="data_path",
+        default=None,
+        help="JSONL conversations to answer (docs/DATA.md).",
+    )
+    data.add_argument(
+        "--output_path",
+        "--output",
+        dest="output_path",
+        default=None,
+        help="Where to write the predictions JSONL.",
+    )
     data.add_argument("--batch_size", type=int, default=8, help="Prompts generated together (left-padded).")
-    data.add_argument("--max_src_len", type=int, default=None, help="Cut prompts to this many tokens as training did.")
-    data.add_argument("--max_samples", type=int, default=None, help="Answer only the first N records.")
+    data.add_argument(
+        "--max_src_len", type=int, default=None, help="Cut prompts to this many tokens as training did."
+    )
+    data.add_argument(
+        "--max_samples",
+        "--limit",
+        dest="max_samples",
+        type=int,
+        default=None,
+        help="Answer only the first N records.",
+    )
 
     chat = parser.add_argument_group("interactive chat")
-    chat.add_argument("--chat", action="store_true", help="Chat in the terminal (multi-turn, streamed) instead.")
+    chat.add_argument(
+        "--chat", action="store_true", help="Chat in the terminal (multi-turn, streamed) instead."
+    )
     chat.add_argument("--system", default=None, help="System prompt of the chat (e.g. a role description).")
 
     gen = parser.add_argument_group("generation (default: the model's generation_config.json)")
     gen.add_argument("--max_new_tokens", type=int, default=None, help="Most tokens generated per answer.")
-    gen.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None, help="Sample (or --no-do_sample: greedy).")
+    gen.add_argument(
+        "--do_sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Sample (or --no-do_sample: greedy).",
+    )
     gen.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
-    gen.add_argument("--top_p", type=float, default=None, help="Nucleus sampling: keep the top tokens with this much mass.")
-    gen.add_argument("--top_k", type=int, default=None, help="Sample among the k most likely tokens (0 = all).")
-    gen.add_argument("--repetition_penalty", type=float, default=None, help="Penalty for repeating tokens (1 = off).")
+    gen.add_argument(
+        "--top_p", type=float, default=None, help="Nucleus sampling: keep the top tokens with this much mass."
+    )
+    gen.add_argument(
+        "--top_k", type=int, default=None, help="Sample among the k most likely tokens (0 = all)."
+    )
+    gen.add_argument(
+        "--repetition_penalty", type=float, default=None, help="Penalty for repeating tokens (1 = off)."
+    )
     gen.add_argument("--num_beams", type=int, default=None, help="Beam search width (1 = no beam search).")
     gen.add_argument("--seed", type=int, default=1234, help="Random seed (makes sampling repeatable).")
     return parser
@@ -88,12 +129,16 @@ def validate(args: argparse.Namespace) -> None:
     problems = []
     if args.chat:
         if args.data_path or args.output_path:
-            problems.append("--chat is interactive: drop --data_path/--output_path (or drop --chat for batch mode)")
+            problems.append(
+                "--chat is interactive: drop --data_path/--output_path (or drop --chat for batch mode)"
+            )
         if args.num_beams is not None and args.num_beams > 1:
             problems.append("--chat streams its replies, which beam search cannot: drop --num_beams")
     else:
         if not args.data_path or not args.output_path:
-            problems.append("batch mode needs --data_path and --output_path (or pass --chat for a terminal chat)")
+            problems.append(
+                "batch mode needs --data_path and --output_path (or pass --chat for a terminal chat)"
+            )
         if args.system is not None:
             problems.append("--system only applies to --chat (batch records carry their own 'system')")
     if args.batch_size < 1:
@@ -151,7 +196,9 @@ def predict_file(args: argparse.Namespace, model: Any, tokenizer: Any, template:
         prompts.append(template.build_prompt(prompt_record, max_src_len=args.max_src_len))
         references.append(refs)
     with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        predictions = generate_batch(model, tokenizer, prompts, config, batch_size=args.batch_size, progress=bar.update)
+        predictions = generate_batch(
+            model, tokenizer, prompts, config, batch_size=args.batch_size, progress=bar.update
+        )
     rows = (
         {
             "prompt": tokenizer.decode(prompt),

@@ -43,17 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradio role-play chat demo (see docs/INFERENCE.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model_path", required=True, help="Local model directory (merged model, or the adapter's base).")
+    parser.add_argument(
+        "--model_path", required=True, help="Local model directory (merged model, or the adapter's base)."
+    )
     parser.add_argument("--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path.")
     parser.add_argument(
-        "--desc_path", required=True, help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json)."
+        "--desc_path",
+        required=True,
+        help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json).",
     )
     parser.add_argument(
         "--system_template",
         default=None,
         help="System prompt with {role} and {desc}; default: the RoleBench template training used.",
     )
-    parser.add_argument("--template", default=None, help="Chat template; default: chosen from the model type.")
+    parser.add_argument(
+        "--template", default=None, help="Chat template; default: chosen from the model type."
+    )
     parser.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -62,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
     parser.add_argument(
-        "--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU."
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on GPU, fp32 on CPU.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo).")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo)."
+    )
     parser.add_argument("--port", type=int, default=7860, help="TCP port of the page.")
     parser.add_argument("--seed", type=int, default=1234, help="Random seed for sampling.")
     return parser
@@ -113,6 +124,18 @@ class RolePlayChat:
             num_beams=1,
         )
 
+    def prompt(self, message: str, turns: list[dict[str, str]], role: str, max_new_tokens: int) -> list[int]:
+        """Prompt ids for ``message`` after ``turns`` (oldest rounds dropped to leave room for the reply)."""
+        system = self.system_prompt(role)
+
+        def build(conv: list[dict[str, str]]) -> list[int]:
+            return self.template.build_prompt({"system": system, "conversations": conv})
+
+        # Rounds whose reply came out empty cannot be prompt turns (the data format forbids empty answers).
+        conv = [*_drop_empty_rounds(turns), {"role": "user", "content": message}]
+        ids, _ = fit_history(build, conv, context_window(self.model) - max_new_tokens)
+        return ids
+
     def reply(
         self,
         message: str,
@@ -122,21 +145,17 @@ class RolePlayChat:
         top_p: float,
         temperature: float,
     ) -> Iterator[tuple[str, list[dict[str, str]]]]:
-        """Stream the answer to ``message``: yields (textbox value, chat history) after every piece."""
+        """Stream the answer to ``message``: yields (textbox value, chat history) after every piece.
+
+        The slider values arrive with every call, so a change applies to the very next message.
+        """
         message = (message or "").strip()
         turns = [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
         if not message:
             yield "", turns
             return
         config = self.settings(max_new_tokens, top_p, temperature)
-        system = self.system_prompt(role)
-
-        def build(conv: list[dict[str, str]]) -> list[int]:
-            return self.template.build_prompt({"system": system, "conversations": conv})
-
-        # Earlier empty replies cannot be prompt turns (the data format forbids empty answers): skip those rounds.
-        prompt_turns = _drop_empty_rounds(turns) + [{"role": "user", "content": message}]
-        prompt, _ = fit_history(build, prompt_turns, context_window(self.model) - config.max_new_tokens)
+        prompt = self.prompt(message, turns, role, config.max_new_tokens)
         shown = [*turns, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield "", shown
         for piece in stream_reply(self.model, self.tokenizer, prompt, config):
@@ -170,6 +189,7 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
                 with gr.Row():
                     textbox = gr.Textbox(
                         placeholder="Say something to the role and press Enter",
+                        label="Message",
                         show_label=False,
                         scale=5,
                         elem_id="message",
@@ -178,15 +198,27 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
                 clear = gr.Button("Clear history", elem_id="clear")
             with gr.Column(scale=2):
                 role = gr.Dropdown(choices=roles, value=roles[0], label="Role", elem_id="role")
-                description = gr.Textbox(value=chat.profiles[roles[0]], label="Role description", lines=6, interactive=False)
-                max_new_tokens = gr.Slider(
-                    1, MAX_NEW_TOKENS_LIMIT, value=min(defaults.max_new_tokens or 512, MAX_NEW_TOKENS_LIMIT),
-                    step=1, label="Max new tokens", elem_id="max_new_tokens",
+                description = gr.Textbox(
+                    value=chat.profiles[roles[0]], label="Role description", lines=6, interactive=False
                 )
-                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p or 1.0, step=0.01, label="Top-p", elem_id="top_p")
+                max_new_tokens = gr.Slider(
+                    1,
+                    MAX_NEW_TOKENS_LIMIT,
+                    value=min(defaults.max_new_tokens or 512, MAX_NEW_TOKENS_LIMIT),
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="max_new_tokens",
+                )
+                top_p = gr.Slider(
+                    0.05, 1.0, value=defaults.top_p or 1.0, step=0.01, label="Top-p", elem_id="top_p"
+                )
                 temperature = gr.Slider(
-                    0.0, 2.0, value=defaults.temperature if defaults.do_sample else 0.0, step=0.05,
-                    label="Temperature (0 = greedy)", elem_id="temperature",
+                    0.0,
+                    2.0,
+                    value=defaults.temperature if defaults.do_sample else 0.0,
+                    step=0.05,
+                    label="Temperature (0 = greedy)",
+                    elem_id="temperature",
                 )
         inputs = [textbox, chatbot, role, max_new_tokens, top_p, temperature]
         textbox.submit(chat.reply, inputs, [textbox, chatbot], api_name="chat")
@@ -228,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=resolve_dtype(args.dtype, device),
             device=device,
         )
-        template = get_template(args.template or default_template_name(model.config.model_type), tokenizer, model_path)
+        template = get_template(
+            args.template or default_template_name(model.config.model_type), tokenizer, model_path
+        )
     except (ValueError, KeyError, IndexError, FileNotFoundError, DataFormatError) as err:
         logger.error("%s", err)
         return 1

@@ -63,7 +63,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike, flag: str = "--adapter_d
     """The peft ``adapter_config.json`` of an adapter directory; a one-line error if it is not one."""
     path = Path(adapter_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{flag}={adapter_dir} does not exist: pass a checkpoint directory written by train.py")
+        raise FileNotFoundError(
+            f"{flag}={adapter_dir} does not exist: pass a checkpoint directory written by train.py"
+        )
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -72,7 +74,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike, flag: str = "--adapter_d
         )
     weights = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
     if not any(w.is_file() for w in weights):
-        raise FileNotFoundError(f"{flag}={adapter_dir} has adapter_config.json but no adapter_model.safetensors")
+        raise FileNotFoundError(
+            f"{flag}={adapter_dir} has adapter_config.json but no adapter_model.safetensors"
+        )
     return json.loads(config_file.read_text(encoding="utf-8"))
 
 
@@ -114,7 +118,11 @@ def adapter_training_setup(
                 )
             return TrainingSetup(quantization, double_quant, str(args_file))
     double_quant = True if double_quant_flag is None else double_quant_flag
-    source = "--quantization" if quantization_flag is not None else "unknown (no train_args.json, no --quantization)"
+    source = (
+        "--quantization"
+        if quantization_flag is not None
+        else "unknown (no train_args.json, no --quantization)"
+    )
     return TrainingSetup(quantization_flag, double_quant, source)
 
 
@@ -224,7 +232,12 @@ def build_generation_config(
             )
     checks = [
         ("--max_new_tokens", max_new_tokens, lambda v: v > 0, "must be > 0"),
-        ("--temperature", temperature, lambda v: v > 0, "must be > 0 (for greedy decoding use --no-do_sample)"),
+        (
+            "--temperature",
+            temperature,
+            lambda v: v > 0,
+            "must be > 0 (for greedy decoding use --no-do_sample)",
+        ),
         ("--top_p", top_p, lambda v: 0 < v <= 1, "must be in (0, 1]"),
         ("--top_k", top_k, lambda v: v >= 0, "must be >= 0 (0 = off)"),
         ("--repetition_penalty", repetition_penalty, lambda v: v > 0, "must be > 0 (1 = off)"),
@@ -377,7 +390,9 @@ def generate_batch(
             attention_mask=attention_mask.to(device),
             generation_config=config,
         )
-        new_tokens = output[:, input_ids.shape[1] :]  # (B, new) -- padding is on the left, so one cut fits all
+        new_tokens = output[
+            :, input_ids.shape[1] :
+        ]  # (B, new) -- padding is on the left, so one cut fits all
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
         if progress is not None:

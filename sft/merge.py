@@ -56,7 +56,8 @@ class MergeReport:
     dtype: str
     max_abs_diff: float  # merged vs base+adapter logits, in fp32
     reference: str  # what base+adapter meant for max_abs_diff
-    saved_max_abs_diff: float  # reloaded OUT vs the merged model cast to --dtype
+    saved_max_abs_diff: float  # reloaded OUT vs the merged model rounded to --dtype (both computed in fp32)
+    dtype_rounding_diff: float  # what rounding the weights to --dtype does to the logits (information)
     files: list[str]
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,8 +141,11 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
     for key, shape in _adapter_tensor_shapes(adapter_dir).items():
         name = key.removeprefix(PEFT_PREFIX)
         lora_kind = next(
-            (k for k in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-             if f".{k}" in name),
+            (
+                k
+                for k in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+                if f".{k}" in name
+            ),
             None,
         )
         if lora_kind is None:
@@ -161,7 +165,9 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
         if expected is None:
             problems.append(f"{key}: {module_name!r} is a {type(module).__name__}, which LoRA cannot adapt")
         elif expected != shape:
-            problems.append(f"{key}: shape {list(shape)} does not fit {module_name!r} (expects {list(expected)})")
+            problems.append(
+                f"{key}: shape {list(shape)} does not fit {module_name!r} (expects {list(expected)})"
+            )
     if problems:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
         raise ValueError(
@@ -203,7 +209,9 @@ def copy_dequantized_weights(quantized: nn.Module, target: nn.Module) -> int:
             continue
         dest = target.get_submodule(name)
         if tuple(dest.weight.shape) != tuple(weight.shape):
-            raise RuntimeError(f"{name}: dequantised shape {tuple(weight.shape)} != {tuple(dest.weight.shape)}")
+            raise RuntimeError(
+                f"{name}: dequantised shape {tuple(weight.shape)} != {tuple(dest.weight.shape)}"
+            )
         dest.weight.data = weight.to(dest.weight.device)
         count += 1
     return count
@@ -360,16 +368,24 @@ def merge_lora(
             "change weights that can be merged (prompt/prefix tuning adds virtual tokens: load the base with "
             "--adapter_dir in predict.py instead)"
         )
-    check_output_dir(out_dir, overwrite=overwrite, protected={"--ori_model_dir": base_dir, "--model_dir": adapter_dir})
+    check_output_dir(
+        out_dir, overwrite=overwrite, protected={"--ori_model_dir": base_dir, "--model_dir": adapter_dir}
+    )
     check_adapter_matches_base(base_dir, adapter_dir)
     setup = adapter_training_setup(adapter_dir, quantization, double_quant)
     quant = resolve_quantization(setup, merge_into)
     target = f"{quant}-dequantised" if quant != "none" else "original"
-    logger.info("training quantization: %s (from %s); merging into the %s base", setup.quantization, setup.source, target)
+    logger.info(
+        "training quantization: %s (from %s); merging into the %s base",
+        setup.quantization,
+        setup.source,
+        target,
+    )
     if merge_into == "original" and setup.quantization not in (None, "none"):
         logger.warning(
             "the adapter was trained on a %s-quantised base but is merged into the original weights: the merged "
-            "model differs from the one training optimised (see docs/INFERENCE.md)", setup.quantization
+            "model differs from the one training optimised (see docs/INFERENCE.md)",
+            setup.quantization,
         )
 
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir)
@@ -404,15 +420,25 @@ def merge_lora(
     # 3. Merge in fp32 and check it against the reference.
     merged = peft_model.merge_and_unload()
     diff = max_abs_diff(probe_logits(merged, probes), reference)
-    logger.info("merge check: max |merged - base+adapter| logits = %.3g (reference: %s)", diff, reference_name)
+    logger.info(
+        "merge check: max |merged - base+adapter| logits = %.3g (reference: %s)", diff, reference_name
+    )
     if not diff <= tolerance:  # `not <=` also catches NaN
         raise MergeCheckError(
             f"merged logits differ from {reference_name} by {diff:.3g} > --tolerance {tolerance}: nothing written"
         )
 
-    # 4. Save to a temporary sibling, reload it, and compare with the in-memory model in the saved dtype.
-    merged = merged.to(dtype)
+    # 4. Round the weights to the saved dtype (kept in fp32 for now) and record what that does to the logits.
+    #    The reloaded directory, read back in fp32, must then reproduce these logits exactly: same weights,
+    #    same fp32 compute. (Casting the whole model instead would also cast buffers such as RoPE's
+    #    inv_freq, which from_pretrained keeps in fp32, and the comparison would measure that, not the save.)
+    with torch.no_grad():
+        for param in merged.parameters():
+            param.data = param.data.to(dtype).float()
     expected = probe_logits(merged, probes)
+    rounding = max_abs_diff(expected, reference)
+    logger.info("saving in %s moves the logits by up to %.3g", dtype, rounding)
+    merged = merged.to(dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp_dir.exists():
@@ -421,10 +447,12 @@ def merge_lora(
         files = save_merged(merged, tokenizer, tmp_dir, base_dir=base_dir, max_shard_size=max_shard_size)
         del merged, peft_model, model
         gc.collect()
-        reloaded = load_base_model(tmp_dir, "none", dtype, device_map={"": device}).eval()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # make room for the reloaded copy
+        reloaded = load_base_model(tmp_dir, "none", torch.float32, device_map={"": device}).eval()
         saved_diff = max_abs_diff(probe_logits(reloaded, probes), expected)
         del reloaded
-        logger.info("save check: max |reloaded - merged| logits in %s = %.3g", dtype, saved_diff)
+        logger.info("save check: max |reloaded - merged| logits = %.3g", saved_diff)
         if not saved_diff <= tolerance:
             raise MergeCheckError(
                 f"the saved model reloads with logits {saved_diff:.3g} away from the merged model: nothing written"
@@ -441,5 +469,6 @@ def merge_lora(
         max_abs_diff=diff,
         reference=reference_name,
         saved_max_abs_diff=saved_diff,
+        dtype_rounding_diff=rounding,
         files=files,
     )

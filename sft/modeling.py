@@ -234,11 +234,29 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
 
+    keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
     return peft_model
+
+
+def keep_4bit_weights_unpacked(model: nn.Module) -> int:
+    """Turn off bitsandbytes' in-place CPU repacking of 4-bit weights; returns the layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place, for a bf16 kernel, the
+    first time the layer runs in eval mode under ``no_grad``. Evaluation during training would then
+    measure a slightly different function (bf16 matmuls) than the one being trained, and the
+    repacked weight stays so for the following training steps. One numeric path for training and
+    evaluation keeps perplexities comparable (and reproducible on resume). No effect on GPUs.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -112,7 +112,9 @@ class RougeResult:
         }
 
 
-def sample_scores(scorer, prediction: str, references: Sequence[str], reduce: str = "mean") -> dict[str, tuple]:
+def sample_scores(
+    scorer, prediction: str, references: Sequence[str], reduce: str = "mean"
+) -> dict[str, tuple]:
     """ROUGE of one prediction against its references: ``{type: (precision, recall, f1)}`` in [0, 1].
 
     With ``reduce="mean"`` each of precision, recall and F1 is averaged over the references; with

@@ -83,3 +83,32 @@ def test_model_loss_with_logits_to_keep_equals_full_logits(tiny_llama_dir, tiny_
             nll, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
         assert tokens.item() == ref_tokens
         assert abs(nll.item() - ref_nll) < 1e-4 * abs(ref_nll), model_dir
+
+
+def test_peft_methods_loss_matches_the_models_own_loss(tiny_llama_dir, tiny_baichuan_dir):
+    """Prompt/p-tuning prepend virtual positions and prefix tuning adds keys/values: our kept-position
+    loss must still equal the mean loss the model computes itself from full logits."""
+    from peft import get_peft_model
+
+    from sft.args import parse_args
+    from sft.modeling import build_peft_config
+
+    for model_dir in (tiny_llama_dir, tiny_baichuan_dir):
+        for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "lora"):
+            args = parse_args(["--peft", method, "--num_virtual_tokens", "3"])
+            base = load_base_model(model_dir, "none", torch.float32)
+            torch.manual_seed(0)
+            model = get_peft_model(base, build_peft_config(args, base)).eval()
+            vocab = base.config.vocab_size
+            gen = torch.Generator().manual_seed(3)
+            input_ids = torch.randint(3, vocab, (2, 16), generator=gen)
+            labels = input_ids.clone()
+            labels[:, :5] = IGNORE_INDEX
+            attention_mask = torch.ones_like(input_ids)
+            attention_mask[1, 12:] = 0
+            labels[1, 12:] = IGNORE_INDEX
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+            with torch.no_grad():
+                reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.item()
+                nll, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
+            assert abs(nll.item() / tokens.item() - reference) < 1e-5, (model_dir.name, method)

@@ -63,7 +63,7 @@ def train_command(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str
         "--train_path", str(data_dir / "train.jsonl"),
         "--test_path", str(data_dir / "test.jsonl"),
         "--output_dir", str(output_dir),
-        "--max_len", "64", "--max_src_len", "32",
+        "--max_len", "128", "--max_src_len", "96",
         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
         "--learning_rate", "1e-2", "--weight_decay", "0", "--warmup_ratio", "0",
         "--lr_scheduler", "linear", "--show_loss_step", "1",
@@ -93,16 +93,17 @@ def checkpoint_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def hand_perplexity(model_dir: Path, adapter_dir: Path, test_path: Path, quantization: str) -> float:
-    """exp(sum NLL / learned tokens), one conversation at a time with full fp32 logits."""
+def hand_perplexity(model_dir: Path, adapter_dir: Path, test_path: Path, quantization: str) -> tuple[float, int]:
+    """(exp(sum NLL / learned tokens), learned tokens): one conversation at a time, full fp32 logits."""
     from peft import PeftModel
 
     from sft.data.formats import read_conversations
     from sft.data.templates import default_template_name, get_template
-    from sft.modeling import load_base_model, load_tokenizer
+    from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir, quantization, torch.float32)
+    keep_4bit_weights_unpacked(base)  # the fp32 dequantise-then-matmul path that training uses too
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     template = get_template(default_template_name(base.config.model_type), tokenizer, model_dir=model_dir)
     nll, tokens = 0.0, 0
@@ -113,7 +114,7 @@ def hand_perplexity(model_dir: Path, adapter_dir: Path, test_path: Path, quantiz
                 target = torch.tensor(labels[1:])
                 nll += F.cross_entropy(logits[:-1], target, ignore_index=-100, reduction="sum").item()
                 tokens += int((target != -100).sum())
-    return math.exp(nll / tokens)
+    return math.exp(nll / tokens), tokens
 
 
 def file_digest(directory: Path) -> dict[str, str]:
@@ -203,9 +204,10 @@ def test_checkpoints_hold_the_adapter_only(single_run):
 @pytest.mark.slow
 def test_reported_perplexity_equals_hand_computation(single_run):
     ckpt = single_run["output_dir"] / "epoch-3-step-16"
-    reported = checkpoint_state(ckpt)["eval"]["ppl"]
-    expected = hand_perplexity(single_run["model_dir"], ckpt, single_run["data_dir"] / "test.jsonl", "nf4")
-    assert reported == pytest.approx(expected, rel=1e-4)
+    reported = checkpoint_state(ckpt)["eval"]
+    expected, tokens = hand_perplexity(single_run["model_dir"], ckpt, single_run["data_dir"] / "test.jsonl", "nf4")
+    assert reported["tokens"] == tokens
+    assert reported["ppl"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow
