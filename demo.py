@@ -35,10 +35,14 @@ def run(stage: str, cmd: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="demo_out", help="folder for every artefact of the demo")
     parser.add_argument(
-        "--model_dir", default=None, help="local base model directory (default: build a tiny random Baichuan2)"
+        "--model_dir",
+        default=None,
+        help="local base model directory (default: build a tiny random Baichuan2)",
     )
     parser.add_argument("--data_dir", default="data/demo_rolebench", help="RoleBench-style data folder")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs over the sample data")
@@ -63,8 +67,14 @@ def main() -> None:
     outputs["train data"] = data / "train.jsonl"
     outputs["test data"] = data / "test.jsonl"
 
-    # 3. Train: QLoRA (NF4 base + LoRA on every linear layer) under DeepSpeed ZeRO-2; one process.
-    #    Perplexity on the test set is reported before training and at every save step / epoch end.
+    # 3. Perplexity of the base model on the test split, before any training (4-bit, as training will see it).
+    ppl_before = out / "ppl_before.json"
+    run("ppl-before", [py, "evaluate.py", "ppl", "--model_path", str(base), "--data_path", str(outputs["test data"]),
+                       "--quantization", "nf4", "--dtype", "fp32", "--max_len", "512", "--max_src_len", "384",
+                       "--output_json", str(ppl_before)])  # fmt: skip
+
+    # 4. Train: QLoRA (NF4 base + LoRA on every linear layer) under DeepSpeed ZeRO-2; one process.
+    #    train.py also reports test perplexity at every save step and at the end of each epoch.
     ckpts = out / "checkpoints"
     run(
         "train",
@@ -86,19 +96,23 @@ def main() -> None:
             "--precision", "fp32",
             "--show_loss_step", "5",
             "--save_model_step", "1000000",
-            "--eval_before_training",
         ],
     )  # fmt: skip
     adapter = ckpts / "final"
     outputs["adapter"] = adapter
     outputs["tensorboard"] = ckpts / "runs"
 
-    # 4. Curves: the TensorBoard scalars rendered to a PNG for people without TensorBoard at hand.
+    # 5. Perplexity with the trained adapter (the same number train.py reported at its last evaluation).
+    ppl_after = out / "ppl_after.json"
+    run("ppl-after", [py, "evaluate.py", "ppl", "--model_path", str(base), "--adapter_dir", str(adapter),
+                      "--data_path", str(outputs["test data"]), "--output_json", str(ppl_after)])  # fmt: skip
+
+    # 6. Curves: the TensorBoard scalars rendered to a PNG for people without TensorBoard at hand.
     curves = out / "curves.png"
     run("plot", [py, "-m", "sft.plotting", str(ckpts / "runs"), "--out", str(curves)])
     outputs["curves"] = curves
 
-    # 5. Merge: fold the adapter into the (NF4-dequantised) base -> a standalone model directory.
+    # 7. Merge: fold the adapter into the (NF4-dequantised) base -> a standalone model directory.
     merged = out / "merged"
     run(
         "merge",
@@ -113,16 +127,16 @@ def main() -> None:
     )  # fmt: skip
     outputs["merged model"] = merged
 
-    # 6. Answer a role-play question from the test split with the merged model.
+    # 8. Answer a role-play question from the test split with the merged model.
     predictions = out / "predictions.jsonl"
     run(
         "predict",
         [
             py, "predict.py",
             "--model_path", str(merged),
-            "--input", str(outputs["test data"]),
-            "--output", str(predictions),
-            "--limit", "1",
+            "--data_path", str(outputs["test data"]),
+            "--output_path", str(predictions),
+            "--max_samples", "1",
             "--max_new_tokens", "48",
         ],
     )  # fmt: skip
@@ -132,6 +146,9 @@ def main() -> None:
     logger.info("question: %s", question)
     logger.info("answer:   %s", first.get("prediction"))
 
+    before = json.loads(ppl_before.read_text())["ppl"]
+    after = json.loads(ppl_after.read_text())["ppl"]
+    logger.info("test perplexity: %.2f before training -> %.2f after", before, after)
     logger.info("demo finished; outputs:")
     for name, path in outputs.items():
         logger.info("  %-12s %s", name, path)

@@ -34,6 +34,9 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     # These libraries are chatty at INFO; their warnings still come through.
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # On CPU, bitsandbytes tries to fetch an optional kernel package from a hub at every load and warns when it
+    # cannot; its built-in CPU path is used instead, so the warning says nothing the user can act on here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def set_seed(seed: int) -> None:
