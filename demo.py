@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from sft.checkpoint import list_checkpoints
 from utils import setup_logging
 
 logger = logging.getLogger("demo")
@@ -45,7 +46,7 @@ def main() -> None:
         help="local base model directory (default: build a tiny random Baichuan2)",
     )
     parser.add_argument("--data_dir", default="data/demo_rolebench", help="RoleBench-style data folder")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs over the sample data")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs over the sample data")
     args = parser.parse_args()
     setup_logging()
 
@@ -87,7 +88,8 @@ def main() -> None:
             "--ds_config", "ds_configs/zero2.json",
             "--num_train_epochs", str(args.epochs),
             "--per_device_train_batch_size", "4",
-            "--learning_rate", "2e-3",
+            "--learning_rate", "1e-2",  # a random tiny model needs a large step to move within minutes
+            "--gradient_accumulation_steps", "1",
             "--max_len", "512",
             "--max_src_len", "384",
             "--lora_dim", "8",
@@ -98,7 +100,7 @@ def main() -> None:
             "--save_model_step", "1000000",
         ],
     )  # fmt: skip
-    adapter = ckpts / "final"
+    adapter = list_checkpoints(ckpts)[-1]  # the newest epoch-E-step-S/ adapter checkpoint
     outputs["adapter"] = adapter
     outputs["tensorboard"] = ckpts / "runs"
 
@@ -138,6 +140,7 @@ def main() -> None:
             "--output_path", str(predictions),
             "--max_samples", "1",
             "--max_new_tokens", "48",
+            "--no-do_sample",  # greedy: the same answer on every run
         ],
     )  # fmt: skip
     outputs["predictions"] = predictions

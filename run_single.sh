@@ -23,8 +23,12 @@ SEED=${SEED:-1234}
 LORA_DIM=${LORA_DIM:-16}
 LORA_ALPHA=${LORA_ALPHA:-64}
 LORA_DROPOUT=${LORA_DROPOUT:-0.1}
-PRECISION=${PRECISION:-bf16}
 QUANTIZATION=${QUANTIZATION:-nf4}
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  PRECISION=${PRECISION:-bf16}
+else
+  PRECISION=${PRECISION:-fp32}  # on the CPU, 4-bit matmuls in bf16 are several times slower than in fp32
+fi
 
 if [[ -z "${MODEL:-}" ]]; then
   # Demo: a tiny random Baichuan2 and the bundled role-play sample. A random model needs a much

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from sft.args import ArgsError, TrainArgs, build_ds_config, parse_args, validate_args, zero_stage
 from sft.checkpoint import (
     TrainProgress,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume_dir,
     restore_rng_state,
@@ -73,6 +74,8 @@ def setup_args(argv: list[str] | None) -> TrainArgs:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Data:
+    """This rank's loaders; ``eval`` is None without --test_path."""
+
     train: DataLoader
     eval: DataLoader | None
     micro_batches_per_epoch: int  # the same on every rank (the minimum over ranks)
@@ -153,7 +156,9 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
 
     def make_scheduler(optimizer):
-        return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+        return get_scheduler(
+            schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+        )
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -191,12 +196,15 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a previous, interrupted run logged after the checkpoint we resume from.
-            self.writer = SummaryWriter(str(args.tensorboard_path), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(
+                str(args.tensorboard_path), purge_step=start_step + 1 if start_step else None
+            )
         self.reset()
 
     def reset(self) -> None:
         self.nll = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's NLL sum
         self.counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # global (learned, input) tokens
+        self.steps = 0  # optimizer steps in the window
         self.started = time.perf_counter()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -208,7 +216,9 @@ class Metrics:
             self.writer.close()
 
 
-def train_step(args: TrainArgs, engine, micro_batches: list[dict], device: torch.device, metrics: Metrics) -> None:
+def train_step(
+    args: TrainArgs, engine, micro_batches: list[dict], device: torch.device, metrics: Metrics
+) -> None:
     """One optimizer step over ``micro_batches`` (up to --gradient_accumulation_steps of them).
 
     The loss is the mean NLL over every learned token of the step, on all ranks. DeepSpeed divides
@@ -218,7 +228,8 @@ def train_step(args: TrainArgs, engine, micro_batches: list[dict], device: torch
     # Token counts come from the CPU labels: counting them costs no device sync.
     learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     inputs = sum(
-        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        for b in micro_batches
     )
     counts = all_reduce_sum(torch.tensor([learned, inputs], dtype=torch.int64, device=device))
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
@@ -231,6 +242,7 @@ def train_step(args: TrainArgs, engine, micro_batches: list[dict], device: torch
         metrics.nll += nll_sum.detach().double()
     engine.step()
     metrics.counts += counts
+    metrics.steps += 1
 
 
 def log_train_metrics(engine, metrics: Metrics, step: int, progress_bar) -> None:
@@ -251,12 +263,17 @@ def log_train_metrics(engine, metrics: Metrics, step: int, progress_bar) -> None
         metrics.scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
     if progress_bar is not None:
         progress_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
-    logger.debug("step %d loss %.4f lr %.3e grad_norm %s tok/s %.0f", step, loss, lr, grad_norm, tokens_per_sec)
+    logger.debug(
+        "step %d loss %.4f lr %.3e grad_norm %s tok/s %.0f", step, loss, lr, grad_norm, tokens_per_sec
+    )
     metrics.reset()
 
 
-def evaluate_and_save(args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics) -> None:
+def evaluate_and_save(
+    args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics
+) -> None:
     """Perplexity on the test set (all ranks), then an adapter checkpoint, then rotation."""
+    paused = time.perf_counter()
     progress.eval = {}
     if data.eval is not None:
         result = evaluate_perplexity(engine, data.eval)
@@ -264,23 +281,32 @@ def evaluate_and_save(args: TrainArgs, engine, tokenizer, data: Data, progress: 
         metrics.scalar("eval/loss", result["loss"], progress.step)
         metrics.scalar("eval/ppl", result["ppl"], progress.step)
         logger.info(
-            "step %d eval loss %.4f ppl %.3f (%d tokens)", progress.step, result["loss"], result["ppl"], result["tokens"]
+            "step %d eval loss %.4f ppl %.3f (%d tokens)",
+            progress.step,
+            result["loss"],
+            result["ppl"],
+            result["tokens"],
         )
     save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
     rotate_checkpoints(args.output_dir, args.save_total_limit)
+    metrics.started += time.perf_counter() - paused  # keep evaluation and saving out of tokens/s
 
 
-def train(args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, resume: Path | None) -> TrainProgress:
+def train(
+    args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, resume: Path | None
+) -> TrainProgress:
     """The training loop: epochs of optimizer steps, logging, evaluation and checkpoints."""
     steps_per_epoch, total_steps = total_optimizer_steps(args, data)
     accumulation = args.gradient_accumulation_steps
-    progress, rng_state = (load_checkpoint(engine, resume) if resume else (TrainProgress(), None))
+    progress, rng_state = load_checkpoint(engine, resume) if resume else (TrainProgress(), None)
     if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
     metrics = Metrics(args, device, progress.step)
     progress_bar = (
-        tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True) if is_main_process() else None
+        tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
+        if is_main_process()
+        else None
     )
     engine.train()
     saved_at = progress.step if resume else -1
@@ -316,6 +342,8 @@ def train(args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, 
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
         logger.debug("epoch %d done (%d steps per epoch)", progress.epoch, steps_per_epoch)
 
+    if metrics.steps:  # the last steps, when they did not fill a --show_loss_step window
+        log_train_metrics(engine, metrics, progress.step, progress_bar)
     if progress_bar is not None:
         progress_bar.close()
     metrics.close()
@@ -331,6 +359,10 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     args = setup_args(argv)
     device = init_distributed()
     setup_logging(get_rank())
+    if not is_main_process():
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one copy of the weight-loading bar
     set_seed(args.seed)
     if is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -339,12 +371,18 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     data = setup_data(args, tokenizer, device)
     _, total_steps = total_optimizer_steps(args, data)
     # Rank 0 picks the checkpoint, so every rank resumes from the same one.
-    resume = broadcast_object(resolve_resume_dir(args.resume_from_checkpoint, args.output_dir) if is_main_process() else None)
+    resume = broadcast_object(
+        resolve_resume_dir(args.resume_from_checkpoint, args.output_dir) if is_main_process() else None
+    )
     # Same seed right before the adapter is created: its initial weights do not depend on data set-up.
     set_seed(args.seed)
     engine = setup_engine(args, device, total_steps)
     progress = train(args, engine, tokenizer, data, device, resume)
-    logger.info("done: %d steps, checkpoints in %s", progress.step, args.output_dir)
+    if is_main_process():
+        checkpoints = list_checkpoints(args.output_dir)
+        logger.info(
+            "done: %d steps; newest checkpoint %s", progress.step, checkpoints[-1] if checkpoints else "none"
+        )
     destroy()
     return progress
 

@@ -53,7 +53,8 @@ class TrainArgs:
 
     # --- model -----------------------------------------------------------------------------------------
     model_name_or_path: str = _flag(
-        "", "Local directory of the base model (config, weights, tokenizer). Required; hub ids are not downloaded."
+        "",
+        "Local directory of the base model (config, weights, tokenizer). Required; hub ids are not downloaded.",
     )
     attn_implementation: str = _flag(
         "sdpa",
@@ -61,7 +62,9 @@ class TrainArgs:
         choices=ATTN_IMPLEMENTATIONS,
     )
     quantization: str = _flag(
-        "nf4", "Storage of the frozen base weights: nf4/fp4 (4-bit QLoRA), int8, or none.", choices=QUANTIZATIONS
+        "nf4",
+        "Storage of the frozen base weights: nf4/fp4 (4-bit QLoRA), int8, or none.",
+        choices=QUANTIZATIONS,
     )
     double_quant: bool = _flag(
         True, "Quantise the 4-bit quantisation constants too (saves ~0.4 bit/param); 4-bit only."
@@ -91,11 +94,17 @@ class TrainArgs:
     template: str = _flag("", "Chat template name; default: chosen from the model type.")
     max_len: int = _flag(1024, "Maximum tokens of one training example (prompt + answer).")
     max_src_len: int = _flag(256, "Maximum tokens of the prompt part of an example.")
-    is_skip: bool = _flag(False, "Skip examples longer than --max_len / --max_src_len instead of truncating them.")
-    loss_on: str = _flag(
-        "all", "Which assistant turns are learned: all, only the last, or each turn as its own example.", choices=LOSS_ON
+    is_skip: bool = _flag(
+        False, "Skip examples longer than --max_len / --max_src_len instead of truncating them."
     )
-    packing: bool = _flag(False, "Pack several examples into each row of --max_len tokens (no cross-attention).")
+    loss_on: str = _flag(
+        "all",
+        "Which assistant turns are learned: all, only the last, or each turn as its own example.",
+        choices=LOSS_ON,
+    )
+    packing: bool = _flag(
+        False, "Pack several examples into each row of --max_len tokens (no cross-attention)."
+    )
     group_by_length: bool = _flag(False, "Batch examples of similar length together (less padding).")
     data_cache_dir: str = _flag("", "Directory to cache tokenised data sets in; empty = no cache.")
     # --- optimisation -----------------------------------------------------------------------------------
@@ -104,25 +113,34 @@ class TrainArgs:
     gradient_accumulation_steps: int = _flag(4, "Micro-batches accumulated into one optimizer step.")
     learning_rate: float = _flag(1e-4, "Peak learning rate of the AdamW optimizer.")
     weight_decay: float = _flag(0.1, "AdamW weight decay.")
-    max_grad_norm: float = _flag(1.0, "Clip the global gradient norm to this value (DeepSpeed gradient_clipping); 0 = off.")
+    max_grad_norm: float = _flag(
+        1.0, "Clip the global gradient norm to this value (DeepSpeed gradient_clipping); 0 = off."
+    )
     num_train_epochs: int = _flag(1, "Passes over the training data.")
-    max_steps: int = _flag(-1, "Stop after this many optimizer steps (overrides --num_train_epochs); -1 = off.")
-    warmup_ratio: float = _flag(0.03, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    max_steps: int = _flag(
+        -1, "Stop after this many optimizer steps (overrides --num_train_epochs); -1 = off."
+    )
+    warmup_ratio: float = _flag(
+        0.03, "Fraction of the optimizer steps spent warming the learning rate up from 0."
+    )
     lr_scheduler: str = _flag("cosine", "Learning-rate schedule after warm-up.", choices=LR_SCHEDULERS)
     seed: int = _flag(1234, "Random seed (data order, adapter initialisation, dropout).")
     # --- DeepSpeed and distributed ----------------------------------------------------------------------
     ds_config: str = _flag(
         str(DEFAULT_DS_CONFIG),
-        "DeepSpeed JSON config (ds_configs/*.json); its \"auto\" values are filled from these flags. Alias: --ds_file.",
+        'DeepSpeed JSON config (ds_configs/*.json); its "auto" values are filled from these flags. Alias: --ds_file.',
     )
     local_rank: int = _flag(-1, "Set by the deepspeed launcher; the rank of this process on its node.")
     # --- output, logging, checkpoints -------------------------------------------------------------------
     output_dir: str = _flag("output", "Directory for checkpoints epoch-E-step-S/ and TensorBoard runs/.")
     show_loss_step: int = _flag(10, "Log loss, learning rate and throughput every N optimizer steps.")
     save_model_step: int = _flag(
-        100, "Evaluate and save a checkpoint every N optimizer steps (also at the end of each epoch); 0 = epoch ends only."
+        100,
+        "Evaluate and save a checkpoint every N optimizer steps (also at the end of each epoch); 0 = epoch ends only.",
     )
-    save_total_limit: int = _flag(0, "Keep only the newest N checkpoints (plus the best by perplexity); 0 = keep all.")
+    save_total_limit: int = _flag(
+        0, "Keep only the newest N checkpoints (plus the best by perplexity); 0 = keep all."
+    )
     resume_from_checkpoint: str = _flag(
         "", "Continue a run from a checkpoint directory, or 'latest' for the newest one in --output_dir."
     )
@@ -210,7 +228,9 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
     elif not Path(args.train_path).is_file():
         problems.append(f"--train_path={args.train_path} is not a file: pass an existing JSONL file")
     if args.test_path and not Path(args.test_path).is_file():
-        problems.append(f"--test_path={args.test_path} is not a file: pass an existing JSONL file or leave it empty")
+        problems.append(
+            f"--test_path={args.test_path} is not a file: pass an existing JSONL file or leave it empty"
+        )
 
     positive = (
         "max_len",
@@ -233,9 +253,13 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
             "to leave room for the answer"
         )
     if args.max_steps == 0 or args.max_steps < -1:
-        problems.append(f"--max_steps={args.max_steps}: pass a positive number of steps, or -1 to train by epochs")
+        problems.append(
+            f"--max_steps={args.max_steps}: pass a positive number of steps, or -1 to train by epochs"
+        )
     if args.save_model_step < 0:
-        problems.append(f"--save_model_step={args.save_model_step} must be >= 0 (0 = save at epoch ends only)")
+        problems.append(
+            f"--save_model_step={args.save_model_step} must be >= 0 (0 = save at epoch ends only)"
+        )
     if args.save_total_limit < 0:
         problems.append(f"--save_total_limit={args.save_total_limit} must be >= 0 (0 = keep all checkpoints)")
     if args.learning_rate <= 0:
@@ -259,23 +283,35 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
             "use --quantization nf4 or none on CPU"
         )
     if args.double_quant is False and args.quantization not in ("nf4", "fp4"):
-        problems.append("--no-double_quant only applies to 4-bit bases: drop it or pass --quantization nf4/fp4")
+        problems.append(
+            "--no-double_quant only applies to 4-bit bases: drop it or pass --quantization nf4/fp4"
+        )
     if args.attn_implementation == "flash_attention_2" and not cuda_available:
         problems.append("--attn_implementation flash_attention_2 needs a GPU: use sdpa or eager")
+    from sft.data.templates import TEMPLATE_NAMES
+
+    if args.template and args.template not in TEMPLATE_NAMES:
+        problems.append(f"--template {args.template} is unknown: choose one of {', '.join(TEMPLATE_NAMES)}")
+    if args.packing and args.group_by_length:
+        problems.append(
+            "--group_by_length has no effect with --packing (rows are all ~max_len): drop one of them"
+        )
     if args.peft != "lora" and args.lora_target:
-        problems.append(f"--lora_target only applies to --peft lora (got --peft {args.peft}): drop --lora_target")
+        problems.append(
+            f"--lora_target only applies to --peft lora (got --peft {args.peft}): drop --lora_target"
+        )
     if args.packing and args.peft in ("prompt_tuning", "p_tuning", "prefix_tuning"):
         problems.append(
             f"--packing cannot be combined with --peft {args.peft}: virtual tokens are prepended to each row, "
             "so they would be shared across the packed documents; drop --packing or use --peft lora"
         )
 
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not (Path(args.resume_from_checkpoint) / "training_state").is_dir():
-            problems.append(
-                f"--resume_from_checkpoint={args.resume_from_checkpoint} is not a checkpoint directory "
-                "(no training_state/ inside): pass an <output_dir>/epoch-E-step-S directory or 'latest'"
-            )
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest" and not (Path(resume) / "training_state").is_dir():
+        problems.append(
+            f"--resume_from_checkpoint={resume} is not a checkpoint directory "
+            "(no training_state/ inside): pass an <output_dir>/epoch-E-step-S directory or 'latest'"
+        )
 
     if not Path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
@@ -332,8 +368,20 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
 
     micro = args.per_device_train_batch_size
     accum = args.gradient_accumulation_steps
-    fill(config, "train_micro_batch_size_per_gpu", micro, "--per_device_train_batch_size", "train_micro_batch_size_per_gpu")
-    fill(config, "gradient_accumulation_steps", accum, "--gradient_accumulation_steps", "gradient_accumulation_steps")
+    fill(
+        config,
+        "train_micro_batch_size_per_gpu",
+        micro,
+        "--per_device_train_batch_size",
+        "train_micro_batch_size_per_gpu",
+    )
+    fill(
+        config,
+        "gradient_accumulation_steps",
+        accum,
+        "--gradient_accumulation_steps",
+        "gradient_accumulation_steps",
+    )
     fill(
         config,
         "train_batch_size",
@@ -345,7 +393,13 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
 
     for precision in ("bf16", "fp16"):
         section = config.setdefault(precision, {})
-        fill(section, "enabled", args.precision == precision, f"--precision {args.precision}", f"{precision}.enabled")
+        fill(
+            section,
+            "enabled",
+            args.precision == precision,
+            f"--precision {args.precision}",
+            f"{precision}.enabled",
+        )
 
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})

@@ -88,7 +88,9 @@ def resolve_resume_dir(resume_from: str, output_dir: str | Path) -> Path | None:
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting from scratch", output_dir)
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s yet, starting from scratch", output_dir
+            )
             return None
         return found[-1]
     path = Path(resume_from)
@@ -104,6 +106,7 @@ def read_progress(checkpoint_dir: str | Path) -> TrainProgress:
     """The :class:`TrainProgress` stored in a checkpoint."""
     with open(Path(checkpoint_dir) / TRAINER_STATE, encoding="utf-8") as fh:
         data = json.load(fh)
+    data.pop("world_size", None)  # bookkeeping for resume, not part of the progress
     return TrainProgress(**data)
 
 
@@ -135,7 +138,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
             keys = list(fh.keys())
             empty = [key for key in keys if 0 in fh.get_slice(key).get_shape()]
         if not keys or empty:
-            raise RuntimeError(f"adapter saved to {path} is empty or has empty tensors {empty}: the ZeRO-3 gather failed")
+            raise RuntimeError(
+                f"adapter saved to {path} is empty or has empty tensors {empty}: the ZeRO-3 gather failed"
+            )
 
 
 @contextlib.contextmanager
@@ -208,7 +213,9 @@ def save_checkpoint(
     save_adapter(model, path)  # collective under ZeRO-3
     if is_main_process():
         tokenizer.save_pretrained(str(path))
-        (path / "train_args.json").write_text(json.dumps(train_args, indent=2, ensure_ascii=False), encoding="utf-8")
+        (path / "train_args.json").write_text(
+            json.dumps(train_args, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
 
     with _only_trainable_in_state_dict(model):
         engine.save_checkpoint(
@@ -255,7 +262,12 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
     if world_size == get_world_size() and rng_file.is_file():
         rng_state = torch.load(rng_file, weights_only=False)
     else:
-        logger.warning("checkpoint %s was written by %d ranks, now %d: RNG streams restart", path, world_size, get_world_size())
+        logger.warning(
+            "checkpoint %s was written by %d ranks, now %d: RNG streams restart",
+            path,
+            world_size,
+            get_world_size(),
+        )
     logger.info("resumed from %s (step %d)", path, saved["step"])
     return TrainProgress(**saved), rng_state
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -116,7 +117,9 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     _register_models()
-    bnb_config = quantization_config(quantization, dtype, double_quant=double_quant, quant_storage=quant_storage)
+    bnb_config = quantization_config(
+        quantization, dtype, double_quant=double_quant, quant_storage=quant_storage
+    )
     if bnb_config is not None and device_map is None:
         device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     kwargs: dict = {"dtype": dtype, "device_map": device_map}
@@ -150,7 +153,9 @@ def find_lora_targets(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Linear) and module is not head
     }
     if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to adapt: pass --lora_target explicitly")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layers to adapt: pass --lora_target explicitly"
+        )
     return sorted(names)
 
 
@@ -226,11 +231,14 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
     if quantized:
         # Freezes the base, upcasts the unquantised layers (norms) to fp32 for stability and turns on
         # gradient checkpointing when asked. The DeepSpeed engine casts them to --precision afterwards.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
+        with warnings.catch_warnings():
+            # peft calls a transformers method that transformers 5 deprecates; nothing for users to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing_kwargs,
+            )
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
 

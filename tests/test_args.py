@@ -30,19 +30,49 @@ def test_every_field_is_a_flag_with_help():
     for f in dataclasses.fields(TrainArgs):
         assert f"--{f.name}" in flags
         assert f.metadata["help"]
-    recipe = (
-        "model_name_or_path train_path test_path max_len max_src_len is_skip per_device_train_batch_size "
-        "learning_rate weight_decay num_train_epochs gradient_accumulation_steps warmup_ratio seed show_loss_step "
-        "gradient_checkpointing save_model_step lora_dim lora_alpha lora_dropout output_dir ds_file local_rank"
-    ).split()
+    recipe = [
+        "model_name_or_path",
+        "train_path",
+        "test_path",
+        "max_len",
+        "max_src_len",
+        "is_skip",
+        "per_device_train_batch_size",
+        "learning_rate",
+        "weight_decay",
+        "num_train_epochs",
+        "gradient_accumulation_steps",
+        "warmup_ratio",
+        "seed",
+        "show_loss_step",
+        "gradient_checkpointing",
+        "save_model_step",
+        "lora_dim",
+        "lora_alpha",
+        "lora_dropout",
+        "output_dir",
+        "ds_file",
+        "local_rank",
+    ]
     for name in recipe:
         assert f"--{name}" in flags, name
 
 
 def test_recipe_command_line_parses(paths):
     args = parse_args(
-        ["--model_name_or_path", paths["model"], "--train_path", paths["train"], "--ds_file", "ds_configs/zero3.json",
-         "--gradient_checkpointing", "--is_skip", "--local_rank=1", "--lora_dim", "8"]
+        [
+            "--model_name_or_path",
+            paths["model"],
+            "--train_path",
+            paths["train"],
+            "--ds_file",
+            "ds_configs/zero3.json",
+            "--gradient_checkpointing",
+            "--is_skip",
+            "--local_rank=1",
+            "--lora_dim",
+            "8",
+        ]
     )
     assert args.ds_config == "ds_configs/zero3.json"
     assert args.gradient_checkpointing and args.is_skip
@@ -57,24 +87,41 @@ def test_valid_arguments_pass(paths):
 def test_all_problems_are_reported_together(paths):
     args = _args(
         paths,
-        "--max_src_len", "600", "--max_len", "512",
-        "--gradient_accumulation_steps", "0",
-        "--precision", "fp16",
-        "--warmup_ratio", "1.5",
-        "--peft", "prompt_tuning", "--packing",
-        "--lora_target", "q_proj",
+        "--max_src_len",
+        "600",
+        "--max_len",
+        "512",
+        "--gradient_accumulation_steps",
+        "0",
+        "--precision",
+        "fp16",
+        "--warmup_ratio",
+        "1.5",
+        "--peft",
+        "prompt_tuning",
+        "--packing",
+        "--lora_target",
+        "q_proj",
     )
     with pytest.raises(ArgsError) as info:
         validate_args(args, cuda_available=False)
     text = str(info.value)
-    for needle in ("--max_src_len=600", "--gradient_accumulation_steps=0", "--precision fp16 needs a GPU",
-                   "--warmup_ratio=1.5", "--packing cannot be combined", "--lora_target only applies"):
+    for needle in (
+        "--max_src_len=600",
+        "--gradient_accumulation_steps=0",
+        "--precision fp16 needs a GPU",
+        "--warmup_ratio=1.5",
+        "--packing cannot be combined",
+        "--lora_target only applies",
+    ):
         assert needle in text, needle
     assert len(info.value.problems) == 6
 
 
 def test_missing_model_and_hub_id(paths, tmp_path):
-    args = parse_args(["--model_name_or_path", "baichuan-inc/Baichuan2-7B-Chat", "--train_path", str(tmp_path / "no.jsonl")])
+    args = parse_args(
+        ["--model_name_or_path", "baichuan-inc/Baichuan2-7B-Chat", "--train_path", str(tmp_path / "no.jsonl")]
+    )
     with pytest.raises(ArgsError) as info:
         validate_args(args, cuda_available=False)
     assert "looks like a hub id" in str(info.value)
@@ -85,7 +132,10 @@ def test_missing_model_and_hub_id(paths, tmp_path):
 
 def test_gpu_only_options_rejected_on_cpu(paths):
     with pytest.raises(ArgsError) as info:
-        validate_args(_args(paths, "--quantization", "int8", "--attn_implementation", "flash_attention_2"), cuda_available=False)
+        validate_args(
+            _args(paths, "--quantization", "int8", "--attn_implementation", "flash_attention_2"),
+            cuda_available=False,
+        )
     assert len(info.value.problems) == 2
     validate_args(_args(paths, "--quantization", "int8", "--precision", "fp16"), cuda_available=True)
 
@@ -97,8 +147,19 @@ def test_resume_path_must_be_a_checkpoint(paths, tmp_path):
 
 
 def test_ds_config_auto_values_are_filled(paths):
-    args = _args(paths, "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5",
-                 "--learning_rate", "2e-4", "--precision", "fp32", "--max_grad_norm", "0.5")
+    args = _args(
+        paths,
+        "--per_device_train_batch_size",
+        "3",
+        "--gradient_accumulation_steps",
+        "5",
+        "--learning_rate",
+        "2e-4",
+        "--precision",
+        "fp32",
+        "--max_grad_norm",
+        "0.5",
+    )
     config = build_ds_config(args, world_size=4)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 5

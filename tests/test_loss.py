@@ -109,6 +109,8 @@ def test_peft_methods_loss_matches_the_models_own_loss(tiny_llama_dir, tiny_baic
             labels[1, 12:] = IGNORE_INDEX
             batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
             with torch.no_grad():
-                reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.item()
+                reference = model(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels
+                ).loss.item()
                 nll, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
             assert abs(nll.item() / tokens.item() - reference) < 1e-5, (model_dir.name, method)

@@ -60,7 +60,10 @@ def test_two_ranks_zero2_deepspeed_launcher(tiny_baichuan_alibi_dir, tmp_path):
     expected, tokens = hand_perplexity(tiny_baichuan_alibi_dir, ckpt, data_dir / "test.jsonl", "nf4")
     assert reported["tokens"] == tokens  # every test sample counted once over the two ranks
     assert reported["ppl"] == pytest.approx(expected, rel=1e-5)
-    assert sorted(p.name for p in (ckpt / "training_state").glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
+    assert sorted(p.name for p in (ckpt / "training_state").glob("rng_state_*.pt")) == [
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+    ]
 
 
 @pytest.mark.slow
@@ -74,14 +77,17 @@ def test_two_nodes_torchrun_zero3_4bit(tiny_llama_dir, tmp_path):
         "--ds_config", "ds_configs/zero3.json", "--gradient_accumulation_steps", "1",
         "--max_steps", "6", "--save_model_step", "3", "--precision", "fp32", "--quantization", "nf4",
     )  # fmt: skip
-    nodes = [
-        subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-             "--master_addr", "127.0.0.1", "--master_port", port, *flags],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+    nodes = []
+    for rank in (0, 1):
+        command = [
+            str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+            "--master_addr", "127.0.0.1", "--master_port", port, *flags,
+        ]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     logs = [node.communicate(timeout=240)[0] for node in nodes]
     for node, log in zip(nodes, logs):
         assert node.returncode == 0, log[-6000:]

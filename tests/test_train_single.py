@@ -43,7 +43,10 @@ def write_overfit_data(root: Path, n_train: int = 24) -> tuple[Path, Path]:
     """train.jsonl (the QA pairs repeated to ``n_train`` records) and test.jsonl (the first 5)."""
     root.mkdir(parents=True, exist_ok=True)
     records = [
-        {"system": "你是孙悟空。", "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        {
+            "system": "你是孙悟空。",
+            "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
         for q, a in QA
     ]
     train, test = root / "train.jsonl", root / "test.jsonl"
@@ -79,7 +82,9 @@ def run(command: list[str], *, timeout: int = 240) -> subprocess.CompletedProces
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        pytest.fail(
+            f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -93,7 +98,9 @@ def checkpoint_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def hand_perplexity(model_dir: Path, adapter_dir: Path, test_path: Path, quantization: str) -> tuple[float, int]:
+def hand_perplexity(
+    model_dir: Path, adapter_dir: Path, test_path: Path, quantization: str
+) -> tuple[float, int]:
     """(exp(sum NLL / learned tokens), learned tokens): one conversation at a time, full fp32 logits."""
     from peft import PeftModel
 
@@ -118,7 +125,9 @@ def hand_perplexity(model_dir: Path, adapter_dir: Path, test_path: Path, quantiz
 
 
 def file_digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +184,14 @@ def test_checkpoints_hold_the_adapter_only(single_run):
     names = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("epoch-"))
     assert names == ["epoch-1-step-6", "epoch-2-step-12", "epoch-2-step-8", "epoch-3-step-16"]
     ckpt = output_dir / "epoch-3-step-16"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train_args.json", "trainer_state.json",
-                 "tokenizer_config.json", "tokenizer.model"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "train_args.json",
+        "trainer_state.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+    ):
         assert (ckpt / name).is_file(), name
     assert json.loads((ckpt / "train_args.json").read_text())["max_steps"] == 16
 
@@ -191,7 +206,9 @@ def test_checkpoints_hold_the_adapter_only(single_run):
     adapter_bytes = (ckpt / "adapter_model.safetensors").stat().st_size
     assert state_bytes < 6 * adapter_bytes + 100_000
     model_states = torch.load(next((ckpt / "training_state").rglob("*model_states.pt")), weights_only=False)
-    assert all("lora_" in k for k in model_states["module"]), [k for k in model_states["module"] if "lora_" not in k][:5]
+    assert all("lora_" in k for k in model_states["module"]), [
+        k for k in model_states["module"] if "lora_" not in k
+    ][:5]
 
     # The base model directory is untouched, and the adapter loads with peft.
     assert file_digest(single_run["model_dir"]) == single_run["base_digest"]
@@ -205,7 +222,9 @@ def test_checkpoints_hold_the_adapter_only(single_run):
 def test_reported_perplexity_equals_hand_computation(single_run):
     ckpt = single_run["output_dir"] / "epoch-3-step-16"
     reported = checkpoint_state(ckpt)["eval"]
-    expected, tokens = hand_perplexity(single_run["model_dir"], ckpt, single_run["data_dir"] / "test.jsonl", "nf4")
+    expected, tokens = hand_perplexity(
+        single_run["model_dir"], ckpt, single_run["data_dir"] / "test.jsonl", "nf4"
+    )
     assert reported["tokens"] == tokens
     assert reported["ppl"] == pytest.approx(expected, rel=1e-5)
 
