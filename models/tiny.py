@@ -127,6 +127,12 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
                 param.fill_(1.0)
+            elif name == "lm_head.weight":
+                # A plain linear head at std 0.02 gives near-uniform logits in a 64-wide model, and LoRA (which
+                # never touches the head) then barely moves the loss. Unit-scale logits keep tiny models trainable.
+                # (Baichuan's NormHead normalises its rows, so this scale does not change its logits.)
+                std = param.shape[1] ** -0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
 
