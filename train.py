@@ -50,7 +50,7 @@ from sft.distributed import (
 )
 from sft.evaluation import evaluate_perplexity
 from sft.loss import IGNORE_INDEX, batch_loss_sums
-from sft.modeling import load_model_for_training, load_tokenizer
+from sft.modeling import load_model_for_training, load_tokenizer, unwrap_model
 from utils import set_seed, setup_logging
 
 logger = logging.getLogger("train")
@@ -233,11 +233,13 @@ def train_step(
     )
     counts = all_reduce_sum(torch.tensor([learned, inputs], dtype=torch.int64, device=device))
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
+    # Baichuan2 configs may ask for a z-loss (log Z kept near 0); other models have no such field.
+    z_loss_weight = float(getattr(unwrap_model(engine).config, "z_loss_weight", 0) or 0)
 
     for i, batch in enumerate(micro_batches):
         # The last micro-batch closes the accumulation window, also when an epoch ends early.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        nll_sum, _ = batch_loss_sums(engine, batch, device)
+        nll_sum, _ = batch_loss_sums(engine, batch, device, z_loss_weight=z_loss_weight)
         engine.backward(nll_sum * scale)
         metrics.nll += nll_sum.detach().double()
     engine.step()

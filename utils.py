@@ -58,7 +58,9 @@ def require_local_dir(path: str | os.PathLike | None, flag: str) -> Path:
     if p.is_dir():
         return p
     if p.exists():
-        raise ValueError(f"{flag}={path} is a file, not a directory: pass the model directory that contains it")
+        raise ValueError(
+            f"{flag}={path} is a file, not a directory: pass the model directory that contains it"
+        )
     looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
     if looks_like_hub_id:
         raise ValueError(

@@ -11,16 +11,22 @@ Two entry points:
 - ``token_loss_sums(logits, labels)``: the contract form. ``labels`` are the
   model input's labels (unshifted); position ``t`` of ``logits`` predicts
   ``labels[:, t + 1]``.
-- ``learned_positions(labels)`` + ``kept_targets(labels, positions)`` +
-  ``aligned_loss_sums(logits, targets)``: the fast path. The model is asked for
-  logits only at ``positions`` (``logits_to_keep=positions``), which skips the
-  output-head matmul for prompt and padding positions altogether.
+- ``batch_loss_sums(model, batch, device)``: the fast path used by training and
+  evaluation. The model is asked for hidden states only at the positions where
+  some row learns a token (``logits_to_keep``), and its output head is fed only
+  the (row, position) pairs that are learned, so the head's matmul and the
+  logits cover exactly the learned tokens: no prompt, padding or
+  other-row positions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -101,25 +107,92 @@ def kept_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return labels[:, positions + 1]
 
 
+def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float) -> torch.Tensor:
+    """NLL (+ z-loss) summed over one ``(c, V)`` chunk, computed in fp32 for an exact log-softmax."""
+    logits = logits.float()
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if z_loss_weight:
+        learned = (targets != IGNORE_INDEX).float()
+        total = total + z_loss_weight * (torch.logsumexp(logits, dim=-1).square() * learned).sum()
+    return total
+
+
+def flat_loss_sums(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    z_loss_weight: float = 0.0,
+    chunk_rows: int = DEFAULT_CHUNK_POSITIONS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of NLL over ``(N, V)`` logits and ``(N,)`` targets, and the count of learned targets.
+
+    Each chunk of ``chunk_rows`` rows is upcast to fp32 on its own, and under autograd it is recomputed in
+    the backward pass (activation checkpointing) instead of being saved: neither pass holds an ``(N, V)``
+    fp32 tensor. With ``z_loss_weight > 0`` the sum also holds ``z_loss_weight * logsumexp(logits)**2`` of
+    every learned row (Baichuan2's optional z-loss, which keeps the softmax normaliser near 1).
+    """
+    targets = targets.to(logits.device)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk, chunk_targets = logits[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            total = total + checkpoint(
+                _chunk_loss_sum, chunk, chunk_targets, z_loss_weight, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_loss_sum(chunk, chunk_targets, z_loss_weight)
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+@contextmanager
+def head_only_on(head: torch.nn.Module, flat_index: torch.Tensor) -> Iterator[None]:
+    """Feed the output ``head`` only the hidden states at ``flat_index`` of the flattened ``(B, K)`` grid.
+
+    A forward pre-hook on the head module turns its ``(B, K, H)`` input into ``(N, H)``, so the model returns
+    ``(N, V)`` logits. Done as a hook because transformers' ``logits_to_keep`` only selects sequence
+    positions shared by all rows; the hook works for any causal LM whose forward ends in its output
+    embeddings (ours and transformers'), inside peft and DeepSpeed wrappers, ZeRO-3 included.
+    """
+
+    def select(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden.flatten(0, 1).index_select(0, flat_index), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def batch_loss_sums(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    *,
+    z_loss_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one collated batch and return ``(nll_sum, n_tokens)`` on ``device``.
 
-    The model computes logits only at learned positions (``logits_to_keep``), shifted by the
-    virtual tokens a prompt-learning adapter prepends. ``batch`` holds the data loader's CPU
-    tensors: positions are found on the host, so this function never waits for the device.
+    The model computes hidden states only at learned positions (``logits_to_keep``), shifted by the
+    virtual tokens a prompt-learning adapter prepends, and its output head only at the learned
+    (row, position) pairs (:func:`head_only_on`). ``batch`` holds the data loader's CPU tensors: the
+    indices are found on the host, so this function never waits for the device.
+    ``z_loss_weight`` adds the z-loss term to the sum (training only; evaluation wants pure NLL).
     """
-    from sft.modeling import prepended_positions, uses_position_ids
+    from sft.modeling import prepended_positions, unwrap_model, uses_position_ids
 
     labels = batch["labels"]
     positions = learned_positions(labels)  # (K,) on the host
     targets = kept_targets(labels, positions)  # (B, K)
+    flat_index = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(-1)  # (N,) learned pairs, host
     inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
     if batch.get("position_ids") is not None and uses_position_ids(model):
         inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
     keep = (positions + prepended_positions(model)).to(device, non_blocking=True)
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-    return aligned_loss_sums(logits, targets.to(device, non_blocking=True))
+    head = unwrap_model(model).get_output_embeddings()
+    with head_only_on(head, flat_index.to(device, non_blocking=True)):
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
+    return flat_loss_sums(logits, targets.flatten()[flat_index], z_loss_weight=z_loss_weight)

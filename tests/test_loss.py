@@ -114,3 +114,32 @@ def test_peft_methods_loss_matches_the_models_own_loss(tiny_llama_dir, tiny_baic
                 ).loss.item()
                 nll, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
             assert abs(nll.item() / tokens.item() - reference) < 1e-5, (model_dir.name, method)
+
+
+def test_flat_loss_with_z_loss_equals_the_baichuan_model_loss(tiny_baichuan_dir):
+    """batch_loss_sums with the config's z-loss weight gives the model's own loss (CE + z-loss), and the
+    head-on-learned-pairs path yields gradients equal to the full-logits loss's gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(tiny_baichuan_dir, "none", torch.float32)
+    base.config.z_loss_weight = 0.5
+    torch.manual_seed(0)
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["W_pack", "o_proj"], init_lora_weights=False)
+    )
+    vocab = base.config.vocab_size
+    input_ids = torch.randint(3, vocab, (3, 32), generator=torch.Generator().manual_seed(4))
+    labels = _labels(3, 32, vocab)
+    batch = {"input_ids": input_ids, "labels": labels}
+
+    reference = model(input_ids=input_ids, labels=labels).loss
+    reference.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+
+    total, tokens = batch_loss_sums(model, batch, torch.device("cpu"), z_loss_weight=0.5)
+    (total / tokens).backward()
+    assert abs((total / tokens).item() - reference.item()) < 1e-5
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
