@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sft.generation import QUANTIZATIONS
+from sft.generation import add_model_args
 from sft.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
-from utils import require_local_dir, setup_logging
+from utils import setup_logging
 
 logger = logging.getLogger("evaluate")
 
@@ -72,28 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
 
     ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
-    ppl.add_argument(
-        "--model_path", required=True, help="Local model directory (merged model or the adapter's base)."
+    add_model_args(
+        ppl,
+        dtype_default=None,
+        dtype_help="Compute dtype; default: the adapter's training precision, else auto (bf16 on GPU, fp32 on CPU).",
+        template_help="Chat template (default: train_args.json, else by model type).",
     )
-    ppl.add_argument("--adapter_dir", default=None, help="peft adapter on top of --model_path.")
     ppl.add_argument(
         "--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path."
-    )
-    ppl.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="Base weight quantisation; default: as the adapter was trained, else none.",
-    )
-    ppl.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default=None,
-        help="Compute dtype; default: the adapter's training precision, else auto (bf16 on GPU, fp32 on CPU).",
-    )
-    ppl.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
-    ppl.add_argument(
-        "--template", default=None, help="Chat template (default: train_args.json, else by model type)."
     )
     ppl.add_argument(
         "--max_len", type=int, default=None, help="Max tokens per example (default: train_args.json)."
@@ -205,30 +191,17 @@ def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
     from sft.data.dataset import build_dataloader, load_sft_dataset
-    from sft.data.templates import default_template_name, get_template
     from sft.evaluation import evaluate_perplexity
-    from sft.generation import inference_quantization, load_for_inference, resolve_device, resolve_dtype
+    from sft.generation import load_from_flags
 
-    model_path = require_local_dir(args.model_path, "--model_path")
     settings, described = ppl_settings(args)
     logger.info("perplexity settings: %s", described)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(settings["dtype"], device)
-    quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
-    model, tokenizer = load_for_inference(
-        model_path,
-        args.adapter_dir,
-        quantization=quantization,
-        double_quant=double_quant,
-        dtype=dtype,
-        device=device,
-    )
-    template_name = settings["template"] or default_template_name(model.config.model_type)
-    template = get_template(template_name, tokenizer, model_path)
+    loaded = load_from_flags(args, dtype=settings["dtype"], template=settings["template"])
+    tokenizer = loaded.tokenizer
     dataset = load_sft_dataset(
         args.data_path,
         tokenizer,
-        template,
+        loaded.template,
         max_len=settings["max_len"],
         max_src_len=settings["max_src_len"],
         is_skip=settings["is_skip"],
@@ -247,15 +220,15 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
         pad_token_id=tokenizer.pad_token_id,
         for_eval=True,
     )
-    result = evaluate_perplexity(model, loader, device=device)
+    result = evaluate_perplexity(loaded.model, loader, device=loaded.device)
     out = {
         "model_path": str(args.model_path),
         "adapter_dir": args.adapter_dir,
         "data_path": args.data_path,
         "examples": len(dataset),
-        "quantization": quantization,
-        "dtype": str(dtype).removeprefix("torch."),
-        "template": template_name,
+        "quantization": loaded.quantization,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "template": loaded.template_name,
         **{k: settings[k] for k in PPL_SETTINGS if k != "template"},
         **result,
     }

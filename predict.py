@@ -19,20 +19,17 @@ from typing import Any
 from tqdm import tqdm
 
 from sft.generation import (
-    QUANTIZATIONS,
+    add_model_args,
     build_generation_config,
     context_window,
     describe,
     fit_history,
     generate_batch,
-    inference_quantization,
-    load_for_inference,
-    resolve_device,
-    resolve_dtype,
+    load_from_flags,
     split_prompt,
     stream_reply,
 )
-from utils import require_local_dir, set_seed, setup_logging
+from utils import set_seed, setup_logging
 
 logger = logging.getLogger("predict")
 
@@ -45,27 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch generation over a JSONL file, or an interactive chat (see docs/INFERENCE.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model_path", required=True, help="Local model directory (merged model, or the adapter's base)."
-    )
-    model.add_argument(
-        "--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path (unmerged)."
-    )
-    model.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="Load the base weights quantised; default: as the adapter was trained (train_args.json), else none.",
-    )
-    model.add_argument("--template", default=None, help="Chat template; default: chosen from the model type.")
-    model.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
-    model.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="auto: bf16 on GPU, fp32 on CPU.",
-    )
+    add_model_args(parser.add_argument_group("model"))
 
     data = parser.add_argument_group("batch prediction")
     data.add_argument(
@@ -153,21 +130,8 @@ def validate(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Model, tokenizer, chat template and generation config from the flags."""
-    from sft.data.templates import default_template_name, get_template
-
-    model_path = require_local_dir(args.model_path, "--model_path")
-    device = resolve_device(args.device)
-    quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
-    model, tokenizer = load_for_inference(
-        model_path,
-        args.adapter_dir,
-        quantization=quantization,
-        double_quant=double_quant,
-        dtype=resolve_dtype(args.dtype, device),
-        device=device,
-    )
-    name = args.template or default_template_name(model.config.model_type)
-    template = get_template(name, tokenizer, model_path)
+    loaded = load_from_flags(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     config = build_generation_config(
         model,
         tokenizer,
@@ -179,8 +143,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         do_sample=args.do_sample,
         num_beams=args.num_beams,
     )
-    logger.info("template %s; generation: %s", name, describe(config))
-    return model, tokenizer, template, config
+    logger.info("template %s; generation: %s", loaded.template_name, describe(config))
+    return model, tokenizer, loaded.template, config
 
 
 def predict_file(args: argparse.Namespace, model: Any, tokenizer: Any, template: Any, config: Any) -> int:

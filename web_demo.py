@@ -20,17 +20,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from sft.generation import (
-    QUANTIZATIONS,
+    add_model_args,
     build_generation_config,
     context_window,
     fit_history,
-    inference_quantization,
-    load_for_inference,
-    resolve_device,
-    resolve_dtype,
+    load_from_flags,
     stream_reply,
 )
-from utils import require_local_dir, set_seed, setup_logging
+from utils import set_seed, setup_logging
 
 logger = logging.getLogger("web_demo")
 
@@ -43,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradio role-play chat demo (see docs/INFERENCE.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model_path", required=True, help="Local model directory (merged model, or the adapter's base)."
-    )
-    parser.add_argument("--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path.")
+    add_model_args(parser)
     parser.add_argument(
         "--desc_path",
         required=True,
@@ -56,22 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--system_template",
         default=None,
         help="System prompt with {role} and {desc}; default: the RoleBench template training used.",
-    )
-    parser.add_argument(
-        "--template", default=None, help="Chat template; default: chosen from the model type."
-    )
-    parser.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="Load the base quantised; default: as the adapter was trained (train_args.json), else none.",
-    )
-    parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="auto: bf16 on GPU, fp32 on CPU.",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo)."
@@ -237,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
     from sft.data.formats import DataFormatError
-    from sft.data.templates import default_template_name, get_template
 
     try:
         import gradio  # noqa: F401
@@ -248,25 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         profiles = load_profiles(args.desc_path)
         system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
         system_template.format(role="r", desc="d")
-        model_path = require_local_dir(args.model_path, "--model_path")
         set_seed(args.seed)
-        device = resolve_device(args.device)
-        quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
-        model, tokenizer = load_for_inference(
-            model_path,
-            args.adapter_dir,
-            quantization=quantization,
-            double_quant=double_quant,
-            dtype=resolve_dtype(args.dtype, device),
-            device=device,
-        )
-        template = get_template(
-            args.template or default_template_name(model.config.model_type), tokenizer, model_path
-        )
+        loaded = load_from_flags(args)
     except (ValueError, KeyError, IndexError, FileNotFoundError, DataFormatError) as err:
         logger.error("%s", err)
         return 1
-    chat = RolePlayChat(model, tokenizer, template, profiles, system_template)
+    chat = RolePlayChat(loaded.model, loaded.tokenizer, loaded.template, profiles, system_template)
     demo = build_demo(chat, title="Role-play chat")
     logger.info("serving on http://%s:%d", args.host, args.port)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)

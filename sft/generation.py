@@ -1,5 +1,7 @@
 """Generation helpers shared by predict.py, evaluate.py and web_demo.py.
 
+- :func:`add_model_args` -- the flags that say which model to load and how (--model_path, --adapter_dir, ...).
+- :func:`load_from_flags` -- those flags -> model, tokenizer and chat template, ready to generate.
 - :func:`load_for_inference` -- a merged model, or a base model plus a peft adapter, with its tokenizer.
 - :func:`adapter_training_setup` -- how the adapter was trained (quantisation), read from its train_args.json.
 - :func:`build_generation_config` -- the model's generation_config with the user's overrides, validated.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -25,10 +28,50 @@ import torch
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from sft.data.templates import Template
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 DEFAULT_MAX_NEW_TOKENS = 512  # used only when the model's generation_config sets no length at all
+DEVICE_HELP = "auto (first GPU, else CPU), cpu, cuda or cuda:N."
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    dtype_default: str | None = "auto",
+    dtype_help: str = "auto: bf16 on GPU, fp32 on CPU.",
+    template_help: str = "Chat template; default: chosen from the model type.",
+) -> None:
+    """Add the model flags of predict.py, web_demo.py and ``evaluate.py ppl`` to a parser or argument group.
+
+    ``--model_path --adapter_dir --quantization --template --device --dtype``, read by
+    :func:`load_from_flags`. ``evaluate.py ppl`` defaults ``--dtype`` and ``--template`` to the
+    adapter's train_args.json, hence the overridable default and help texts.
+    """
+    parser.add_argument(
+        "--model_path", required=True, help="Local model directory (merged model, or the adapter's base)."
+    )
+    parser.add_argument(
+        "--adapter_dir", default=None, help="A peft adapter to apply on top of --model_path (unmerged)."
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="Load the base weights quantised; default: as the adapter was trained (train_args.json), else none.",
+    )
+    parser.add_argument("--template", default=None, help=template_help)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=dtype_default, help=dtype_help
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +236,58 @@ def load_for_inference(
         logger.info("adapter %s attached (unmerged)", adapter_dir)
     model.eval()
     return model, load_tokenizer(tokenizer_dir)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to generate, with what the scripts report about how it was loaded."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: Template
+    template_name: str
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+
+
+def load_from_flags(
+    args: argparse.Namespace, *, dtype: str | None = None, template: str | None = None
+) -> LoadedModel:
+    """Load what the :func:`add_model_args` flags name: model (+ adapter), tokenizer and chat template.
+
+    Args:
+        args: the parsed flags. ``--quantization`` unset loads the base as the adapter was trained,
+            ``--dtype``/``--device`` ``auto`` pick for the hardware, ``--template`` unset picks the
+            template from the model type.
+        dtype, template: used instead of ``args.dtype``/``args.template`` when given (``evaluate.py ppl``
+            fills them in from the adapter's train_args.json).
+    """
+    from sft.data.templates import default_template_name, get_template
+    from utils import require_local_dir
+
+    model_path = require_local_dir(args.model_path, "--model_path")
+    device = resolve_device(args.device)
+    torch_dtype = resolve_dtype(dtype or args.dtype, device)
+    quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
+    model, tokenizer = load_for_inference(
+        model_path,
+        args.adapter_dir,
+        quantization=quantization,
+        double_quant=double_quant,
+        dtype=torch_dtype,
+        device=device,
+    )
+    template_name = template or args.template or default_template_name(model.config.model_type)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        template=get_template(template_name, tokenizer, model_path),
+        template_name=template_name,
+        device=device,
+        dtype=torch_dtype,
+        quantization=quantization,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

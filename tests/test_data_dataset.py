@@ -57,30 +57,26 @@ def test_rolebench_train_tokenises_in_seconds(shared_data_dir: Path, baichuan, t
     tok, template = baichuan
     records, _ = convert_rolebench(shared_data_dir / "rolebench-zh", "train")
     write_jsonl_atomic(tmp_path / "train.jsonl", records)
+
+    def load() -> SFTDataset:
+        return load_sft_dataset(
+            tmp_path / "train.jsonl",
+            tok,
+            template,
+            max_len=1024,
+            max_src_len=768,
+            is_skip=False,
+            cache_dir=tmp_path / "cache",
+        )
+
     start = time.perf_counter()
-    ds = load_sft_dataset(
-        tmp_path / "train.jsonl",
-        tok,
-        template,
-        max_len=1024,
-        max_src_len=768,
-        is_skip=False,
-        cache_dir=tmp_path / "cache",
-    )
+    ds = load()
     seconds = time.perf_counter() - start
     logger.info("RoleBench-zh train: %d samples, %d tokens in %.2fs", len(ds), ds.stats["tokens"], seconds)
     assert len(ds) == len(records) == 13223
     assert seconds < 20, f"tokenising took {seconds:.1f}s"
     # The cache returns the same samples without re-tokenising.
-    again = load_sft_dataset(
-        tmp_path / "train.jsonl",
-        tok,
-        template,
-        max_len=1024,
-        max_src_len=768,
-        is_skip=False,
-        cache_dir=tmp_path / "cache",
-    )
+    again = load()
     assert again.stats["cached"] and again[123] == ds[123] and len(again) == len(ds)
     assert (again.lengths == ds.lengths).all()
 
@@ -145,23 +141,28 @@ def test_first_fit_decreasing_packs_whole_samples():
         pack_first_fit_decreasing([10, 200], 128)
 
 
-def test_packed_rows_restart_positions(small_files, baichuan):
-    tok, template = baichuan
-    ds = load_sft_dataset(
-        small_files["rolebench"], tok, template, max_len=1024, max_src_len=768, is_skip=False
-    )
-    loader = build_dataloader(
-        ds,
-        batch_size=2,
-        packing=True,
-        max_len=1024,
+def _loader(ds: SFTDataset, **kwargs):
+    """build_dataloader for one rank, in order, no length grouping; a test passes what it exercises."""
+    settings = dict(
+        batch_size=4,
+        packing=False,
+        max_len=64,
         shuffle=False,
         seed=0,
         group_by_length=False,
         rank=0,
         world_size=1,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=0,
     )
+    return build_dataloader(ds, **{**settings, **kwargs})
+
+
+def test_packed_rows_restart_positions(small_files, baichuan):
+    tok, template = baichuan
+    ds = load_sft_dataset(
+        small_files["rolebench"], tok, template, max_len=1024, max_src_len=768, is_skip=False
+    )
+    loader = _loader(ds, batch_size=2, packing=True, max_len=1024, pad_token_id=tok.pad_token_id)
     rows = loader.dataset.rows
     seen = 0
     for batch in loader:
@@ -210,35 +211,13 @@ def test_packed_loss_equals_unpacked(arch, small_files, tiny_baichuan_dir, tiny_
     )
     results = {}
     for packing in (False, True):
-        loader = build_dataloader(
-            ds,
-            batch_size=4,
-            packing=packing,
-            max_len=1024,
-            shuffle=True,
-            seed=3,
-            group_by_length=False,
-            rank=0,
-            world_size=1,
-            pad_token_id=tok.pad_token_id,
+        loader = _loader(
+            ds, packing=packing, max_len=1024, shuffle=True, seed=3, pad_token_id=tok.pad_token_id
         )
         sums = [_nll(model, b) for b in loader]
         results[packing] = (sum(s for s, _ in sums), sum(n for _, n in sums))
     assert results[True][1] == results[False][1] == ds.stats["learned_tokens"]
-    assert len(
-        build_dataloader(
-            ds,
-            batch_size=4,
-            packing=True,
-            max_len=1024,
-            shuffle=False,
-            seed=0,
-            group_by_length=False,
-            rank=0,
-            world_size=1,
-            pad_token_id=0,
-        ).dataset
-    ) < len(ds)
+    assert len(_loader(ds, packing=True, max_len=1024).dataset) < len(ds)
     packed, padded = (results[p][0] / results[p][1] for p in (True, False))
     assert packed == pytest.approx(padded, rel=1e-5)
 
@@ -285,18 +264,7 @@ def test_train_sharding_equal_batches_and_deterministic(group_by_length):
 
     def loaders(seed=1):
         return [
-            build_dataloader(
-                ds,
-                batch_size=4,
-                packing=False,
-                max_len=64,
-                shuffle=True,
-                seed=seed,
-                group_by_length=group_by_length,
-                rank=r,
-                world_size=2,
-                pad_token_id=0,
-            )
+            _loader(ds, shuffle=True, seed=seed, group_by_length=group_by_length, rank=r, world_size=2)
             for r in range(2)
         ]
 
@@ -323,22 +291,7 @@ def test_train_sharding_equal_batches_and_deterministic(group_by_length):
 
 def test_train_sharding_drop_last():
     ds = _dataset(203)
-    ranks = [
-        build_dataloader(
-            ds,
-            batch_size=4,
-            packing=False,
-            max_len=64,
-            shuffle=True,
-            seed=1,
-            group_by_length=False,
-            rank=r,
-            world_size=3,
-            pad_token_id=0,
-            drop_last=True,
-        )
-        for r in range(3)
-    ]
+    ranks = [_loader(ds, shuffle=True, seed=1, rank=r, world_size=3, drop_last=True) for r in range(3)]
     batches = [_first_tokens(dl) for dl in ranks]
     assert [len(b) for b in batches] == [16, 16, 16] == [len(dl) for dl in ranks]  # 50 full batches -> 48
     flat = [i for rank in batches for b in rank for i in b]
@@ -368,37 +321,14 @@ def test_eval_sharding_counts_each_sample_once(world_size, packing):
         assert len(dummies) == sum(len(b) for b in per_rank) - sum(
             -(-len(range(r, 11, world_size)) // 2) for r in range(world_size)
         )
-    via_flag = build_dataloader(
-        ds,
-        batch_size=2,
-        packing=packing,
-        max_len=64,
-        shuffle=False,
-        seed=0,
-        group_by_length=False,
-        rank=1,
-        world_size=world_size,
-        pad_token_id=0,
-        for_eval=True,
-    )
+    via_flag = _loader(ds, batch_size=2, packing=packing, rank=1, world_size=world_size, for_eval=True)
     assert len(via_flag) == len(loaders[1])
 
 
 def test_impossible_combinations_fail_fast():
     ds = _dataset(5)
     with pytest.raises(ValueError, match="group_by_length has no effect with packing"):
-        build_dataloader(
-            ds,
-            batch_size=2,
-            packing=True,
-            max_len=64,
-            shuffle=True,
-            seed=0,
-            group_by_length=True,
-            rank=0,
-            world_size=1,
-            pad_token_id=0,
-        )
+        _loader(ds, batch_size=2, packing=True, shuffle=True, group_by_length=True)
     with pytest.raises(ValueError, match="no full batch"):
         ShardedBatchSampler(
             ds.lengths,

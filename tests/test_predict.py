@@ -50,57 +50,42 @@ def setup(tiny_baichuan_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {"base": tiny_baichuan_dir, "adapter": adapter, "merged": merged, "data": data, "root": root}
 
 
-def run_predict(args: list[str]) -> None:
-    import predict
-
-    assert predict.main([*args, "--device", "cpu"]) == 0
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def run_predict(setup: dict[str, Path], output: str, *flags: str) -> list[dict]:
+    """predict.py on the CPU over the test file, written to root/<output>; returns the rows."""
+    import predict
+
+    out = setup["root"] / output
+    common = ["--data_path", str(setup["data"]), "--output_path", str(out), "--device", "cpu"]
+    assert predict.main([*common, *flags]) == 0
+    return read_jsonl(out)
+
+
 def test_greedy_merged_equals_base_plus_adapter(setup):
-    greedy = ["--no-do_sample", "--max_new_tokens", "12", "--data_path", str(setup["data"])]
-    merged_out = setup["root"] / "merged.jsonl"
-    adapter_out = setup["root"] / "adapter.jsonl"
-    run_predict(
-        ["--model_path", str(setup["merged"]), "--output_path", str(merged_out), "--batch_size", "2", *greedy]
+    greedy = ["--no-do_sample", "--max_new_tokens", "12", "--batch_size", "2"]
+    merged_rows = run_predict(setup, "merged.jsonl", "--model_path", str(setup["merged"]), *greedy)
+    adapter_rows = run_predict(
+        setup,
+        "adapter.jsonl",
+        "--model_path",
+        str(setup["base"]),
+        "--adapter_dir",
+        str(setup["adapter"]),
+        *greedy,
     )
-    run_predict(
-        [
-            "--model_path",
-            str(setup["base"]),
-            "--adapter_dir",
-            str(setup["adapter"]),
-            "--output_path",
-            str(adapter_out),
-            "--batch_size",
-            "2",
-            *greedy,
-        ]
-    )
-    merged_rows, adapter_rows = read_jsonl(merged_out), read_jsonl(adapter_out)
     assert [r["prediction"] for r in merged_rows] == [r["prediction"] for r in adapter_rows]
     assert all(r["prediction"] for r in merged_rows)
 
 
 def test_output_rows_and_left_padding(setup):
     """Rows keep prompt, prediction, references, record; batching (left padding) changes no answer."""
-    greedy = [
-        "--no-do_sample",
-        "--max_new_tokens",
-        "10",
-        "--model_path",
-        str(setup["merged"]),
-        "--data_path",
-        str(setup["data"]),
-    ]
-    batched, single = setup["root"] / "b.jsonl", setup["root"] / "s.jsonl"
-    run_predict([*greedy, "--output_path", str(batched), "--batch_size", "3"])
-    run_predict([*greedy, "--output_path", str(single), "--batch_size", "1"])
-    rows = read_jsonl(batched)
-    assert [r["prediction"] for r in rows] == [r["prediction"] for r in read_jsonl(single)]
+    greedy = ["--no-do_sample", "--max_new_tokens", "10", "--model_path", str(setup["merged"])]
+    rows = run_predict(setup, "b.jsonl", *greedy, "--batch_size", "3")
+    single = run_predict(setup, "s.jsonl", *greedy, "--batch_size", "1")
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in single]
     assert rows[0]["references"] == RECORDS[0]["references"]
     assert rows[1]["references"] == []  # a bare prompt has nothing to compare with
     assert rows[2]["references"] == ["晴天。"]  # the last assistant turn is the reference...
@@ -134,22 +119,10 @@ def test_generation_flags_are_honoured(setup):
     )  # sampling from generation_config
     assert sampled.max_new_tokens == model.generation_config.max_new_tokens
 
-    short, long = setup["root"] / "short.jsonl", setup["root"] / "long.jsonl"
-    for path, n in ((short, "3"), (long, "10")):
-        run_predict(
-            [
-                "--model_path",
-                str(setup["merged"]),
-                "--data_path",
-                str(setup["data"]),
-                "--output_path",
-                str(path),
-                "--max_new_tokens",
-                n,
-                "--no-do_sample",
-            ]
-        )
-    pairs = [(a["prediction"], b["prediction"]) for a, b in zip(read_jsonl(short), read_jsonl(long))]
+    greedy = ["--model_path", str(setup["merged"]), "--no-do_sample"]
+    short = run_predict(setup, "short.jsonl", *greedy, "--max_new_tokens", "3")
+    long = run_predict(setup, "long.jsonl", *greedy, "--max_new_tokens", "10")
+    pairs = [(a["prediction"], b["prediction"]) for a, b in zip(short, long)]
     assert all(b.startswith(a) for a, b in pairs)  # greedy: the short answer is the start of the long one
     assert all(len(a) < len(b) for a, b in pairs)
     code = predict.main(

@@ -61,17 +61,8 @@ def test_tiny_dir_loads_and_generates(
     assert type(model).__name__ == model_class
     assert type(tokenizer).__name__ == tokenizer_class
     assert model.config.vocab_size == len(tokenizer) > 1000
-    assert (
-        tokenizer.unk_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-    ) == (
-        0,
-        1,
-        2,
-        0,
-    )
+    special = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert special == (0, 1, 2, 0)  # unk, bos, eos, pad
     text = "你好，请介绍一下你自己。Hello!"
     assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == text
 

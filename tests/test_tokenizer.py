@@ -259,17 +259,8 @@ def test_loads_official_tokenizer_config(
     assert type(tokenizer) is BaichuanTokenizer
     assert tokenizer.model_max_length == 4096
     assert (tokenizer.add_bos_token, tokenizer.add_eos_token) == (False, False)
-    assert (
-        tokenizer.unk_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-    ) == (
-        0,
-        1,
-        2,
-        0,
-    )
+    special = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert special == (0, 1, 2, 0)  # unk, bos, eos, pad
     text = "朕今日政务繁忙。 Please wait."
     assert tokenizer.encode(text) == sp.encode(text)
     assert tokenizer.decode(tokenizer.encode(text)) == text

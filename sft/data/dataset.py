@@ -352,6 +352,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _right_pad(rows: list[np.ndarray], width: int, fill: int) -> torch.Tensor:
+    """Stack token rows into a ``(len(rows), width)`` LongTensor, each row followed by ``fill``."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for row, values in enumerate(rows):
+        out[row, : len(values)] = torch.as_tensor(np.asarray(values, dtype=np.int64))
+    return out
+
+
 class PaddedCollator:
     """Right-pad to the batch maximum rounded up to a multiple of 8, with ``attention_mask``.
 
@@ -366,22 +374,14 @@ class PaddedCollator:
     def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         if not items:
             return dummy_batch(self.pad_token_id, packed=False)
-        width = _round_up(max(len(it["input_ids"]) for it in items), self.multiple_of)
-        n = len(items)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        for row, it in enumerate(items):
-            k = len(it["input_ids"])
-            input_ids[row, :k] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
-            labels[row, :k] = torch.as_tensor(np.asarray(it["labels"], dtype=np.int64))
-            attention_mask[row, :k] = 1
-        position_ids = torch.arange(width, dtype=torch.long).expand(n, width).clone()
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        width = _round_up(int(lengths.max()), self.multiple_of)
+        positions = torch.arange(width, dtype=torch.long)
         return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
+            "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
+            "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
+            "attention_mask": (positions[None, :] < lengths[:, None]).long(),  # (B, T), 1 = real token
+            "position_ids": positions.expand(len(items), width).clone(),
         }
 
 
@@ -400,17 +400,15 @@ class PackedCollator:
             return dummy_batch(self.pad_token_id, packed=True)
         longest = max(len(it["input_ids"]) for it in items)
         width = max(longest, min(_round_up(longest, self.multiple_of), self.max_len))
-        n = len(items)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((n, width), dtype=torch.long)
+        position_ids = _right_pad([it["position_ids"] for it in items], width, 0)
         for row, it in enumerate(items):
             k = len(it["input_ids"])
-            input_ids[row, :k] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
-            labels[row, :k] = torch.as_tensor(np.asarray(it["labels"], dtype=np.int64))
-            position_ids[row, :k] = torch.as_tensor(np.asarray(it["position_ids"], dtype=np.int64))
-            position_ids[row, k:] = torch.arange(width - k)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            position_ids[row, k:] = torch.arange(width - k)  # the padding document starts at position 0
+        return {
+            "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
+            "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
+            "position_ids": position_ids,
+        }
 
 
 def dummy_batch(pad_token_id: int, *, packed: bool, width: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
