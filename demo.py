@@ -148,6 +148,8 @@ def main() -> None:
     question = next(t["content"] for t in first["record"]["conversations"] if t["role"] == "user")
     logger.info("question: %s", question)
     logger.info("answer:   %s", first.get("prediction"))
+    if args.model_dir is None:
+        logger.info("(the tiny model is random and trained for seconds: its answer is noise; the pipeline is the point)")
 
     before = json.loads(ppl_before.read_text())["ppl"]
     after = json.loads(ppl_after.read_text())["ppl"]
