@@ -104,8 +104,28 @@ def _report(name: str, stats: ConvertStats) -> None:
         print(line)
 
 
+def _check_output(path: Path, flag: str) -> None:
+    """Refuse, before any conversion work, an output path that cannot be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: pass a file name such as {path / 'data.jsonl'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path} cannot be created: {parent} is a file, not a directory")
+
+
 def run(args: argparse.Namespace) -> None:
     """Convert everything first, then write: an error leaves no output file behind."""
+    if args.source == "rolebench":
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise ValueError(
+                f"--out_dir {args.out_dir} is a file: pass a directory (it is created if missing)"
+            )
+        for split in args.splits:
+            _check_output(args.out_dir / f"{split}.jsonl", "--out_dir")
+    else:
+        _check_output(args.output, "--output")
     outputs: list[tuple[Path, list]] = []
     if args.source == "rolebench":
         for split in args.splits:
@@ -144,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DataFormatError, ValueError) as err:
+    except (DataFormatError, ValueError, OSError) as err:  # OSError: e.g. no space left, permission denied
         logger.error("%s", err)
         return 1
     return 0

@@ -149,7 +149,9 @@ def main() -> None:
     logger.info("question: %s", question)
     logger.info("answer:   %s", first.get("prediction"))
     if args.model_dir is None:
-        logger.info("(the tiny model is random and trained for seconds: its answer is noise; the pipeline is the point)")
+        logger.info(
+            "(the tiny model is random and trained for seconds: its answer is noise; the pipeline is the point)"
+        )
 
     before = json.loads(ppl_before.read_text())["ppl"]
     after = json.loads(ppl_after.read_text())["ppl"]

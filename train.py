@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 from sft.args import ArgsError, TrainArgs, build_ds_config, parse_args, validate_args, zero_stage
 from sft.checkpoint import (
+    CheckpointError,
     TrainProgress,
+    check_resume_args,
     list_checkpoints,
     load_checkpoint,
     resolve_resume_dir,
@@ -38,6 +40,7 @@ from sft.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from sft.data.formats import DataFormatError
 from sft.distributed import (
     all_reduce_min,
     all_reduce_sum,
@@ -93,17 +96,23 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     template = get_template(template_name, tokenizer, model_dir=args.model_name_or_path)
     logger.info("chat template %s (model type %s)", template_name, model_type)
 
-    def load(path: str):
-        return load_sft_dataset(
-            path,
-            tokenizer,
-            template,
-            max_len=args.max_len,
-            max_src_len=args.max_src_len,
-            is_skip=args.is_skip,
-            loss_on=args.loss_on,
-            cache_dir=args.data_cache_dir or None,
-        )
+    def load(path: str, flag: str):
+        try:
+            return load_sft_dataset(
+                path,
+                tokenizer,
+                template,
+                max_len=args.max_len,
+                max_src_len=args.max_src_len,
+                is_skip=args.is_skip,
+                loss_on=args.loss_on,
+                cache_dir=args.data_cache_dir or None,
+            )
+        except DataFormatError:
+            raise  # already names the file and line
+        except ValueError as err:  # e.g. every sample skipped as too long: say which flag to change
+            hint = " (or drop --is_skip to truncate instead)" if args.is_skip else ""
+            raise DataFormatError(f"{flag}: {err}{hint}") from err
 
     common = {
         "packing": args.packing,
@@ -114,7 +123,7 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         "pad_token_id": tokenizer.pad_token_id,
     }
     train_loader = build_dataloader(
-        load(args.train_path),
+        load(args.train_path, "--train_path"),
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         group_by_length=args.group_by_length,
@@ -123,7 +132,7 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     eval_loader = None
     if args.test_path:
         eval_loader = build_dataloader(
-            load(args.test_path),
+            load(args.test_path, "--test_path"),
             batch_size=args.per_device_eval_batch_size,
             shuffle=False,
             group_by_length=False,
@@ -376,6 +385,8 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     resume = broadcast_object(
         resolve_resume_dir(args.resume_from_checkpoint, args.output_dir) if is_main_process() else None
     )
+    if resume is not None:
+        check_resume_args(resume, args.to_dict())  # before the model is loaded: a mismatch fails fast
     # Same seed right before the adapter is created: its initial weights do not depend on data set-up.
     set_seed(args.seed)
     engine = setup_engine(args, device, total_steps)
@@ -389,9 +400,30 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     return progress
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry point: run :func:`main`; a user error becomes one log line and an exit status.
+
+    Bad flags exit with 2 (as argparse does), bad data, a damaged checkpoint or an unusable path with 1,
+    each message naming the flag or file and the fix; Ctrl-C with 130 and a hint how to continue.
+    """
     try:
-        main()
+        main(argv)
     except ArgsError as err:
-        logging.getLogger("train").error("%s", err)
-        sys.exit(2)
+        logger.error("%s", err)
+        return 2
+    except (DataFormatError, CheckpointError, OSError) as err:
+        logger.error("%s", err)
+        logger.debug("traceback", exc_info=True)
+        destroy()
+        return 1
+    except KeyboardInterrupt:
+        logger.error(
+            "interrupted: run the same command with --resume_from_checkpoint latest to continue "
+            "from the newest complete checkpoint"
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

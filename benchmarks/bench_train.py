@@ -53,7 +53,7 @@ from sft.data.converters import convert_rolebench  # noqa: E402
 from sft.data.dataset import SFTDataset, build_dataloader, load_sft_dataset  # noqa: E402
 from sft.data.formats import write_jsonl_atomic  # noqa: E402
 from sft.data.templates import get_template  # noqa: E402
-from sft.loss import IGNORE_INDEX, batch_loss_sums, learned_positions  # noqa: E402
+from sft.loss import IGNORE_INDEX, batch_loss_sums  # noqa: E402
 from sft.modeling import find_lora_targets, load_base_model, load_tokenizer, torch_dtype  # noqa: E402
 
 logger = logging.getLogger("bench_train")
@@ -545,7 +545,7 @@ def run_worker(spec: dict, variant: str) -> VariantResult:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             nll_device += nll_sum.detach()  # no sync: read once after the loop
-            result.head_positions += labels.shape[0] * _kept_positions(labels)
+            result.head_positions += _head_rows(labels)
         result.steps += 1
         result.rows += labels.shape[0]
         result.slots += labels.numel()
@@ -583,9 +583,9 @@ def _train_loss(variant: str, model, batch: dict[str, torch.Tensor], device: tor
     return nll_sum / n_tokens.clamp(min=1)
 
 
-def _kept_positions(labels: torch.Tensor) -> int:
-    """Positions `batch_loss_sums` sends through the output head (per row)."""
-    return int(learned_positions(labels).numel())
+def _head_rows(labels: torch.Tensor) -> int:
+    """Hidden states `batch_loss_sums` sends through the output head: the learned (row, position) pairs."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
             names.append("--ds_file")  # the recipe's name for the same flag
         if f.name == "local_rank":
             names.append("--local-rank")  # torch.distributed.launch spells it with a dash
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        # argparse %-formats help strings ("%(default)s"): a literal % (e.g. "~30% slower") must be doubled.
+        help_text = f.metadata["help"].replace("%", "%%")
+        kwargs: dict[str, Any] = {"default": f.default, "help": help_text, "dest": f.name}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -306,31 +308,75 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
             "so they would be shared across the packed documents; drop --packing or use --peft lora"
         )
 
+    problems.extend(_output_dir_problems(args.output_dir, "--output_dir"))
+    if args.tensorboard_dir:
+        problems.extend(_output_dir_problems(args.tensorboard_dir, "--tensorboard_dir"))
+    if args.data_cache_dir:
+        problems.extend(_output_dir_problems(args.data_cache_dir, "--data_cache_dir"))
+
     resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and not (Path(resume) / "training_state").is_dir():
-        problems.append(
-            f"--resume_from_checkpoint={resume} is not a checkpoint directory "
-            "(no training_state/ inside): pass an <output_dir>/epoch-E-step-S directory or 'latest'"
-        )
+    if resume and resume != "latest":
+        if not (Path(resume) / "training_state").is_dir():
+            problems.append(
+                f"--resume_from_checkpoint={resume} is not a checkpoint directory "
+                "(no training_state/ inside): pass an <output_dir>/epoch-E-step-S directory or 'latest'"
+            )
+        elif not (Path(resume) / "trainer_state.json").is_file():
+            problems.append(
+                f"--resume_from_checkpoint={resume}: trainer_state.json is missing, so its save was interrupted; "
+                "pass an older checkpoint directory or 'latest' (the newest complete one)"
+            )
 
     if not Path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
     else:
         try:
-            build_ds_config(args, world_size=1)
+            # Launchers set WORLD_SIZE before we start: an explicit train_batch_size is checked against it.
+            build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         except ArgsError as err:
             problems.extend(err.problems)
         except json.JSONDecodeError as err:
-            problems.append(f"--ds_config={args.ds_config}: invalid JSON at line {err.lineno}: {err.msg}")
+            problems.append(
+                f"--ds_config={args.ds_config}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+            )
+        except UnicodeDecodeError as err:
+            problems.append(
+                f"--ds_config={args.ds_config} is not UTF-8 text ({err.reason}): pass a JSON file"
+            )
 
     if problems:
         raise ArgsError(problems)
+
+
+def _output_dir_problems(path: str, flag: str) -> list[str]:
+    """Why ``path`` cannot be created or written as a directory (empty list when it can).
+
+    Checked before any work so a typo does not cost a model load; the nearest existing ancestor decides.
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        return [f"{flag}={path} is a file: pass a directory (it is created if missing)"]
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{flag}={path} cannot be created: {existing} is a file, not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            f"{flag}={path} is not writable ({existing} denies write access): pass a directory you can write to"
+        ]
+    return []
 
 
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a DeepSpeed JSON config."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# Sections of a DeepSpeed config that must be JSON objects; a scalar there (`"bf16": true`) would otherwise
+# fail deep inside DeepSpeed or here with an AttributeError.
+_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -354,6 +400,21 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
     """
     config = load_ds_config(args.ds_config)
     name = Path(args.ds_config).name
+    if not isinstance(config, dict):
+        raise ArgsError(
+            [f"{name}: the DeepSpeed config must be a JSON object {{...}}, got {type(config).__name__}"]
+        )
+    sections = {key: config[key] for key in _DS_SECTIONS if key in config}
+    if isinstance(config.get("optimizer"), dict) and "params" in config["optimizer"]:
+        sections["optimizer.params"] = config["optimizer"]["params"]
+    wrong = [key for key, value in sections.items() if not isinstance(value, dict)]
+    if wrong:
+        raise ArgsError(
+            [f"{name}: {key} must be a JSON object {{...}}, got {json.dumps(sections[key])}" for key in wrong]
+        )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ArgsError([f"{name}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3"])
     problems: list[str] = []
 
     def fill(section: dict[str, Any], key: str, value: Any, flag: str, where: str) -> None:

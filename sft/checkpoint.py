@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -40,6 +41,10 @@ CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)-step-(\d+)$")
 STATE_DIR = "training_state"
 STATE_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (damaged or incomplete files); the message names it."""
 
 
 @dataclass
@@ -77,6 +82,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _step(path: Path) -> int:
+    """Optimizer step in a checkpoint directory name (-1 when the name is not epoch-E-step-S)."""
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(2)) if match else -1
+
+
 def resolve_resume_dir(resume_from: str, output_dir: str | Path) -> Path | None:
     """The checkpoint named by ``--resume_from_checkpoint`` (a path, or "latest" in ``output_dir``).
 
@@ -100,6 +111,63 @@ def resolve_resume_dir(resume_from: str, output_dir: str | Path) -> Path | None:
             "pass an older checkpoint directory"
         )
     return path
+
+
+# Flags whose change makes a checkpoint's training state unloadable (adapter shapes, optimizer layout) ...
+RESUME_MUST_MATCH = ("peft", "lora_dim", "lora_target", "num_virtual_tokens", "precision")
+# ... and flags whose change makes the resume inexact (data order and position, accumulation windows).
+RESUME_SHOULD_MATCH = (
+    "train_path",
+    "max_len",
+    "max_src_len",
+    "is_skip",
+    "loss_on",
+    "packing",
+    "group_by_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
+
+
+def check_resume_args(checkpoint_dir: str | Path, args: dict[str, Any]) -> None:
+    """Compare the run's flags with the checkpoint's ``train_args.json`` before anything is loaded.
+
+    A flag in :data:`RESUME_MUST_MATCH` that differs raises :class:`CheckpointError` (DeepSpeed would
+    fail later with a shape or layout error that reads like a damaged file); one in
+    :data:`RESUME_SHOULD_MATCH` logs a warning, since training goes on but no longer reproduces an
+    uninterrupted run. A checkpoint without ``train_args.json`` is not checked.
+    """
+    path = Path(checkpoint_dir) / "train_args.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path.parent} is damaged: train_args.json is unreadable ({err})"
+        ) from err
+
+    def differing(names: tuple[str, ...]) -> list[str]:
+        return [
+            f"--{name} {saved[name]!r} there, {args[name]!r} now"
+            for name in names
+            if name in saved and name in args and saved[name] != args[name]
+        ]
+
+    conflicts = differing(RESUME_MUST_MATCH)
+    if conflicts:
+        raise CheckpointError(
+            f"checkpoint {path.parent} was trained with other flags ({'; '.join(conflicts)}): pass the same "
+            "flags to resume it, or start a new run in another --output_dir (without --resume_from_checkpoint)"
+        )
+    changed = differing(RESUME_SHOULD_MATCH)
+    if changed:
+        logger.warning(
+            "resuming %s with changed flags (%s): training continues, but not as the interrupted run would have",
+            path.parent,
+            "; ".join(changed),
+        )
 
 
 def read_progress(checkpoint_dir: str | Path) -> TrainProgress:
@@ -245,22 +313,45 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
         was written by a different number of ranks.
     """
     path = Path(checkpoint_dir)
-    with open(path / TRAINER_STATE, encoding="utf-8") as fh:
-        saved = json.load(fh)
-    world_size = saved.pop("world_size", get_world_size())
-    load_path, _ = engine.load_checkpoint(
-        str(path / STATE_DIR),
-        tag=STATE_TAG,
-        load_module_strict=False,  # the frozen base is not in the checkpoint
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
+    older = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
+    fix = (
+        f"resume from the one before it (--resume_from_checkpoint {older[-1]}) or delete {path}"
+        if older
+        else f"delete {path} and start again"
     )
+    try:
+        saved = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        progress = TrainProgress(**{k: v for k, v in saved.items() if k != "world_size"})
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {TRAINER_STATE} is unreadable ({err}); {fix}"
+        ) from err
+    world_size = saved.get("world_size", get_world_size())
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(path / STATE_DIR),
+            tag=STATE_TAG,
+            load_module_strict=False,  # the frozen base is not in the checkpoint
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        # A truncated or missing file (the save was cut short, the disk filled up) surfaces as one of these.
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE_DIR}/ cannot be loaded ({err}); it is damaged, or was written with "
+            f"another --ds_config (ZeRO stage) or number of ranks; {fix}"
+        ) from err
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no training state in {path / STATE_DIR}")
+        raise CheckpointError(
+            f"checkpoint {path}: DeepSpeed found no training state in {path / STATE_DIR}; {fix}"
+        )
     rng_file = path / STATE_DIR / f"rng_state_{get_rank()}.pt"
     rng_state = None
     if world_size == get_world_size() and rng_file.is_file():
-        rng_state = torch.load(rng_file, weights_only=False)
+        try:
+            rng_state = torch.load(rng_file, weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"checkpoint {path} is damaged: {rng_file.name} ({err}); {fix}") from err
     else:
         logger.warning(
             "checkpoint %s was written by %d ranks, now %d: RNG streams restart",
@@ -268,8 +359,22 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
             world_size,
             get_world_size(),
         )
-    logger.info("resumed from %s (step %d)", path, saved["step"])
-    return TrainProgress(**saved), rng_state
+    logger.info("resumed from %s (step %d)", path, progress.step)
+    return progress, rng_state
+
+
+def _eval_ppl(checkpoint_dir: Path) -> float | None:
+    """The evaluation perplexity stored in a checkpoint; None when it has none or its state is unreadable.
+
+    Rotation runs in the middle of training: a damaged old trainer_state.json must not end the run.
+    """
+    try:
+        return read_progress(checkpoint_dir).eval.get("ppl")
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning(
+            "cannot read %s (%s): not considered as the best checkpoint", checkpoint_dir / TRAINER_STATE, err
+        )
+        return None
 
 
 def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Path]:
@@ -284,7 +389,7 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Pa
         return []
     checkpoints = list_checkpoints(output_dir)
     keep = set(checkpoints[-save_total_limit:])
-    scored = [(read_progress(p).eval.get("ppl"), p) for p in checkpoints]
+    scored = [(_eval_ppl(p), p) for p in checkpoints]
     scored = [(ppl, p) for ppl, p in scored if ppl is not None]
     if scored:
         keep.add(min(scored, key=lambda item: item[0])[1])

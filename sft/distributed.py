@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import torch
@@ -68,6 +69,13 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         os.environ["LOCAL_RANK"] = "0"
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
 
+    # DeepSpeed's ZeRO calls torch.distributed collectives that torch 2.13 deprecates, once per step: a
+    # FutureWarning per step in the log that only a DeepSpeed release can fix.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     import deepspeed  # imported here: importing deepspeed probes the accelerator, which is slow
     from deepspeed.accelerator import get_accelerator
 

@@ -18,9 +18,11 @@ leaves nothing behind.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +88,13 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, protected: dict[str, Pat
             )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--save_model_dir={out_dir} is a file: pass a directory path")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(
+            f"--save_model_dir={out_dir} cannot be created: {existing} is a file, not a directory"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"--save_model_dir={out_dir} exists and is not empty: pass --overwrite to replace it, or choose "
@@ -95,15 +104,21 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, protected: dict[str, Pat
 
 def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the adapter's tensors, read from the safetensors header (no data loaded)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(
             f"{adapter_dir} has no adapter_model.safetensors (only the safetensors format is merged)"
         )
-    with safe_open(str(path), framework="pt") as fh:
-        return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): the save was cut short or the file was truncated in a copy; "
+            "merge another checkpoint, or copy this one again"
+        ) from err
 
 
 def _expected_lora_shape(module: nn.Module, kind: str, rank: int) -> tuple[int, ...] | None:
@@ -307,6 +322,17 @@ def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _json_file_checked(read: Callable[..., Any], adapter_dir: Path, name: str, *args: Any) -> Any:
+    """``read(*args)``, turning a JSON syntax error in ``adapter_dir/name`` into a message naming the file."""
+    try:
+        return read(*args)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{adapter_dir / name} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}): "
+            "repair it or copy the checkpoint again"
+        ) from err
+
+
 def resolve_quantization(setup: TrainingSetup, merge_into: str) -> str:
     """The quantisation to reproduce before merging (``none`` for ``merge_into="original"``)."""
     if merge_into == "original":
@@ -361,7 +387,9 @@ def merge_lora(
         raise ValueError(f"--merge_into {merge_into!r}: use one of {', '.join(MERGE_INTO)}")
 
     # 1. Refusals, before any weight is loaded.
-    adapter_config = read_adapter_config(adapter_dir, "--model_dir")
+    adapter_config = _json_file_checked(
+        read_adapter_config, adapter_dir, "adapter_config.json", adapter_dir, "--model_dir"
+    )
     if adapter_config.get("peft_type") != "LORA":
         raise ValueError(
             f"--model_dir={adapter_dir} holds a {adapter_config.get('peft_type')} adapter; only LoRA adapters "
@@ -372,7 +400,9 @@ def merge_lora(
         out_dir, overwrite=overwrite, protected={"--ori_model_dir": base_dir, "--model_dir": adapter_dir}
     )
     check_adapter_matches_base(base_dir, adapter_dir)
-    setup = adapter_training_setup(adapter_dir, quantization, double_quant)
+    setup = _json_file_checked(
+        adapter_training_setup, adapter_dir, "train_args.json", adapter_dir, quantization, double_quant
+    )
     quant = resolve_quantization(setup, merge_into)
     target = f"{quant}-dequantised" if quant != "none" else "original"
     logger.info(

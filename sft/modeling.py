@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sft.args import ArgsError
+
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +31,13 @@ if TYPE_CHECKING:
     from sft.args import TrainArgs
 
 logger = logging.getLogger(__name__)
+
+# peft (0.21) still calls transformers' deprecated gradient-checkpointing names, in get_peft_model,
+# PeftModel.from_pretrained and prepare_model_for_kbit_training: every script would print these
+# FutureWarnings, and nothing in them is for our users to fix.
+warnings.filterwarnings(
+    "ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -174,9 +183,12 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
-            raise ValueError(
-                f"--lora_target {','.join(missing)}: no such module in {type(model).__name__}; "
-                f"linear layers are {','.join(find_lora_targets(model))}"
+            # An argument problem found only once the model exists: reported like the other flag errors.
+            raise ArgsError(
+                [
+                    f"--lora_target {','.join(missing)}: no such module in {type(model).__name__}; "
+                    f"its linear layers are {','.join(find_lora_targets(model))}"
+                ]
             )
         logger.info("LoRA on %s (r=%d, alpha=%d)", ",".join(targets), args.lora_dim, args.lora_alpha)
         return LoraConfig(
@@ -231,16 +243,13 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
     if quantized:
         # Freezes the base, upcasts the unquantised layers (norms) to fp32 for stability and turns on
         # gradient checkpointing when asked. The DeepSpeed engine casts them to --precision afterwards.
-        with warnings.catch_warnings():
-            # peft calls a transformers method that transformers 5 deprecates; nothing for users to fix.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=args.gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs,
-            )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
     elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
 
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sft.args import REPO_ROOT, ArgsError, TrainArgs, build_ds_config, build_parser, parse_args, validate_args
 
@@ -198,3 +199,73 @@ def test_ds_config_disagreement_is_an_error(paths, tmp_path):
     config.pop("scheduler")
     path.write_text(json.dumps(config))
     build_ds_config(args, world_size=1)
+
+
+def test_help_renders_every_help_string():
+    # A literal % in a help string ("~30% slower") used to make argparse's --help crash or garble.
+    text = " ".join(build_parser().format_help().split())
+    assert "~30% slower" in text
+    assert "option_strings" not in text
+
+
+def test_ds_config_of_the_wrong_shape_is_an_argument_error(paths, tmp_path):
+    cases = {
+        "[1, 2]": "must be a JSON object {...}, got list",
+        '{"bf16": true}': "bf16 must be a JSON object {...}, got true",
+        '{"optimizer": {"type": "AdamW", "params": 3}}': "optimizer.params must be a JSON object",
+        '{"zero_optimization": {"stage": "two"}}': "zero_optimization.stage='two' must be 0, 1, 2 or 3",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"conf{i}.json"
+        path.write_text(text)
+        with pytest.raises(ArgsError) as info:
+            validate_args(_args(paths, "--ds_config", str(path)), cuda_available=False)
+        assert needle in str(info.value), (text, str(info.value))
+    path = tmp_path / "broken.json"
+    path.write_text('{"train_batch_size": 3,\n')
+    with pytest.raises(ArgsError, match=r"invalid JSON at line 2 column 1"):
+        validate_args(_args(paths, "--ds_config", str(path)), cuda_available=False)
+
+
+def test_explicit_train_batch_size_is_checked_against_the_launcher_world_size(paths, tmp_path, monkeypatch):
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
+    config["train_batch_size"] = 16  # 2 x 4 x 2 ranks
+    path = tmp_path / "two_ranks.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    validate_args(_args(paths, "--ds_config", str(path)), cuda_available=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ArgsError, match="train_batch_size=16"):
+        validate_args(_args(paths, "--ds_config", str(path)), cuda_available=False)
+
+
+def test_output_dir_must_be_creatable(paths, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ArgsError) as info:
+        validate_args(
+            _args(paths, "--output_dir", str(blocker / "out"), "--tensorboard_dir", str(blocker)),
+            cuda_available=False,
+        )
+    text = str(info.value)
+    assert f"--output_dir={blocker / 'out'} cannot be created: {blocker} is a file" in text
+    assert f"--tensorboard_dir={blocker} is a file" in text
+    validate_args(_args(paths, "--output_dir", str(tmp_path / "new" / "deeper")), cuda_available=False)
+
+
+def test_interrupted_checkpoint_is_refused_before_any_work(paths, tmp_path):
+    ckpt = tmp_path / "out" / "epoch-1-step-4"
+    (ckpt / "training_state").mkdir(parents=True)  # the save was cut before trainer_state.json
+    with pytest.raises(ArgsError, match=r"trainer_state\.json is missing, so its save was interrupted"):
+        validate_args(_args(paths, "--resume_from_checkpoint", str(ckpt)), cuda_available=False)
+
+
+def test_unknown_lora_target_is_an_argument_error(tiny_baichuan_dir):
+    """Only the model knows its module names: the check runs at load time but reports like a flag error."""
+    from sft.modeling import build_peft_config, load_base_model
+
+    model = load_base_model(tiny_baichuan_dir, "none", dtype=torch.float32)
+    args = parse_args(["--lora_target", "q_proj,W_pack"])
+    with pytest.raises(ArgsError, match="--lora_target q_proj: no such module in BaichuanForCausalLM"):
+        build_peft_config(args, model)
+    assert build_peft_config(parse_args(["--lora_target", "W_pack"]), model).target_modules == {"W_pack"}

@@ -307,3 +307,31 @@ def test_cli_rolebench_missing_role_and_bad_data(tmp_path: Path, shared_data_dir
     assert result.returncode == 0 and "read 3, written 2, skipped 1" in result.stdout
     written = [json.loads(x) for x in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert written[0]["conversations"][0]["content"] == "你好？"
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path: Path):
+    good = '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes(
+        good.encode() + '{"conversations": [{"role": "user", "content": "你好"}]}\n'.encode("gbk")
+    )
+    with pytest.raises(DataFormatError, match=r"gbk.jsonl:2: not UTF-8 text \(byte 0xc4 at offset \d+\)"):
+        read_conversations(path)
+
+
+def test_cli_unusable_output_paths_fail_before_converting(tmp_path: Path, shared_data_dir: Path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    )
+    result = run_cli("conversations", "--input", str(src), "--output", str(tmp_path))
+    assert result.returncode == 1 and f"--output {tmp_path} is a directory" in result.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = run_cli("conversations", "--input", str(src), "--output", str(blocker / "sub" / "out.jsonl"))
+    assert result.returncode == 1 and f"{blocker} is a file, not a directory" in result.stderr
+    result = run_cli(
+        "rolebench", "--data_dir", str(shared_data_dir / "rolebench-zh"), "--out_dir", str(blocker)
+    )
+    assert result.returncode == 1 and f"--out_dir {blocker} is a file" in result.stderr
+    assert "Traceback" not in result.stderr and "rolebench train" not in result.stdout  # nothing converted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,32 @@ def test_cli_refusal_exits_1_with_the_reason(tiny_llama_dir, baichuan_adapter, t
     err = capsys.readouterr().err
     assert "ERROR" in err and "pass the base it was trained on as --ori_model_dir" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_refuses_damaged_checkpoint_files_naming_them(tiny_baichuan_dir, baichuan_adapter, tmp_path):
+    """A truncated adapter file or a broken JSON file stops the merge, naming the file, before any loading."""
+    import shutil
+
+    cases = {
+        "adapter_model.safetensors": "is damaged (Error while deserializing header",
+        "adapter_config.json": "is not valid JSON (line 1 column 2",
+        "train_args.json": "is not valid JSON (line 1 column 2",
+    }
+    for i, (name, message) in enumerate(cases.items()):
+        adapter = tmp_path / f"adapter{i}"
+        shutil.copytree(baichuan_adapter, adapter)
+        path = adapter / name
+        if name.endswith(".safetensors"):
+            path.write_bytes(path.read_bytes()[:-10])  # a copy cut short
+        else:
+            path.write_text("{bad")
+        with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
+            merge_lora(tiny_baichuan_dir, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_output_below_a_file_before_merging(tiny_baichuan_dir, baichuan_adapter, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(FileExistsError, match=f"cannot be created: {re.escape(str(blocker))} is a file"):
+        merge_lora(tiny_baichuan_dir, baichuan_adapter, blocker / "merged")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from sft.checkpoint import (
+    CheckpointError,
     TrainProgress,
+    check_resume_args,
     checkpoint_name,
     list_checkpoints,
+    load_checkpoint,
     read_progress,
     resolve_resume_dir,
     rotate_checkpoints,
@@ -52,3 +56,39 @@ def test_listing_latest_and_rotation(tmp_path):
     ]
     assert read_progress(best).eval["ppl"] == 3.0
     assert rotate_checkpoints(tmp_path, save_total_limit=0) == []  # 0 keeps everything
+
+
+def test_damaged_trainer_state_names_the_checkpoint_to_resume_from(tmp_path):
+    older = _fake(tmp_path, 0, 5, 9.0)
+    damaged = _fake(tmp_path, 0, 10, 3.0)
+    (damaged / "trainer_state.json").write_text('{"step": 10, "epo')  # cut short by a full disk
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(None, damaged)  # fails before the engine is touched
+    text = str(info.value)
+    assert f"checkpoint {damaged} is damaged: trainer_state.json is unreadable" in text
+    assert f"--resume_from_checkpoint {older}" in text
+    (older / "trainer_state.json").write_text('{"step": 5, "unknown_field": 1}')
+    with pytest.raises(CheckpointError, match=re.escape(f"delete {older} and start again")):
+        load_checkpoint(None, older)
+
+
+def test_rotation_survives_a_damaged_old_trainer_state(tmp_path):
+    damaged = _fake(tmp_path, 0, 5, 1.0)
+    (damaged / "trainer_state.json").write_text("{")
+    _fake(tmp_path, 0, 10, 3.0)
+    _fake(tmp_path, 0, 15, 4.0)
+    deleted = rotate_checkpoints(tmp_path, save_total_limit=1)  # training goes on
+    assert sorted(p.name for p in deleted) == ["epoch-1-step-5"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-1-step-10", "epoch-1-step-15"]
+
+
+def test_resume_with_other_adapter_flags_is_refused_before_loading(tmp_path, caplog):
+    ckpt = _fake(tmp_path, 0, 5, 2.0)
+    saved = {"peft": "lora", "lora_dim": 16, "precision": "bf16", "seed": 1234, "max_steps": 100}
+    (ckpt / "train_args.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"other flags \(--lora_dim 16 there, 8 now\)"):
+        check_resume_args(ckpt, {**saved, "lora_dim": 8})
+    check_resume_args(ckpt, {**saved, "max_steps": 200})  # training longer is what resuming is for
+    with caplog.at_level("WARNING", logger="sft.checkpoint"):
+        check_resume_args(ckpt, {**saved, "seed": 7})
+    assert "--seed 1234 there, 7 now" in caplog.text

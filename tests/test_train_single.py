@@ -245,3 +245,70 @@ def test_resume_reproduces_the_uninterrupted_run(single_run):
     full_eval = checkpoint_state(single_run["output_dir"] / "epoch-3-step-16")["eval"]["ppl"]
     resumed_eval = checkpoint_state(resumed_out / "epoch-3-step-16")["eval"]["ppl"]
     assert resumed_eval == pytest.approx(full_eval, rel=1e-5)
+
+
+def _train_cli(*flags: str) -> subprocess.CompletedProcess:
+    """Run ``python train.py FLAGS`` as a user would; returns the finished process (any exit status)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "train.py", *flags],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.parametrize("fault", ["cut_line", "all_too_long"])
+def test_bad_data_exits_with_one_line_and_no_traceback(tiny_baichuan_dir, tmp_path, fault):
+    train, test = write_overfit_data(tmp_path, n_train=3)
+    flags = ["--max_len", "64", "--max_src_len", "32"]
+    if fault == "cut_line":
+        with train.open("a", encoding="utf-8") as fh:
+            fh.write('{"conversations": [\n')
+        expected = f"ERROR train: {train}:4: invalid JSON"
+    else:  # every test prompt is longer than --max_src_len and --is_skip drops them all
+        flags = ["--test_path", str(test), "--max_len", "16", "--max_src_len", "4", "--is_skip"]
+        expected = "ERROR train: --train_path: no samples left"
+    proc = _train_cli(
+        "--model_name_or_path", str(tiny_baichuan_dir), "--train_path", str(train),
+        "--output_dir", str(tmp_path / "out"), "--precision", "fp32", *flags,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert expected in proc.stderr
+    if fault == "all_too_long":
+        assert "(or drop --is_skip to truncate instead)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_exit_codes(monkeypatch, tmp_path):
+    import train
+
+    assert train.cli(["--model_name_or_path", str(tmp_path / "missing"), "--train_path", "x.jsonl"]) == 2
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    assert train.cli([]) == 130
+
+
+@pytest.mark.slow
+def test_resume_from_a_damaged_checkpoint_names_the_older_one(single_run):
+    """A truncated optimizer state (disk full, killed copy) stops the resume with the checkpoint to use instead."""
+    out = single_run["root"] / "damaged"
+    out.mkdir()
+    for name in ("epoch-2-step-8", "epoch-2-step-12"):
+        shutil.copytree(single_run["output_dir"] / name, out / name)
+    state = out / "epoch-2-step-12" / "training_state" / "state" / "mp_rank_00_model_states.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    proc = _train_cli(
+        *single_run["command"][2:], "--output_dir", str(out), "--resume_from_checkpoint", "latest"
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"checkpoint {out / 'epoch-2-step-12'}: training_state/ cannot be loaded" in proc.stderr
+    assert f"--resume_from_checkpoint {out / 'epoch-2-step-8'}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -244,7 +244,15 @@ def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): re-save the file as UTF-8",
+            source=str(path),
+            line=line,
+        ) from err
     if not text.strip():
         raise DataFormatError("file is empty (no records)", source=str(path))
     if text.lstrip().startswith("["):
