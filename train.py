@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -225,14 +226,59 @@ class Metrics:
             self.writer.close()
 
 
+class GracefulStop:
+    """While training, the first SIGTERM or SIGINT asks for a checkpoint at the end of the current step, then a stop.
+
+    Schedulers send SIGTERM before they preempt or time out a job, and Ctrl-C is SIGINT: either way the run keeps
+    its progress and `--resume_from_checkpoint latest` continues it exactly. A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+
+class TrainingStopped(Exception):
+    """Raised after the checkpoint a GracefulStop asked for is saved."""
+
+    def __init__(self, signum: int, checkpoint: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}")
+        self.signum = signum
+
+
 def train_step(
-    args: TrainArgs, engine, micro_batches: list[dict], device: torch.device, metrics: Metrics
-) -> None:
+    args: TrainArgs,
+    engine,
+    micro_batches: list[dict],
+    device: torch.device,
+    metrics: Metrics,
+    stop: GracefulStop,
+) -> bool:
     """One optimizer step over ``micro_batches`` (up to --gradient_accumulation_steps of them).
 
     The loss is the mean NLL over every learned token of the step, on all ranks. DeepSpeed divides
     each micro-batch loss by the accumulation steps and averages gradients over ranks, so each
     micro-batch contributes nll_sum * world_size * accumulation / global_learned_tokens.
+    Returns whether any rank was asked to stop: the ranks agree through the same reduction, so they all
+    save the same checkpoint together.
     """
     # Token counts come from the CPU labels: counting them costs no device sync.
     learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -240,7 +286,8 @@ def train_step(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         for b in micro_batches
     )
-    counts = all_reduce_sum(torch.tensor([learned, inputs], dtype=torch.int64, device=device))
+    # One reduction per step carries the token counts and the stop requests of all ranks.
+    counts = all_reduce_sum(torch.tensor([learned, inputs, stop.signum], dtype=torch.int64, device=device))
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
     # Baichuan2 configs may ask for a z-loss (log Z kept near 0); other models have no such field.
     z_loss_weight = float(getattr(unwrap_model(engine).config, "z_loss_weight", 0) or 0)
@@ -252,8 +299,10 @@ def train_step(
         engine.backward(nll_sum * scale)
         metrics.nll += nll_sum.detach().double()
     engine.step()
-    metrics.counts += counts
+    metrics.counts += counts[:2]
     metrics.steps += 1
+    # A host sync, once per optimizer step (never per micro-batch); DeepSpeed's step syncs for clipping anyway.
+    return bool(counts[2])
 
 
 def log_train_metrics(engine, metrics: Metrics, step: int, progress_bar) -> None:
@@ -307,7 +356,7 @@ def train(
     args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, resume: Path | None
 ) -> TrainProgress:
     """The training loop: epochs of optimizer steps, logging, evaluation and checkpoints."""
-    steps_per_epoch, total_steps = total_optimizer_steps(args, data)
+    _, total_steps = total_optimizer_steps(args, data)
     accumulation = args.gradient_accumulation_steps
     progress, rng_state = load_checkpoint(engine, resume) if resume else (TrainProgress(), None)
     if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
@@ -321,37 +370,44 @@ def train(
     )
     engine.train()
     saved_at = progress.step if resume else -1
-    while progress.step < total_steps:
-        sampler = data.train.batch_sampler
-        sampler.set_epoch(progress.epoch)
-        sampler.skip_batches(progress.batches_in_epoch)
-        batches = iter(data.train)
-        if rng_state is not None:
-            # Restored after the iterator exists: creating it draws from the global RNG.
-            restore_rng_state(rng_state)
-            rng_state = None
+    with GracefulStop() as stop:
+        while progress.step < total_steps:
+            sampler = data.train.batch_sampler
+            sampler.set_epoch(progress.epoch)
+            sampler.skip_batches(progress.batches_in_epoch)
+            batches = iter(data.train)
+            if rng_state is not None:
+                # Restored after the iterator exists: creating it draws from the global RNG.
+                restore_rng_state(rng_state)
+                rng_state = None
 
-        while progress.step < total_steps and progress.batches_in_epoch < data.micro_batches_per_epoch:
-            # Prefetch the step's micro-batches so their learned tokens are counted before any backward.
-            n = min(accumulation, data.micro_batches_per_epoch - progress.batches_in_epoch)
-            micro_batches = list(islice(batches, n))
-            train_step(args, engine, micro_batches, device, metrics)
-            progress.step += 1
-            progress.batches_in_epoch += n
-            if progress_bar is not None:
-                progress_bar.update(1)
-            if progress.step % args.show_loss_step == 0:
-                log_train_metrics(engine, metrics, progress.step, progress_bar)
-            if args.save_model_step and progress.step % args.save_model_step == 0:
+            while progress.step < total_steps and progress.batches_in_epoch < data.micro_batches_per_epoch:
+                # Prefetch the step's micro-batches so their learned tokens are counted before any backward.
+                n = min(accumulation, data.micro_batches_per_epoch - progress.batches_in_epoch)
+                micro_batches = list(islice(batches, n))
+                stop_requested = train_step(args, engine, micro_batches, device, metrics, stop)
+                progress.step += 1
+                progress.batches_in_epoch += n
+                if progress_bar is not None:
+                    progress_bar.update(1)
+                if progress.step % args.show_loss_step == 0:
+                    log_train_metrics(engine, metrics, progress.step, progress_bar)
+                if args.save_model_step and progress.step % args.save_model_step == 0:
+                    evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+                    saved_at = progress.step
+                if stop_requested:
+                    if saved_at != progress.step:  # no evaluation: a preempted job may have seconds left
+                        save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
+                        rotate_checkpoints(args.output_dir, args.save_total_limit)
+                    metrics.close()
+                    checkpoints = list_checkpoints(args.output_dir)
+                    raise TrainingStopped(stop.signum, str(checkpoints[-1]) if checkpoints else "nothing")
+
+            if saved_at != progress.step:  # end of an epoch (or of --max_steps)
                 evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
                 saved_at = progress.step
-
-        if saved_at != progress.step:  # end of an epoch (or of --max_steps)
-            evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
-            saved_at = progress.step
-        if progress.batches_in_epoch >= data.micro_batches_per_epoch:
-            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
-        logger.debug("epoch %d done (%d steps per epoch)", progress.epoch, steps_per_epoch)
+            if progress.batches_in_epoch >= data.micro_batches_per_epoch:
+                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
     if metrics.steps:  # the last steps, when they did not fill a --show_loss_step window
         log_train_metrics(engine, metrics, progress.step, progress_bar)
@@ -416,6 +472,10 @@ def cli(argv: list[str] | None = None) -> int:
         logger.debug("traceback", exc_info=True)
         destroy()
         return 1
+    except TrainingStopped as stopped:
+        logger.warning("%s; continue with --resume_from_checkpoint latest", stopped)
+        destroy()
+        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
     except KeyboardInterrupt:
         logger.error(
             "interrupted: run the same command with --resume_from_checkpoint latest to continue "
