@@ -6,9 +6,10 @@
     python data_helper.py alpaca --input alpaca_data.json --output data/alpaca.jsonl
     python data_helper.py conversations --input chats.jsonl --output data/chats.jsonl
 
-Every sub-command prints its counts (read, written, skipped and why). A bad record stops the run
-with ``file:line: reason`` and exit status 1, and no output file is written (``--skip_invalid``
-counts such records as skipped instead). Outputs are written to a temp file and renamed.
+Every sub-command prints its counts: input records read, kept and skipped (with the reasons), and
+samples written (RoleBench counts questions: each kept question gives up to --max_answers samples).
+A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
+written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed.
 See docs/DATA.md.
 """
 
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
             raise DataFormatError(f"nothing to write to {path}: every record was skipped")
     for path, records in outputs:
         write_jsonl_atomic(path, records)
-        print(f"wrote {len(records)} records to {path}")
+        print(f"wrote {len(records)} samples to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

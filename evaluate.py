@@ -165,14 +165,22 @@ def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """Data settings for perplexity: flag, else the adapter's train_args.json, else train.py's default."""
+    """Data settings for perplexity: flag, else the adapter's train_args.json, else train.py's default.
+
+    Checked here, before any model is loaded; an impossible value names its flag and where it came from.
+    """
     from sft.args import TrainArgs
+    from sft.generation import read_checkpoint_json
 
     defaults = TrainArgs()
     train_args: dict[str, Any] = {}
     args_file = Path(args.adapter_dir) / "train_args.json" if args.adapter_dir else None
     if args_file is not None and args_file.is_file():
-        train_args = json.loads(args_file.read_text(encoding="utf-8"))
+        train_args = read_checkpoint_json(args_file)
+        if not isinstance(train_args, dict):
+            raise ValueError(
+                f"{args_file} is not a JSON object of train.py arguments: copy the checkpoint again"
+            )
     settings, sources = {}, {}
     for name in PPL_SETTINGS:
         flag = getattr(args, name)
@@ -184,8 +192,31 @@ def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             settings[name], sources[name] = getattr(defaults, name), "train.py default"
     dtype = args.dtype or train_args.get("precision") or "auto"
     settings["dtype"] = dtype
+    check_ppl_settings(settings, sources)
     described = ", ".join(f"{k}={settings[k]!r} ({sources[k]})" for k in PPL_SETTINGS)
     return settings, described
+
+
+def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> None:
+    """Refuse impossible lengths/batch sizes, naming each flag and where its value came from."""
+
+    def flag(name: str) -> str:
+        source = "" if sources[name] == "flag" else f" (from {sources[name]})"
+        return f"--{name}={settings[name]}{source}"
+
+    problems = []
+    max_len, max_src_len = settings["max_len"], settings["max_src_len"]
+    if max_src_len < 1:
+        problems.append(f"{flag('max_src_len')} must be >= 1")
+    elif max_src_len >= max_len:
+        problems.append(
+            f"{flag('max_src_len')} must be smaller than {flag('max_len')} (the answer needs room): "
+            "lower --max_src_len or raise --max_len"
+        )
+    if settings["per_device_eval_batch_size"] < 1:
+        problems.append(f"{flag('per_device_eval_batch_size')} must be >= 1")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,6 +226,8 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     from sft.generation import load_from_flags
 
     settings, described = ppl_settings(args)
+    if not Path(args.data_path).is_file():
+        raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass the test set (JSONL)")
     logger.info("perplexity settings: %s", described)
     loaded = load_from_flags(args, dtype=settings["dtype"], template=settings["template"])
     tokenizer = loaded.tokenizer

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -21,15 +23,17 @@ from tqdm import tqdm
 from sft.generation import (
     add_model_args,
     build_generation_config,
+    check_generation_flags,
     context_window,
     describe,
     fit_history,
     generate_batch,
     load_from_flags,
+    read_generation_config,
     split_prompt,
     stream_reply,
 )
-from utils import set_seed, setup_logging
+from utils import require_local_dir, set_seed, setup_logging
 
 logger = logging.getLogger("predict")
 
@@ -101,8 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_path(args: argparse.Namespace) -> None:
+    """Refuse an --output_path that cannot be written as a file, before hours of generation."""
+    out = Path(args.output_path)
+    if out.is_dir():
+        raise ValueError(
+            f"--output_path {out} is a directory: pass a file name such as {out / 'predictions.jsonl'}"
+        )
+    if out.exists() and out.resolve() == Path(args.data_path).resolve():
+        raise ValueError(f"--output_path {out} is the --data_path input: pass another file name")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing ancestor: the missing directories are created
+    if not parent.is_dir():
+        raise ValueError(f"--output_path {out} cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_path {out} cannot be created: no permission to write in {parent}")
+
+
 def validate(args: argparse.Namespace) -> None:
-    """Refuse impossible flag combinations before loading anything."""
+    """Refuse impossible flags before loading anything: combinations, ranges, the output path and the
+    generation flags against the model's generation_config.json."""
     problems = []
     if args.chat:
         if args.data_path or args.output_path:
@@ -126,6 +149,32 @@ def validate(args: argparse.Namespace) -> None:
         problems.append(f"--max_src_len={args.max_src_len} must be >= 1")
     if problems:
         raise ValueError("; ".join(problems))
+    if not args.chat:
+        check_output_path(args)
+    model_path = require_local_dir(args.model_path, "--model_path")
+    check_generation_flags(
+        read_generation_config(model_path),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+    )
+
+
+def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, record)`` of every record of --data_path, validated (errors name file:line)."""
+    from sft.data.formats import DataFormatError, iter_json_records, normalize_record
+
+    records = [
+        (line, normalize_record(value, source=path, line=line, for_generation=True))
+        for line, value in iter_json_records(path)
+    ]
+    if not records:
+        raise DataFormatError("no valid records", source=path)
+    return records
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
@@ -147,17 +196,32 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return model, tokenizer, loaded.template, config
 
 
-def predict_file(args: argparse.Namespace, model: Any, tokenizer: Any, template: Any, config: Any) -> int:
-    """Answer every record of --data_path and write prompt, prediction and references to --output_path."""
-    from sft.data.formats import read_conversations, write_jsonl_atomic
+def predict_file(
+    args: argparse.Namespace,
+    records: list[tuple[int, dict[str, Any]]],
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    config: Any,
+) -> int:
+    """Answer ``records`` (from --data_path) and write prompt, prediction and references to --output_path."""
+    from sft.data.formats import DataFormatError, write_jsonl_atomic
 
-    records = read_conversations(args.data_path, for_generation=True)
     if args.max_samples is not None:
         records = records[: args.max_samples]
     prompts, references = [], []
-    for record in records:
+    for line, record in records:
         prompt_record, refs = split_prompt(record)
-        prompts.append(template.build_prompt(prompt_record, max_src_len=args.max_src_len))
+        try:
+            prompts.append(template.build_prompt(prompt_record, max_src_len=args.max_src_len))
+        except DataFormatError:
+            raise
+        except ValueError as err:  # the prompt does not fit --max_src_len even with its history dropped
+            raise DataFormatError(
+                f"{err}: raise --max_src_len or shorten this record's system prompt",
+                source=args.data_path,
+                line=line,
+            ) from err
         references.append(refs)
     with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
         predictions = generate_batch(
@@ -170,7 +234,9 @@ def predict_file(args: argparse.Namespace, model: Any, tokenizer: Any, template:
             "references": refs,
             "record": record,
         }
-        for prompt, prediction, refs, record in zip(prompts, predictions, references, records, strict=True)
+        for prompt, prediction, refs, (_, record) in zip(
+            prompts, predictions, references, records, strict=True
+        )
     )
     count = write_jsonl_atomic(args.output_path, rows)
     logger.info("wrote %d predictions to %s", count, args.output_path)
@@ -227,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         validate(args)
+        records = None if args.chat else read_records(args.data_path)
         set_seed(args.seed)
         model, tokenizer, template, config = load(args)
-        if args.chat:
+        if records is None:
             chat_loop(args, model, tokenizer, template, config)
         else:
-            predict_file(args, model, tokenizer, template, config)
-    except (ValueError, FileNotFoundError, DataFormatError) as err:
+            predict_file(args, records, model, tokenizer, template, config)
+    except (ValueError, DataFormatError, OSError) as err:  # OSError: e.g. a full disk while writing
         logger.error("%s", err)
         return 1
     return 0

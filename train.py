@@ -111,9 +111,10 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
             )
         except DataFormatError:
             raise  # already names the file and line
-        except ValueError as err:  # e.g. every sample skipped as too long: say which flag to change
-            hint = " (or drop --is_skip to truncate instead)" if args.is_skip else ""
-            raise DataFormatError(f"{flag}: {err}{hint}") from err
+        except (
+            ValueError
+        ) as err:  # e.g. every sample skipped as too long: the message names the flag to change
+            raise DataFormatError(f"{flag}: {err}") from err
 
     common = {
         "packing": args.packing,

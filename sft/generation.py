@@ -3,7 +3,9 @@
 - :func:`add_model_args` -- the flags that say which model to load and how (--model_path, --adapter_dir, ...).
 - :func:`load_from_flags` -- those flags -> model, tokenizer and chat template, ready to generate.
 - :func:`load_for_inference` -- a merged model, or a base model plus a peft adapter, with its tokenizer.
+- :func:`read_adapter_config` / :func:`check_adapter_fits` -- refuse a damaged adapter, or one of another base.
 - :func:`adapter_training_setup` -- how the adapter was trained (quantisation), read from its train_args.json.
+- :func:`check_generation_flags` -- refuse impossible generation flags (also before loading the model).
 - :func:`build_generation_config` -- the model's generation_config with the user's overrides, validated.
 - :func:`split_prompt` -- a conversation record -> (the record to prompt with, its references).
 - :func:`generate_batch` -- batched, left-padded generation of many prompts.
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
     from sft.data.templates import Template
 
@@ -102,8 +104,44 @@ def resolve_dtype(flag: str, device: torch.device) -> torch.dtype:
     return DTYPES[flag]
 
 
+def read_checkpoint_json(path: Path) -> Any:
+    """A JSON file of a checkpoint directory; a one-line error naming the file when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}): the save was cut "
+            "short or the file was edited; repair it or copy the checkpoint again"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}): copy the checkpoint again") from err
+
+
+def adapter_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in ``adapter_model.safetensors``, from its header (no data loaded).
+
+    safetensors checks that the header covers the whole file, so a file cut short by an interrupted
+    save or copy is found here, before any model is loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): the save was cut short or the file was truncated in a copy; "
+            "use another checkpoint, or copy this one again"
+        ) from err
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike, flag: str = "--adapter_dir") -> dict[str, Any]:
-    """The peft ``adapter_config.json`` of an adapter directory; a one-line error if it is not one."""
+    """The peft ``adapter_config.json`` of an adapter directory; a one-line error if it is not one.
+
+    Also checks that ``adapter_model.safetensors`` is complete, so a damaged checkpoint is refused
+    with the file's name before any model is loaded.
+    """
     path = Path(adapter_dir)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -120,7 +158,14 @@ def read_adapter_config(adapter_dir: str | os.PathLike, flag: str = "--adapter_d
         raise FileNotFoundError(
             f"{flag}={adapter_dir} has adapter_config.json but no adapter_model.safetensors"
         )
-    return json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_checkpoint_json(config_file)
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(
+            f"{config_file} is not a peft adapter config (no 'peft_type'): copy the checkpoint again"
+        )
+    if weights[0].is_file():
+        adapter_tensor_shapes(path)
+    return config
 
 
 @dataclass(frozen=True)
@@ -145,7 +190,12 @@ def adapter_training_setup(
     """
     args_file = Path(adapter_dir) / "train_args.json"
     if args_file.is_file():
-        train_args = json.loads(args_file.read_text(encoding="utf-8"))
+        train_args = read_checkpoint_json(args_file)
+        if not isinstance(train_args, dict):
+            raise ValueError(
+                f"{args_file} holds a JSON {type(train_args).__name__}, not train.py's arguments object: "
+                "copy the checkpoint again"
+            )
         quantization = train_args.get("quantization")
         double_quant = bool(train_args.get("double_quant", True))
         if quantization is not None:
@@ -212,9 +262,10 @@ def load_for_inference(
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode. The tokenizer comes from the adapter directory
-        when it has one (train.py saves it there), else from the model directory.
+        when it has one (train.py saves it there), else from the model directory. A 4-bit base computes
+        exactly as in training (see :func:`sft.modeling.keep_4bit_weights_unpacked`).
     """
-    from sft.modeling import load_base_model, load_tokenizer
+    from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
     device = torch.device(device)
     if adapter_dir is not None:
@@ -226,6 +277,11 @@ def load_for_inference(
         device_map={"": device},
         double_quant=double_quant,
     )
+    # Compute with 4-bit weights as training does (dequantise, then matmul in `dtype`). On CPUs with
+    # AVX512-BF16, bitsandbytes would otherwise repack the weights for a bf16 kernel in eval mode:
+    # perplexities would drift from train.py's eval/ppl (~1e-3 in the logits) and answers from those of
+    # the `--merge_into dequantized` model. Slower on such CPUs; no effect on GPUs.
+    keep_4bit_weights_unpacked(model)
     tokenizer_dir = model_path
     if adapter_dir is not None:
         from peft import PeftModel
@@ -236,6 +292,20 @@ def load_for_inference(
         logger.info("adapter %s attached (unmerged)", adapter_dir)
     model.eval()
     return model, load_tokenizer(tokenizer_dir)
+
+
+def check_adapter_fits(model_path: str | os.PathLike, adapter_dir: str | os.PathLike) -> None:
+    """Refuse, before loading weights, an adapter that is damaged or was trained on another base model.
+
+    peft only warns when an adapter's module names are missing from the model and then runs the base
+    model without the adapter: a LoRA adapter of another architecture would silently do nothing. Its
+    tensors are checked against the base architecture built on the meta device (no memory needed).
+    """
+    from sft.merge import check_adapter_matches_base  # sft.merge imports this module
+
+    config = read_adapter_config(adapter_dir)
+    if config.get("peft_type") == "LORA":
+        check_adapter_matches_base(Path(model_path), Path(adapter_dir), base_flag="--model_path")
 
 
 @dataclass(frozen=True)
@@ -267,6 +337,8 @@ def load_from_flags(
     from utils import require_local_dir
 
     model_path = require_local_dir(args.model_path, "--model_path")
+    if args.adapter_dir is not None:
+        check_adapter_fits(model_path, args.adapter_dir)
     device = resolve_device(args.device)
     torch_dtype = resolve_dtype(dtype or args.dtype, device)
     quantization, double_quant = inference_quantization(args.adapter_dir, args.quantization)
@@ -295,9 +367,21 @@ def load_from_flags(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_generation_config(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
+    """The generation settings a model directory loads with, read without loading its weights.
+
+    ``generation_config.json`` if there is one, else what transformers derives from ``config.json``
+    (as ``from_pretrained`` does); lets flags be checked against the model's defaults before loading.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    if (Path(model_path) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(model_path))
+    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+
+
+def check_generation_flags(
+    defaults: GenerationConfig,
     *,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
@@ -306,22 +390,20 @@ def build_generation_config(
     repetition_penalty: float | None = None,
     do_sample: bool | None = None,
     num_beams: int | None = None,
-) -> GenerationConfig:
-    """The model's ``generation_config`` with every non-None argument applied on top.
+) -> None:
+    """Refuse impossible generation settings with a ValueError naming the flag.
 
-    Raises a ValueError naming the flag for impossible settings: sampling parameters without sampling
-    (they would be silently ignored), out-of-range values.
+    Sampling parameters without sampling (they would be silently ignored) and out-of-range values.
+    ``defaults`` is the model's generation config (:func:`read_generation_config` before loading,
+    ``model.generation_config`` after): it decides whether sampling is on when ``do_sample`` is None.
     """
-    import copy
-
-    config = copy.deepcopy(model.generation_config)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    effective_sample = do_sample if do_sample is not None else bool(config.do_sample)
+    effective_sample = do_sample if do_sample is not None else bool(defaults.do_sample)
     if not effective_sample:
         given = [f"--{name}" for name, value in sampling.items() if value is not None]
         if given:
             raise ValueError(
-                f"{', '.join(given)} only apply when sampling, but sampling is off "
+                f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling is off "
                 f"({'--no-do_sample' if do_sample is False else 'the generation_config has do_sample=false'}): "
                 "add --do_sample or drop them"
             )
@@ -342,6 +424,35 @@ def build_generation_config(
         if value is not None and not ok(value):
             raise ValueError(f"{flag}={value} {why}")
 
+
+def build_generation_config(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    do_sample: bool | None = None,
+    num_beams: int | None = None,
+) -> GenerationConfig:
+    """The model's ``generation_config`` with every non-None argument applied on top.
+
+    Raises a ValueError naming the flag for impossible settings (:func:`check_generation_flags`).
+    """
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    check_generation_flags(
+        config,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        do_sample=do_sample,
+        num_beams=num_beams,
+        **sampling,
+    )
     overrides = {
         "max_new_tokens": max_new_tokens,
         "repetition_penalty": repetition_penalty,
@@ -495,6 +606,22 @@ def generate_batch(
     return replies
 
 
+def reply_streamer(tokenizer: PreTrainedTokenizerBase) -> TextIteratorStreamer:
+    """The streamer :func:`stream_reply` feeds: the reply's text in pieces that are final when emitted.
+
+    * Special tokens (EOS, BOS, pad) are skipped. User-defined symbols that are not special tokens
+      (the ``<reserved_N>`` pieces of Baichuan2's vocabulary) are ordinary text and do print, as in
+      :func:`generate_batch`'s answers.
+    * Text is released only up to a space, after a complete CJK character or at a newline, so a
+      character still being assembled from byte tokens (decoded as U+FFFD until its last byte
+      arrives) is held back, never printed as ``\ufffd`` and then replaced. A U+FFFD that does get
+      through is an invalid byte sequence the model really produced: the full decode has it too.
+    """
+    from transformers import TextIteratorStreamer
+
+    return TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def stream_reply(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -503,15 +630,13 @@ def stream_reply(
 ) -> Iterator[str]:
     """Generate a reply to one prompt and yield the text pieces as they are produced.
 
-    ``generate`` runs in a worker thread and feeds a ``TextIteratorStreamer``; an exception in the
+    ``generate`` runs in a worker thread and feeds a :func:`reply_streamer`; an exception in the
     worker is re-raised here once the stream ends (instead of leaving the caller waiting forever).
     """
-    from transformers import TextIteratorStreamer
-
     if (config.num_beams or 1) > 1:
         raise ValueError("streaming replies needs num_beams=1 (beam search only knows its answer at the end)")
     device = next(model.parameters()).device
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = reply_streamer(tokenizer)
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     failure: list[BaseException] = []
 

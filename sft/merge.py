@@ -18,11 +18,9 @@ leaves nothing behind.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sft.generation import TrainingSetup, adapter_training_setup, read_adapter_config
+from sft.generation import TrainingSetup, adapter_tensor_shapes, adapter_training_setup, read_adapter_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,21 +102,11 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, protected: dict[str, Pat
 
 def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the adapter's tensors, read from the safetensors header (no data loaded)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = adapter_dir / "adapter_model.safetensors"
-    if not path.is_file():
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(
             f"{adapter_dir} has no adapter_model.safetensors (only the safetensors format is merged)"
         )
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"{path} is damaged ({err}): the save was cut short or the file was truncated in a copy; "
-            "merge another checkpoint, or copy this one again"
-        ) from err
+    return adapter_tensor_shapes(adapter_dir)
 
 
 def _expected_lora_shape(module: nn.Module, kind: str, rank: int) -> tuple[int, ...] | None:
@@ -137,11 +125,14 @@ def _expected_lora_shape(module: nn.Module, kind: str, rank: int) -> tuple[int, 
     return None
 
 
-def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
+def check_adapter_matches_base(
+    base_dir: Path, adapter_dir: Path, *, base_flag: str = "--ori_model_dir"
+) -> None:
     """Refuse an adapter that was not trained on this base (module names or shapes differ).
 
     Builds the base architecture on the meta device (no weights, no memory) and checks every tensor
-    in the adapter file against the module it adapts. All problems are collected and raised together.
+    in the adapter file against the module it adapts. All problems are collected and raised together;
+    the message tells to pass the right base as ``base_flag``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -187,7 +178,7 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
         raise ValueError(
             f"the adapter in {adapter_dir} does not match the base model {base_dir}: it was trained on another "
-            "model; pass the base it was trained on as --ori_model_dir\n  " + "\n  ".join(shown)
+            f"model; pass the base it was trained on as {base_flag}\n  " + "\n  ".join(shown)
         )
 
 
@@ -322,17 +313,6 @@ def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _json_file_checked(read: Callable[..., Any], adapter_dir: Path, name: str, *args: Any) -> Any:
-    """``read(*args)``, turning a JSON syntax error in ``adapter_dir/name`` into a message naming the file."""
-    try:
-        return read(*args)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{adapter_dir / name} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}): "
-            "repair it or copy the checkpoint again"
-        ) from err
-
-
 def resolve_quantization(setup: TrainingSetup, merge_into: str) -> str:
     """The quantisation to reproduce before merging (``none`` for ``merge_into="original"``)."""
     if merge_into == "original":
@@ -387,9 +367,7 @@ def merge_lora(
         raise ValueError(f"--merge_into {merge_into!r}: use one of {', '.join(MERGE_INTO)}")
 
     # 1. Refusals, before any weight is loaded.
-    adapter_config = _json_file_checked(
-        read_adapter_config, adapter_dir, "adapter_config.json", adapter_dir, "--model_dir"
-    )
+    adapter_config = read_adapter_config(adapter_dir, "--model_dir")
     if adapter_config.get("peft_type") != "LORA":
         raise ValueError(
             f"--model_dir={adapter_dir} holds a {adapter_config.get('peft_type')} adapter; only LoRA adapters "
@@ -400,9 +378,7 @@ def merge_lora(
         out_dir, overwrite=overwrite, protected={"--ori_model_dir": base_dir, "--model_dir": adapter_dir}
     )
     check_adapter_matches_base(base_dir, adapter_dir)
-    setup = _json_file_checked(
-        adapter_training_setup, adapter_dir, "train_args.json", adapter_dir, quantization, double_quant
-    )
+    setup = adapter_training_setup(adapter_dir, quantization, double_quant)
     quant = resolve_quantization(setup, merge_into)
     target = f"{quant}-dequantised" if quant != "none" else "original"
     logger.info(

@@ -269,7 +269,7 @@ def test_cli_skip_invalid_counts(tmp_path: Path):
     out = tmp_path / "out.jsonl"
     result = run_cli("conversations", "--input", str(src), "--output", str(out), "--skip_invalid")
     assert result.returncode == 0, result.stderr
-    assert "read 3, written 2, skipped 1" in result.stdout
+    assert "records read 3, kept 2, skipped 1; samples written 2" in result.stdout
     assert len(out.read_text().splitlines()) == 2
 
 
@@ -304,7 +304,9 @@ def test_cli_rolebench_missing_role_and_bad_data(tmp_path: Path, shared_data_dir
     result = run_cli(
         "rolebench", "--data_dir", str(fake), "--out_dir", str(out), "--splits", "train", "--skip_invalid"
     )
-    assert result.returncode == 0 and "read 3, written 2, skipped 1" in result.stdout
+    assert (
+        result.returncode == 0 and "questions read 3, kept 2, skipped 1; samples written 2" in result.stdout
+    )
     written = [json.loads(x) for x in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert written[0]["conversations"][0]["content"] == "你好？"
 
@@ -335,3 +337,30 @@ def test_cli_unusable_output_paths_fail_before_converting(tmp_path: Path, shared
     )
     assert result.returncode == 1 and f"--out_dir {blocker} is a file" in result.stderr
     assert "Traceback" not in result.stderr and "rolebench train" not in result.stdout  # nothing converted
+
+
+def test_rolebench_counts_questions_and_samples_separately(tmp_path: Path):
+    """Questions read = kept + skipped; each kept question gives up to --max_answers samples."""
+    data = tmp_path / "rb"
+    data.mkdir()
+    (data / "profiles-zh_desc.json").write_text(
+        json.dumps({"李白": "诗人", "杜甫": "诗人"}, ensure_ascii=False), encoding="utf-8"
+    )
+    rows = [
+        {"role": "李白", "question": "写诗", "generated": ["好", "妙", "绝"]},
+        {"role": "李白", "question": "喝酒", "generated": ["好"]},
+        {"role": "杜甫", "question": "写诗", "generated": ["好", "妙"]},
+    ]
+    for subset in ("role_specific", "general"):
+        (data / f"rolebench-zh_{subset}_train.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
+    out = tmp_path / "out"
+    result = run_cli(
+        "rolebench", "--data_dir", str(data), "--out_dir", str(out), "--splits", "train", "--roles", "李白"
+    )
+    assert result.returncode == 0, result.stderr
+    # 6 questions: 2 of 杜甫 skipped, 4 kept; 李白's answers: 2 + 1 per subset -> 6 samples.
+    assert "rolebench train: questions read 6, kept 4, skipped 2; samples written 6" in result.stdout
+    assert "skipped (role not selected (--roles)): 2" in result.stdout
+    assert len((out / "train.jsonl").read_text(encoding="utf-8").splitlines()) == 6

@@ -3,6 +3,7 @@ padding, and rank sharding for training and evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -93,6 +94,60 @@ def test_cache_key_covers_lengths_and_content(small_files, baichuan, tmp_path: P
     changed = load_sft_dataset(src, tok, template, max_len=160, **kwargs)
     assert not changed.stats["cached"] and len(changed) == 1 < len(first)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_cache_file_is_a_miss_and_replaced(small_files, baichuan, tmp_path: Path, caplog, damage):
+    """A cache file cut short (or overwritten) must not break every later run: warn, re-encode, replace."""
+    tok, template = baichuan
+    kwargs = dict(max_len=160, max_src_len=128, is_skip=False, cache_dir=tmp_path / "cache")
+    first = load_sft_dataset(small_files["dialogsum"], tok, template, **kwargs)
+    (cache_file,) = (tmp_path / "cache").glob("*.npz")
+    data = cache_file.read_bytes()
+    cache_file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 100)
+    with caplog.at_level(logging.WARNING, logger="sft.data.dataset"):
+        again = load_sft_dataset(small_files["dialogsum"], tok, template, **kwargs)
+    assert f"data cache {cache_file} is unreadable" in caplog.text
+    assert not again.stats["cached"] and [again[i] for i in range(len(again))] == [
+        first[i] for i in range(len(first))
+    ]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_file.name]  # no temp file left
+    assert load_sft_dataset(small_files["dialogsum"], tok, template, **kwargs).stats["cached"]  # replaced
+
+
+def test_skip_reasons_and_no_samples_error_name_the_flags(baichuan, tmp_path: Path):
+    """Each skip reason says what happened (a system prompt alone longer than max_src_len: nothing was
+    truncated); the error when nothing is left names --max_len/--max_src_len and, with is_skip, --is_skip."""
+    tok, template = baichuan
+
+    def no_samples(record: dict, **lengths) -> str:
+        src = tmp_path / "data.jsonl"
+        src.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError) as raised:
+            load_sft_dataset(src, tok, template, **lengths)
+        message = str(raised.value)
+        assert message.startswith(f"no samples left from {src}: every sample was skipped (1 ")
+        return message
+
+    def chat(system: str, user: str) -> dict:
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": "好"}]
+        return {"system": system, "conversations": turns}
+
+    long_system = chat("你是李白，一位豪放的诗人。" * 10, "你好")
+    for is_skip in (False, True):  # dropped either way: --is_skip is not the fix
+        message = no_samples(long_system, max_len=64, max_src_len=16, is_skip=is_skip)
+        assert "(1 system prompt alone longer than --max_src_len; max_len=64, max_src_len=16)" in message
+        assert message.endswith(": raise --max_src_len (or shorten the system prompts)")
+        assert "truncat" not in message and "is_skip" not in message
+
+    long_user = chat("", "你好" * 40)
+    message = no_samples(long_user, max_len=64, max_src_len=16, is_skip=True)
+    assert "(1 longer than --max_len/--max_src_len (--is_skip);" in message
+    assert message.endswith(": raise --max_len/--max_src_len, or drop --is_skip to truncate instead")
+    # The prompt is cut to exactly max_src_len = max_len - 1: the answer has no room left.
+    message = no_samples(long_user, max_len=17, max_src_len=16, is_skip=False)
+    assert "(1 prompt leaves no room for the answer within --max_len;" in message
+    assert message.endswith(": raise --max_len")
 
 
 def test_truncation_counts_reported(small_files, baichuan):

@@ -234,3 +234,181 @@ def test_ppl_equals_hand_computed_perplexity(setup, tmp_path):
             tokens += int(mask.sum())
     assert result["tokens"] == tokens
     assert result["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+# ---- refusals: before any model is loaded, one line naming the flag/file, exit status 1 ----------------
+
+
+def predict_flags(setup: dict[str, Path], *flags: str, output: str = "x.jsonl") -> list[str]:
+    return [
+        "--data_path", str(setup["data"]), "--output_path", str(setup["root"] / output), "--device", "cpu",
+        *flags,
+    ]  # fmt: skip
+
+
+def refused(main, argv: list[str], capsys) -> str:
+    """Run a script's main(), assert it refused (exit 1) before loading a model; return its stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "ERROR" in err and "Traceback" not in err
+    assert "sft.modeling: loaded" not in err  # refused before any weight was loaded
+    return err
+
+
+def test_adapter_of_another_base_is_refused(setup, tiny_llama_dir, tmp_path, capsys):
+    """A Baichuan2 adapter on the tiny Llama: peft would only warn and run the bare base."""
+    import evaluate
+    import predict
+
+    expected = "does not match the base model"
+    base_flags = ["--model_path", str(tiny_llama_dir), "--adapter_dir", str(setup["adapter"])]
+    err = refused(predict.main, predict_flags(setup, *base_flags, "--no-do_sample"), capsys)
+    assert expected in err and "pass the base it was trained on as --model_path" in err
+    assert not (setup["root"] / "x.jsonl").exists()
+    ppl = ["ppl", *base_flags, "--data_path", str(setup["data"]), "--device", "cpu"]
+    assert expected in refused(evaluate.main, ppl, capsys)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json", "train_args.json"])
+def test_damaged_adapter_files_are_named(setup, tmp_path, capsys, name):
+    import shutil
+
+    import evaluate
+    import predict
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["adapter"], adapter)
+    path = adapter / name
+    if name.endswith(".safetensors"):
+        path.write_bytes(path.read_bytes()[:-10])  # a copy cut short
+        expected = f"{path} is damaged (Error while deserializing header"
+    else:
+        path.write_text('{"peft_type": "LORA",')
+        expected = f"{path} is not valid JSON (line 1 column 22"
+    flags = ["--model_path", str(setup["base"]), "--adapter_dir", str(adapter)]
+    assert expected in refused(predict.main, predict_flags(setup, *flags, "--no-do_sample"), capsys)
+    ppl = ["ppl", *flags, "--data_path", str(setup["data"]), "--device", "cpu"]
+    assert expected in refused(evaluate.main, ppl, capsys)
+
+
+def test_bad_flags_and_output_paths_are_refused_before_loading(setup, tmp_path, capsys):
+    import evaluate
+    import predict
+
+    model = ["--model_path", str(setup["merged"])]
+    cases = {
+        "--temperature only applies when sampling, but sampling is off (--no-do_sample)": predict_flags(
+            setup, *model, "--no-do_sample", "--temperature", "0.5"
+        ),
+        "--max_new_tokens=0 must be > 0": predict_flags(setup, *model, "--max_new_tokens", "0"),
+        f"--output_path {tmp_path} is a directory": [
+            *model, "--data_path", str(setup["data"]), "--output_path", str(tmp_path),
+        ],
+        f"cannot be created: {setup['data']} is a file, not a directory": [
+            *model, "--data_path", str(setup["data"]), "--output_path", str(setup["data"] / "preds.jsonl"),
+        ],
+    }  # fmt: skip
+    for message, argv in cases.items():
+        assert message in refused(predict.main, argv, capsys)
+
+    ppl = ["ppl", *model, "--data_path", str(setup["data"]), "--max_src_len", "600", "--max_len", "512"]
+    err = refused(evaluate.main, ppl, capsys)
+    assert "--max_src_len=600 must be smaller than --max_len=512" in err
+
+
+def test_prompt_that_cannot_fit_names_file_and_line(setup, tmp_path, capsys):
+    data = tmp_path / "long_system.jsonl"
+    long_system = {
+        "system": "你是李白，一位豪放的诗人。" * 20,
+        "conversations": [{"role": "user", "content": "你好"}],
+    }
+    data.write_text(
+        json.dumps(RECORDS[1], ensure_ascii=False)
+        + "\n"
+        + json.dumps(long_system, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
+    import predict
+
+    argv = [
+        "--model_path",
+        str(setup["merged"]),
+        "--data_path",
+        str(data),
+        "--output_path",
+        str(tmp_path / "o"),
+    ]
+    code = predict.main([*argv, "--max_src_len", "16", "--no-do_sample", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{data}:2: the prompt cannot be cut to max_src_len=16 tokens" in err
+    assert "raise --max_src_len" in err and not (tmp_path / "o").exists()
+
+
+def test_output_write_failure_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    """An OSError while writing (e.g. a full disk) ends with a one-line error, not a traceback."""
+    import predict
+    import sft.data.formats
+
+    def disk_full(path, rows):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sft.data.formats, "write_jsonl_atomic", disk_full)
+    code = predict.main(predict_flags(setup, "--model_path", str(setup["merged"]), "--max_new_tokens", "2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+# ---- numerics and streaming ---------------------------------------------------------------------------
+
+
+def test_ppl_of_a_4bit_adapter_computes_as_training(tiny_baichuan_dir, tmp_path):
+    """NF4 base: evaluate.py ppl = the fp32 dequantise-then-matmul path training uses (train.py's eval/ppl).
+
+    On CPUs with AVX512-BF16, bitsandbytes would otherwise switch to a bf16 kernel in eval mode
+    (~1e-4 relative in the perplexity of this tiny model, 1e-7 with the training path).
+    """
+    import evaluate
+    from tests.test_train_single import hand_perplexity, write_overfit_data
+
+    adapter = make_adapter(tiny_baichuan_dir, tmp_path / "adapter", quantization="nf4")
+    _, test = write_overfit_data(tmp_path / "data")
+    out = tmp_path / "ppl.json"
+    code = evaluate.main(
+        [
+            "ppl", "--model_path", str(tiny_baichuan_dir), "--adapter_dir", str(adapter),
+            "--data_path", str(test), "--device", "cpu", "--dtype", "fp32",
+            "--max_len", "128", "--max_src_len", "96", "--output_json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    expected, tokens = hand_perplexity(tiny_baichuan_dir, adapter, test, "nf4")
+    assert result["quantization"] == "nf4" and result["tokens"] == tokens
+    assert result["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_streamed_pieces_are_final_text(setup):
+    """Byte tokens of a character are held back until it is complete; special tokens are skipped;
+    user-defined symbols (<reserved_N>, not special) print as in the batch answers."""
+    from sft.generation import reply_streamer
+    from sft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(setup["base"])
+    nihao = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "你好".encode()]
+    hello = tokenizer.encode("hello world", add_special_tokens=False)
+    reserved = tokenizer.convert_tokens_to_ids("<reserved_63>")
+    reply = [*hello, *nihao, reserved, *nihao[:3], tokenizer.eos_token_id]
+    streamer = reply_streamer(tokenizer)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: skipped
+    pieces = []
+    for token in reply:
+        streamer.put(torch.tensor([token]))
+        while not streamer.text_queue.empty():
+            pieces.append(streamer.text_queue.get())
+    streamer.end()
+    pieces += [p for p in iter(streamer.text_queue.get, streamer.stop_signal)]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tokenizer.decode(reply, skip_special_tokens=True)
+    assert "".join(pieces).endswith("你好<reserved_63>你") and "</s>" not in "".join(pieces)

@@ -39,16 +39,30 @@ DIALOGSUM_PROMPT = "Summarize the following dialogue in a few sentences.\n\n{dia
 
 @dataclass
 class ConvertStats:
-    """Counts reported by every converter: records read, samples written, skips by reason."""
+    """Counts reported by every converter: input units read and skipped (by reason), samples written.
+
+    ``unit`` names what ``read`` counts (records; RoleBench: questions, each written as up to
+    ``--max_answers`` samples). Every unit read is either skipped or kept.
+    """
 
     read: int = 0
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
+    unit: str = "records"
+
+    @property
+    def kept(self) -> int:
+        """Input units that gave at least one sample."""
+        return self.read - sum(self.skipped.values())
 
     def lines(self, name: str) -> list[str]:
         """Human-readable report lines (the CLI prints them)."""
-        out = [f"{name}: read {self.read}, written {self.written}, skipped {sum(self.skipped.values())}"]
+        skipped = sum(self.skipped.values())
+        out = [
+            f"{name}: {self.unit} read {self.read}, kept {self.kept}, skipped {skipped}; "
+            f"samples written {self.written}"
+        ]
         out += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         out += [f"  {note}: {n}" for note, n in sorted(self.notes.items())]
         return out
@@ -159,7 +173,7 @@ def convert_rolebench(
             source=str(profiles_path),
         )
 
-    stats = ConvertStats()
+    stats = ConvertStats(unit="questions")
     records: list[dict[str, Any]] = []
     for subset in ROLEBENCH_SUBSETS:
         path = data_dir / f"rolebench-zh_{subset}_{split}.jsonl"

@@ -48,6 +48,22 @@ CACHE_VERSION = 1
 PAD_MULTIPLE = 8
 # Samples per "mega-batch" that group_by_length sorts by length before cutting batches.
 GROUP_MEGABATCH = 64
+# Why assemble() dropped a sample, reworded for the statistics and errors: what happened, with the flags.
+# (A prompt that does not fit even with all history dropped and the user text cut away entirely is one
+# whose system prompt alone is too long: nothing was truncated.)
+SKIP_REASONS = {
+    "prompt longer than max_src_len even after truncation": "system prompt alone longer than --max_src_len",
+    "too long (is_skip)": "longer than --max_len/--max_src_len (--is_skip)",
+    "no room for the answer within max_len": "prompt leaves no room for the answer within --max_len",
+}
+# What to change when every sample was skipped, per (reworded) reason.
+SKIP_FIXES = {
+    "system prompt alone longer than --max_src_len": "raise --max_src_len (or shorten the system prompts)",
+    "longer than --max_len/--max_src_len (--is_skip)": (
+        "raise --max_len/--max_src_len, or drop --is_skip to truncate instead"
+    ),
+    "prompt leaves no room for the answer within --max_len": "raise --max_len",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +132,21 @@ class SFTDataset(Dataset):
 
     @classmethod
     def load(cls, path: Path) -> SFTDataset:
+        """Read a file written by :meth:`save`; raises ValueError if its arrays do not fit together."""
         with np.load(path, allow_pickle=False) as data:
             stats = json.loads(data["stats"].tobytes().decode())
-            return cls(data["input_ids"], data["labels"], data["offsets"], stats)
+            ids, labels, offsets = data["input_ids"], data["labels"], data["offsets"]
+        consistent = (
+            isinstance(stats, dict)
+            and len(ids) == len(labels)
+            and len(offsets) >= 1
+            and offsets[0] == 0
+            and offsets[-1] == len(ids)
+            and bool(np.all(np.diff(offsets) >= 0))
+        )
+        if not consistent:
+            raise ValueError(f"{path}: inconsistent arrays (not written by this version?)")
+        return cls(ids, labels, offsets, stats)
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -188,10 +216,9 @@ def load_sft_dataset(
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"sft-{_cache_key(paths, template, tokenizer, params)}.npz"
         if cache_file.is_file():
-            dataset = SFTDataset.load(cache_file)
-            dataset.stats["cached"] = True
-            logger.info("loaded %d encoded samples from cache %s", len(dataset), cache_file)
-            return dataset
+            dataset = _load_cache(cache_file)
+            if dataset is not None:
+                return dataset
 
     start = time.perf_counter()
     # Millions of small lists are created below; the cyclic GC would rescan them over and over.
@@ -205,8 +232,11 @@ def load_sft_dataset(
         if gc_was_enabled:
             gc.enable()
     if not samples:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+        fix = "; ".join(dict.fromkeys(SKIP_FIXES.get(r, "raise --max_len/--max_src_len") for r in skipped))
         raise ValueError(
-            f"no samples left from {[str(p) for p in paths]}: skipped {dict(skipped)}; raise max_len/max_src_len"
+            f"no samples left from {', '.join(str(p) for p in paths)}: every sample was skipped "
+            f"({reasons}; max_len={max_len}, max_src_len={max_src_len}): {fix}"
         )
 
     dataset = SFTDataset.from_samples(samples, {})
@@ -234,7 +264,31 @@ def load_sft_dataset(
         dict(skipped) or "none",
     )
     if cache_file is not None:
-        dataset.save(cache_file)
+        dataset.save(cache_file)  # temp file + rename: replaces a damaged cache file in one step
+    return dataset
+
+
+def _load_cache(cache_file: Path) -> SFTDataset | None:
+    """The dataset cached in ``cache_file``, or None (with a warning) when the file cannot be read.
+
+    A cache file cut short (a run killed while an older version wrote it without a rename, a full
+    disk, a partial copy) must not break every later run: it is treated as a miss, the data are
+    encoded again from the source files and the file is replaced.
+    """
+    try:
+        dataset = SFTDataset.load(cache_file)
+    # Any failure to read a cache is a miss: np.load raises zipfile.BadZipFile, EOFError, OSError,
+    # ValueError, KeyError and more for damaged archives. Nothing is lost: the source files are read.
+    except Exception as err:
+        logger.warning(
+            "data cache %s is unreadable (%s: %s): encoding the data again and replacing it",
+            cache_file,
+            type(err).__name__,
+            err,
+        )
+        return None
+    dataset.stats["cached"] = True
+    logger.info("loaded %d encoded samples from cache %s", len(dataset), cache_file)
     return dataset
 
 
@@ -255,7 +309,7 @@ def _encode_files(
         for target, learned in sample_plan(conv, loss_on):
             res = assemble(conv, target, learned, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
             if res.dropped:
-                skipped[res.dropped] += 1
+                skipped[SKIP_REASONS.get(res.dropped, res.dropped)] += 1
                 continue
             truncated_prompt += res.truncated_prompt
             truncated_answer += res.truncated_answer
