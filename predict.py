@@ -152,16 +152,21 @@ def validate(args: argparse.Namespace) -> None:
     if not args.chat:
         check_output_path(args)
     model_path = require_local_dir(args.model_path, "--model_path")
-    check_generation_flags(
-        read_generation_config(model_path),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        do_sample=args.do_sample,
-        num_beams=args.num_beams,
+    check_generation_flags(read_generation_config(model_path), **generation_flags(args))
+
+
+def generation_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation flags as given; None leaves the model's generation_config value."""
+    names = (
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "do_sample",
+        "num_beams",
     )
+    return {name: getattr(args, name) for name in names}
 
 
 def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -181,17 +186,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Model, tokenizer, chat template and generation config from the flags."""
     loaded = load_from_flags(args)
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = build_generation_config(
-        model,
-        tokenizer,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        do_sample=args.do_sample,
-        num_beams=args.num_beams,
-    )
+    config = build_generation_config(model, tokenizer, **generation_flags(args))
     logger.info("template %s; generation: %s", loaded.template_name, describe(config))
     return model, tokenizer, loaded.template, config
 
