@@ -33,6 +33,7 @@ from sft.args import ArgsError, TrainArgs, build_ds_config, parse_args, validate
 from sft.checkpoint import (
     CheckpointError,
     TrainProgress,
+    best_checkpoint,
     check_resume_args,
     list_checkpoints,
     load_checkpoint,
@@ -450,8 +451,12 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     progress = train(args, engine, tokenizer, data, device, resume)
     if is_main_process():
         checkpoints = list_checkpoints(args.output_dir)
+        best = best_checkpoint(args.output_dir)
         logger.info(
-            "done: %d steps; newest checkpoint %s", progress.step, checkpoints[-1] if checkpoints else "none"
+            "done: %d steps; newest checkpoint %s; best by eval perplexity %s",
+            progress.step,
+            checkpoints[-1] if checkpoints else "none",
+            best or "n/a (no --test_path)",
         )
     destroy()
     return progress

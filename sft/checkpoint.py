@@ -377,6 +377,12 @@ def _eval_ppl(checkpoint_dir: Path) -> float | None:
         return None
 
 
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest eval perplexity (None when none was evaluated)."""
+    scored = [(ppl, p) for p in list_checkpoints(output_dir) if (ppl := _eval_ppl(p)) is not None]
+    return min(scored, key=lambda item: item[0])[1] if scored else None
+
+
 def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Path]:
     """Delete all but the newest ``save_total_limit`` checkpoints, always keeping the best by eval ppl.
 
@@ -389,10 +395,9 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Pa
         return []
     checkpoints = list_checkpoints(output_dir)
     keep = set(checkpoints[-save_total_limit:])
-    scored = [(_eval_ppl(p), p) for p in checkpoints]
-    scored = [(ppl, p) for ppl, p in scored if ppl is not None]
-    if scored:
-        keep.add(min(scored, key=lambda item: item[0])[1])
+    best = best_checkpoint(output_dir)
+    if best is not None:
+        keep.add(best)
     deleted = [p for p in checkpoints if p not in keep]
     for path in deleted:
         shutil.rmtree(path)

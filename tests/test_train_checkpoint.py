@@ -12,6 +12,7 @@ import pytest
 from sft.checkpoint import (
     CheckpointError,
     TrainProgress,
+    best_checkpoint,
     check_resume_args,
     checkpoint_name,
     list_checkpoints,
@@ -46,6 +47,8 @@ def test_listing_latest_and_rotation(tmp_path):
         resolve_resume_dir(str(interrupted), tmp_path)
     assert resolve_resume_dir("latest", tmp_path / "empty") is None
     assert resolve_resume_dir("", tmp_path) is None
+    assert best_checkpoint(tmp_path) == best  # lowest eval ppl among the complete checkpoints
+    assert best_checkpoint(tmp_path / "empty") is None
 
     deleted = rotate_checkpoints(tmp_path, save_total_limit=2)
     assert [p.name for p in deleted] == ["epoch-1-step-5"]
