@@ -383,3 +383,33 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_baichuan_dir: Path
     assert checkpoint_state(list_checkpoints(output)[-1])["step"] == stopped_at + 2
     losses = [step for step, _ in scalars(output)["train/loss"]]
     assert losses[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+@pytest.mark.slow
+def test_resume_under_zero3_with_a_4bit_base(tiny_llama_dir: Path, tmp_path: Path):
+    """ZeRO-3 partitions the adapter and its optimizer state: resuming from step 3 reproduces steps 4..6."""
+    data_dir = tmp_path / "data"
+    write_overfit_data(data_dir)
+    full_out, resumed_out = tmp_path / "full", tmp_path / "resumed"
+    command = [
+        sys.executable,
+        *train_command(
+            tiny_llama_dir, data_dir, full_out,
+            "--ds_config", "ds_configs/zero3.json", "--gradient_accumulation_steps", "1",
+            "--max_steps", "6", "--save_model_step", "3", "--precision", "fp32", "--quantization", "nf4",
+        ),
+    ]  # fmt: skip
+    run(command)
+    resumed_out.mkdir()
+    shutil.copytree(full_out / "epoch-1-step-3", resumed_out / "epoch-1-step-3")
+    run([*command, "--output_dir", str(resumed_out), "--resume_from_checkpoint", "latest"])
+
+    full = dict(scalars(full_out)["train/loss"])
+    resumed = dict(scalars(resumed_out)["train/loss"])
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    full_ppl = checkpoint_state(full_out / "epoch-1-step-6")["eval"]["ppl"]
+    assert checkpoint_state(resumed_out / "epoch-1-step-6")["eval"]["ppl"] == pytest.approx(
+        full_ppl, rel=1e-5
+    )
