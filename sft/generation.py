@@ -444,22 +444,16 @@ def build_generation_config(
     import copy
 
     config = copy.deepcopy(model.generation_config)
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    check_generation_flags(
-        config,
-        max_new_tokens=max_new_tokens,
-        repetition_penalty=repetition_penalty,
-        do_sample=do_sample,
-        num_beams=num_beams,
-        **sampling,
-    )
     overrides = {
         "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
         "repetition_penalty": repetition_penalty,
         "do_sample": do_sample,
         "num_beams": num_beams,
-        **sampling,
     }
+    check_generation_flags(config, **overrides)
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

@@ -56,15 +56,10 @@ def aligned_loss_sums(
     for start in range(0, logits.shape[1], chunk_positions):
         chunk = logits[:, start : start + chunk_positions]  # (B, c, V)
         chunk_targets = targets[:, start : start + chunk_positions]  # (B, c)
-        # Upcast one chunk only: bf16 log-softmax over a large vocabulary loses precision.
-        nll_sum = nll_sum + F.cross_entropy(
-            chunk.float().reshape(-1, chunk.shape[-1]),
-            chunk_targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+        nll_sum = nll_sum + _chunk_loss_sum(
+            chunk.reshape(-1, chunk.shape[-1]), chunk_targets.reshape(-1), 0.0
         )
-    n_tokens = (targets != IGNORE_INDEX).sum()
-    return nll_sum, n_tokens
+    return nll_sum, (targets != IGNORE_INDEX).sum()
 
 
 def token_loss_sums(

@@ -23,7 +23,11 @@ PROBE_BATCH = torch.tensor([[5, 17, 300, 42, 8, 999, 250, 61], [1, 2, 3, 400, 77
 def make_adapter(
     base_dir: Path, out_dir: Path, *, quantization: str = "nf4", seed: int = 0, scale: float = 0.2
 ) -> Path:
-    """Save a LoRA adapter for ``base_dir`` on every linear layer, B randomised, plus train_args.json."""
+    """Save a LoRA adapter for ``base_dir`` on every linear layer, A and B drawn from ``seed``, plus train_args.json.
+
+    Both are drawn here (not by peft's init, which uses the global RNG), so the adapter does not depend on
+    which tests ran before.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -35,7 +39,7 @@ def make_adapter(
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
+        if "lora_A" in name or "lora_B" in name:
             param.data = torch.randn(param.shape, generator=gen) * scale
     peft_model.save_pretrained(str(out_dir))
     train_args = TrainArgs(model_name_or_path=str(base_dir), quantization=quantization).to_dict()
