@@ -20,6 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sft.cli import check_output_path
 from sft.data.converters import (
     DIALOGSUM_PROMPT,
     ROLEBENCH_SYSTEM_TEMPLATE,
@@ -105,28 +106,12 @@ def _report(name: str, stats: ConvertStats) -> None:
         print(line)
 
 
-def _check_output(path: Path, flag: str) -> None:
-    """Refuse, before any conversion work, an output path that cannot be written as a file."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory: pass a file name such as {path / 'data.jsonl'}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path} cannot be created: {parent} is a file, not a directory")
-
-
 def run(args: argparse.Namespace) -> None:
     """Convert everything first, then write: an error leaves no output file behind."""
     if args.source == "rolebench":
-        if args.out_dir.exists() and not args.out_dir.is_dir():
-            raise ValueError(
-                f"--out_dir {args.out_dir} is a file: pass a directory (it is created if missing)"
-            )
-        for split in args.splits:
-            _check_output(args.out_dir / f"{split}.jsonl", "--out_dir")
+        check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})
     else:
-        _check_output(args.output, "--output")
+        check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
     outputs: list[tuple[Path, list]] = []
     if args.source == "rolebench":
         for split in args.splits:

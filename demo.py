@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sft.checkpoint import list_checkpoints
-from utils import setup_logging
+from sft.cli import setup_logging
 
 logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent

@@ -17,22 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sft.generation import add_model_args
+from models import register_models
+from sft.args import DataArgs, OptimArgs
+from sft.checkpoint import TRAIN_ARGS, read_train_args
+from sft.cli import HelpFormatter, add_arguments, from_namespace, setup_logging
+from sft.inference.loading import ModelLoadArgs
 from sft.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
-from utils import setup_logging
 
 logger = logging.getLogger("evaluate")
 
 # ppl data settings that must match training to reproduce its number; default: the adapter's train_args.json.
-PPL_SETTINGS = (
-    "template",
-    "max_len",
-    "max_src_len",
-    "is_skip",
-    "loss_on",
-    "packing",
-    "per_device_eval_batch_size",
-)
+PPL_DATA_SETTINGS = ("max_len", "max_src_len", "is_skip", "loss_on", "packing")
+PPL_SETTINGS = (*PPL_DATA_SETTINGS, "per_device_eval_batch_size")
+FROM_TRAINING = "the adapter's train_args.json, else train.py's default"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ROUGE on predictions and perplexity of model+adapter (see docs/INFERENCE.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     rouge = sub.add_parser("rouge", help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
     rouge.add_argument(
@@ -72,41 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
 
     ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
-    add_model_args(
+    add_arguments(ppl, ModelLoadArgs, exclude=["dtype"])
+    add_arguments(
         ppl,
-        dtype_default=None,
-        dtype_help="Compute dtype; default: the adapter's training precision, else auto (bf16 on GPU, fp32 on CPU).",
-        template_help="Chat template (default: train_args.json, else by model type).",
+        ModelLoadArgs,
+        only=["dtype"],
+        defaults_from="the adapter's training precision, else auto",
+        grouped=False,
     )
     ppl.add_argument(
         "--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path."
     )
-    ppl.add_argument(
-        "--max_len", type=int, default=None, help="Max tokens per example (default: train_args.json)."
-    )
-    ppl.add_argument(
-        "--max_src_len", type=int, default=None, help="Max prompt tokens (default: train_args.json)."
-    )
-    ppl.add_argument(
-        "--is_skip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Skip over-long examples (default: train_args.json).",
-    )
-    ppl.add_argument(
-        "--loss_on",
-        choices=("all", "last", "each"),
-        default=None,
-        help="Learned turns (default: train_args.json).",
-    )
-    ppl.add_argument(
-        "--packing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Pack examples (default: train_args.json).",
-    )
-    ppl.add_argument(
-        "--per_device_eval_batch_size", type=int, default=None, help="Batch size (default: train_args.json)."
+    settings = ppl.add_argument_group("data settings (must match training to reproduce its perplexity)")
+    add_arguments(settings, DataArgs, only=PPL_DATA_SETTINGS, defaults_from=FROM_TRAINING, grouped=False)
+    add_arguments(
+        settings, OptimArgs, only=["per_device_eval_batch_size"], defaults_from=FROM_TRAINING, grouped=False
     )
     ppl.add_argument("--output_json", default=None, help="Also write the result to this JSON file.")
     return parser
@@ -170,24 +147,16 @@ def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     Checked here, before any model is loaded; an impossible value names its flag and where it came from.
     """
     from sft.args import TrainArgs
-    from sft.generation import read_checkpoint_json
 
     defaults = TrainArgs()
-    train_args: dict[str, Any] = {}
-    args_file = Path(args.adapter_dir) / "train_args.json" if args.adapter_dir else None
-    if args_file is not None and args_file.is_file():
-        train_args = read_checkpoint_json(args_file)
-        if not isinstance(train_args, dict):
-            raise ValueError(
-                f"{args_file} is not a JSON object of train.py arguments: copy the checkpoint again"
-            )
+    train_args = (read_train_args(args.adapter_dir) if args.adapter_dir else None) or {}
     settings, sources = {}, {}
     for name in PPL_SETTINGS:
         flag = getattr(args, name)
         if flag is not None:
             settings[name], sources[name] = flag, "flag"
         elif name in train_args:
-            settings[name], sources[name] = train_args[name], "train_args.json"
+            settings[name], sources[name] = train_args[name], TRAIN_ARGS
         else:
             settings[name], sources[name] = getattr(defaults, name), "train.py default"
     dtype = args.dtype or train_args.get("precision") or "auto"
@@ -221,15 +190,15 @@ def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> Non
 
 def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
-    from sft.data.dataset import build_dataloader, load_sft_dataset
+    from sft.data.dataset import build_eval_dataloader, load_sft_dataset
     from sft.evaluation import evaluate_perplexity
-    from sft.generation import load_from_flags
+    from sft.inference.loading import load_from_flags
 
     settings, described = ppl_settings(args)
     if not Path(args.data_path).is_file():
         raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass the test set (JSONL)")
     logger.info("perplexity settings: %s", described)
-    loaded = load_from_flags(args, dtype=settings["dtype"], template=settings["template"])
+    loaded = load_from_flags(from_namespace(ModelLoadArgs, args), dtype=settings["dtype"])
     tokenizer = loaded.tokenizer
     dataset = load_sft_dataset(
         args.data_path,
@@ -240,18 +209,14 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
         is_skip=settings["is_skip"],
         loss_on=settings["loss_on"],
     )
-    loader = build_dataloader(
+    loader = build_eval_dataloader(
         dataset,
         batch_size=settings["per_device_eval_batch_size"],
-        packing=settings["packing"],
-        max_len=settings["max_len"],
-        shuffle=False,
-        seed=0,
-        group_by_length=False,
         rank=0,
         world_size=1,
         pad_token_id=tokenizer.pad_token_id,
-        for_eval=True,
+        packing=settings["packing"],
+        max_len=settings["max_len"],
     )
     result = evaluate_perplexity(loaded.model, loader, device=loaded.device)
     out = {
@@ -262,7 +227,7 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": loaded.quantization,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "template": loaded.template_name,
-        **{k: settings[k] for k in PPL_SETTINGS if k != "template"},
+        **{k: settings[k] for k in PPL_SETTINGS},
         **result,
     }
     print(f"perplexity of {args.model_path}" + (f" + {args.adapter_dir}" if args.adapter_dir else ""))
@@ -276,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    register_models()
     from sft.data.formats import DataFormatError
 
     try:

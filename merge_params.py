@@ -14,10 +14,11 @@ import json
 import logging
 import sys
 
-from sft.generation import QUANTIZATIONS, resolve_device
+from models import register_models
+from sft.cli import HelpFormatter, require_local_dir, setup_logging
+from sft.inference.loading import resolve_device
 from sft.merge import MERGE_INTO, MergeCheckError, merge_lora
-from sft.modeling import DTYPES
-from utils import require_local_dir, setup_logging
+from sft.modeling import DTYPES, QUANTIZATIONS
 
 logger = logging.getLogger("merge_params")
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (the RolePlayProj recipe's names for the three directories)."""
     parser = argparse.ArgumentParser(
         description="Merge a LoRA adapter into its base model (see docs/INFERENCE.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--ori_model_dir", required=True, help="Local directory of the base model the adapter was trained on."
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, merge, print the report; exit 1 with a one-line reason on refusal or failed check."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    register_models()
 
     try:
         base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")

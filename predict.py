@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from sft.generation import (
-    add_model_args,
-    build_generation_config,
-    check_generation_flags,
-    context_window,
-    describe,
-    fit_history,
-    generate_batch,
-    load_from_flags,
-    read_generation_config,
-    split_prompt,
-    stream_reply,
+from models import register_models
+from sft.args import DataArgs
+from sft.cli import (
+    HelpFormatter,
+    add_arguments,
+    check_output_path,
+    from_namespace,
+    require_local_dir,
+    set_seed,
+    setup_logging,
 )
-from utils import require_local_dir, set_seed, setup_logging
+from sft.inference.chat import context_window, fit_history
+from sft.inference.generate import generate_batch, stream_reply
+from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 
 logger = logging.getLogger("predict")
 
@@ -44,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags. Generation flags default to the model's generation_config.json."""
     parser = argparse.ArgumentParser(
         description="Batch generation over a JSONL file, or an interactive chat (see docs/INFERENCE.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    add_model_args(parser.add_argument_group("model"))
+    add_arguments(parser, ModelLoadArgs)
 
     data = parser.add_argument_group("batch prediction")
     data.add_argument(
@@ -65,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch_size", type=int, default=8, help="Prompts generated together (left-padded).")
     data.add_argument(
-        "--max_src_len", type=int, default=None, help="Cut prompts to this many tokens as training did."
-    )
-    data.add_argument(
         "--max_samples",
         "--limit",
         dest="max_samples",
@@ -75,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Answer only the first N records.",
     )
+    add_arguments(data, DataArgs, only=["max_src_len"], defaults_from="no cut", grouped=False)
 
     chat = parser.add_argument_group("interactive chat")
     chat.add_argument(
@@ -82,45 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--system", default=None, help="System prompt of the chat (e.g. a role description).")
 
-    gen = parser.add_argument_group("generation (default: the model's generation_config.json)")
-    gen.add_argument("--max_new_tokens", type=int, default=None, help="Most tokens generated per answer.")
-    gen.add_argument(
-        "--do_sample",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Sample (or --no-do_sample: greedy).",
-    )
-    gen.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
-    gen.add_argument(
-        "--top_p", type=float, default=None, help="Nucleus sampling: keep the top tokens with this much mass."
-    )
-    gen.add_argument(
-        "--top_k", type=int, default=None, help="Sample among the k most likely tokens (0 = all)."
-    )
-    gen.add_argument(
-        "--repetition_penalty", type=float, default=None, help="Penalty for repeating tokens (1 = off)."
-    )
-    gen.add_argument("--num_beams", type=int, default=None, help="Beam search width (1 = no beam search).")
-    gen.add_argument("--seed", type=int, default=1234, help="Random seed (makes sampling repeatable).")
+    add_arguments(parser, GenerationArgs)
+    parser.add_argument("--seed", type=int, default=1234, help="Random seed (makes sampling repeatable).")
     return parser
-
-
-def check_output_path(args: argparse.Namespace) -> None:
-    """Refuse an --output_path that cannot be written as a file, before hours of generation."""
-    out = Path(args.output_path)
-    if out.is_dir():
-        raise ValueError(
-            f"--output_path {out} is a directory: pass a file name such as {out / 'predictions.jsonl'}"
-        )
-    if out.exists() and out.resolve() == Path(args.data_path).resolve():
-        raise ValueError(f"--output_path {out} is the --data_path input: pass another file name")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # the nearest existing ancestor: the missing directories are created
-    if not parent.is_dir():
-        raise ValueError(f"--output_path {out} cannot be created: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output_path {out} cannot be created: no permission to write in {parent}")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -150,23 +111,11 @@ def validate(args: argparse.Namespace) -> None:
     if problems:
         raise ValueError("; ".join(problems))
     if not args.chat:
-        check_output_path(args)
+        check_output_path(
+            args.output_path, "--output_path", kind="file", inputs={"--data_path": args.data_path}
+        )
     model_path = require_local_dir(args.model_path, "--model_path")
-    check_generation_flags(read_generation_config(model_path), **generation_flags(args))
-
-
-def generation_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation flags as given; None leaves the model's generation_config value."""
-    names = (
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "do_sample",
-        "num_beams",
-    )
-    return {name: getattr(args, name) for name in names}
+    from_namespace(GenerationArgs, args).check(read_generation_config(model_path))
 
 
 def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -184,9 +133,9 @@ def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Model, tokenizer, chat template and generation config from the flags."""
-    loaded = load_from_flags(args)
+    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = build_generation_config(model, tokenizer, **generation_flags(args))
+    config = build_generation_config(model, tokenizer, from_namespace(GenerationArgs, args))
     logger.info("template %s; generation: %s", loaded.template_name, describe(config))
     return model, tokenizer, loaded.template, config
 
@@ -200,7 +149,7 @@ def predict_file(
     config: Any,
 ) -> int:
     """Answer ``records`` (from --data_path) and write prompt, prediction and references to --output_path."""
-    from sft.data.formats import DataFormatError, write_jsonl_atomic
+    from sft.data.formats import DataFormatError, split_prompt, write_jsonl_atomic
 
     if args.max_samples is not None:
         records = records[: args.max_samples]
@@ -283,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    register_models()
     from sft.data.formats import DataFormatError
 
     try:

@@ -8,9 +8,10 @@ main() runs the steps in order: parse and validate the arguments, set up the pro
 tokenizer, the data, the model, the DeepSpeed engine, resume if asked, the training loop (with
 evaluation and checkpoints at save steps and epoch ends), the final save. See docs/TRAINING.md.
 
-Who owns what: DeepSpeed owns precision, gradient accumulation, clipping and the optimizer step;
-sft.distributed owns rank logic; sft.loss the memory-lean loss; sft.evaluation perplexity;
-sft.checkpoint saving and resuming.
+Who owns what: DeepSpeed owns precision, gradient accumulation, clipping and the optimizer step
+(sft.ds_config fills its config from the flags); sft.distributed owns rank logic; sft.loss the loss;
+sft.evaluation perplexity; sft.checkpoint the checkpoint directory (saving and resuming);
+sft.metrics the TensorBoard window; sft.stopping SIGTERM/Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sft.args import ArgsError, TrainArgs, build_ds_config, parse_args, validate_args, zero_stage
+from models import register_models
+from sft.args import TrainArgs, parse_args, validate_args
 from sft.checkpoint import (
     CheckpointError,
     TrainProgress,
@@ -42,6 +42,7 @@ from sft.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from sft.cli import ArgsError, set_seed, setup_logging
 from sft.data.formats import DataFormatError
 from sft.distributed import (
     all_reduce_min,
@@ -53,10 +54,12 @@ from sft.distributed import (
     init_distributed,
     is_main_process,
 )
+from sft.ds_config import build_ds_config, zero_stage
 from sft.evaluation import evaluate_perplexity
 from sft.loss import IGNORE_INDEX, batch_loss_sums
-from sft.modeling import load_model_for_training, load_tokenizer, unwrap_model
-from utils import set_seed, setup_logging
+from sft.metrics import Metrics
+from sft.modeling import load_model_for_training, load_tokenizer
+from sft.stopping import GracefulStop, TrainingStopped
 
 logger = logging.getLogger("train")
 
@@ -87,16 +90,20 @@ class Data:
 
 
 def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
-    """Tokenise the data sets with the chat template and build this rank's loaders."""
+    """Tokenise the data sets with the chat template and build this rank's loaders.
+
+    The template chosen by default is written into ``args.template``, so the checkpoints record the one
+    training used and the inference tools pick it up.
+    """
     from transformers import AutoConfig
 
-    from sft.data.dataset import build_dataloader, load_sft_dataset
-    from sft.data.templates import default_template_name, get_template
+    from sft.data.dataset import build_dataloader, build_eval_dataloader, load_sft_dataset
+    from sft.data.templates import get_template, resolve_template_name
 
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
-    template_name = args.template or default_template_name(model_type)
-    template = get_template(template_name, tokenizer, model_dir=args.model_name_or_path)
-    logger.info("chat template %s (model type %s)", template_name, model_type)
+    args.template = resolve_template_name(args.template, tokenizer, model_type)
+    template = get_template(args.template, tokenizer, model_dir=args.model_name_or_path)
+    logger.info("chat template %s (model type %s)", args.template, model_type)
 
     def load(path: str, flag: str):
         try:
@@ -120,7 +127,6 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     common = {
         "packing": args.packing,
         "max_len": args.max_len,
-        "seed": args.seed,
         "rank": get_rank(),
         "world_size": get_world_size(),
         "pad_token_id": tokenizer.pad_token_id,
@@ -129,18 +135,14 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         load(args.train_path, "--train_path"),
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
+        seed=args.seed,
         group_by_length=args.group_by_length,
         **common,
     )
     eval_loader = None
     if args.test_path:
-        eval_loader = build_dataloader(
-            load(args.test_path, "--test_path"),
-            batch_size=args.per_device_eval_batch_size,
-            shuffle=False,
-            group_by_length=False,
-            for_eval=True,
-            **common,
+        eval_loader = build_eval_dataloader(
+            load(args.test_path, "--test_path"), batch_size=args.per_device_eval_batch_size, **common
         )
     # Every rank must run the same number of micro-batches (each backward may be a collective).
     n_micro = int(all_reduce_min(torch.tensor(len(train_loader), device=device)).item())
@@ -195,77 +197,6 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
 # --------------------------------------------------------------------------------------------------
 # 4. the loop
 # --------------------------------------------------------------------------------------------------
-class Metrics:
-    """TensorBoard scalars (rank 0) plus the loss/throughput window between two logging steps.
-
-    The window lives on the device: nothing is read back to the host until a logging step.
-    """
-
-    def __init__(self, args: TrainArgs, device: torch.device, start_step: int):
-        self.device = device
-        self.writer = None
-        if is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events a previous, interrupted run logged after the checkpoint we resume from.
-            self.writer = SummaryWriter(
-                str(args.tensorboard_path), purge_step=start_step + 1 if start_step else None
-            )
-        self.reset()
-
-    def reset(self) -> None:
-        self.nll = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's NLL sum
-        self.counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # global (learned, input) tokens
-        self.steps = 0  # optimizer steps in the window
-        self.started = time.perf_counter()
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class GracefulStop:
-    """While training, the first SIGTERM or SIGINT asks for a checkpoint at the end of the current step, then a stop.
-
-    Schedulers send SIGTERM before they preempt or time out a job, and Ctrl-C is SIGINT: either way the run keeps
-    its progress and `--resume_from_checkpoint latest` continues it exactly. A second signal stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> GracefulStop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning(
-            "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once)",
-            signal.Signals(signum).name,
-        )
-
-
-class TrainingStopped(Exception):
-    """Raised after the checkpoint a GracefulStop asked for is saved."""
-
-    def __init__(self, signum: int, checkpoint: str) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}")
-        self.signum = signum
-
-
 def train_step(
     args: TrainArgs,
     engine,
@@ -291,13 +222,11 @@ def train_step(
     # One reduction per step carries the token counts and the stop requests of all ranks.
     counts = all_reduce_sum(torch.tensor([learned, inputs, stop.signum], dtype=torch.int64, device=device))
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
-    # Baichuan2 configs may ask for a z-loss (log Z kept near 0); other models have no such field.
-    z_loss_weight = float(getattr(unwrap_model(engine).config, "z_loss_weight", 0) or 0)
 
     for i, batch in enumerate(micro_batches):
         # The last micro-batch closes the accumulation window, also when an epoch ends early.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        nll_sum, _ = batch_loss_sums(engine, batch, device, z_loss_weight=z_loss_weight)
+        nll_sum, _ = batch_loss_sums(engine, batch, device)
         engine.backward(nll_sum * scale)
         metrics.nll += nll_sum.detach().double()
     engine.step()
@@ -307,51 +236,26 @@ def train_step(
     return bool(counts[2])
 
 
-def log_train_metrics(engine, metrics: Metrics, step: int, progress_bar) -> None:
-    """Reduce the window over ranks and publish loss, lr, grad norm, throughput (a host sync)."""
-    nll = all_reduce_sum(metrics.nll.clone()).item()
-    learned, inputs = metrics.counts.tolist()
-    elapsed = time.perf_counter() - metrics.started
-    loss = nll / max(learned, 1)
-    lr = engine.get_lr()[0]
-    grad_norm = engine.get_global_grad_norm()
-    tokens_per_sec = inputs / max(elapsed, 1e-9)
-    metrics.scalar("train/loss", loss, step)
-    metrics.scalar("train/lr", lr, step)
-    if grad_norm is not None:
-        metrics.scalar("train/grad_norm", float(grad_norm), step)
-    metrics.scalar("train/tokens_per_sec", tokens_per_sec, step)
-    if torch.cuda.is_available():
-        metrics.scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
-    if progress_bar is not None:
-        progress_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
-    logger.debug(
-        "step %d loss %.4f lr %.3e grad_norm %s tok/s %.0f", step, loss, lr, grad_norm, tokens_per_sec
-    )
-    metrics.reset()
-
-
 def evaluate_and_save(
     args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics
 ) -> None:
     """Perplexity on the test set (all ranks), then an adapter checkpoint, then rotation."""
-    paused = time.perf_counter()
-    progress.eval = {}
-    if data.eval is not None:
-        result = evaluate_perplexity(engine, data.eval)
-        progress.eval = result
-        metrics.scalar("eval/loss", result["loss"], progress.step)
-        metrics.scalar("eval/ppl", result["ppl"], progress.step)
-        logger.info(
-            "step %d eval loss %.4f ppl %.3f (%d tokens)",
-            progress.step,
-            result["loss"],
-            result["ppl"],
-            result["tokens"],
-        )
-    save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
-    rotate_checkpoints(args.output_dir, args.save_total_limit)
-    metrics.started += time.perf_counter() - paused  # keep evaluation and saving out of tokens/s
+    with metrics.pause():  # keep evaluation and saving out of tokens/s
+        progress.eval = {}
+        if data.eval is not None:
+            result = evaluate_perplexity(engine, data.eval)
+            progress.eval = result
+            metrics.scalar("eval/loss", result["loss"], progress.step)
+            metrics.scalar("eval/ppl", result["ppl"], progress.step)
+            logger.info(
+                "step %d eval loss %.4f ppl %.3f (%d tokens)",
+                progress.step,
+                result["loss"],
+                result["ppl"],
+                result["tokens"],
+            )
+        save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
+        rotate_checkpoints(args.output_dir, args.save_total_limit)
 
 
 def train(
@@ -364,7 +268,7 @@ def train(
     if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
-    metrics = Metrics(args, device, progress.step)
+    metrics = Metrics(str(args.tensorboard_path), device, progress.step)
     progress_bar = (
         tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
         if is_main_process()
@@ -393,7 +297,7 @@ def train(
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if progress.step % args.show_loss_step == 0:
-                    log_train_metrics(engine, metrics, progress.step, progress_bar)
+                    metrics.log(engine, progress.step, progress_bar)
                 if args.save_model_step and progress.step % args.save_model_step == 0:
                     evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
                     saved_at = progress.step
@@ -412,7 +316,7 @@ def train(
                 progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
     if metrics.steps:  # the last steps, when they did not fill a --show_loss_step window
-        log_train_metrics(engine, metrics, progress.step, progress_bar)
+        metrics.log(engine, progress.step, progress_bar)
     if progress_bar is not None:
         progress_bar.close()
     metrics.close()
@@ -425,6 +329,7 @@ def train(
 def main(argv: list[str] | None = None) -> TrainProgress:
     """Run one training job; returns where it ended (step, epoch, last eval)."""
     setup_logging(int(os.environ.get("RANK", 0)))
+    register_models()
     args = setup_args(argv)
     device = init_distributed()
     setup_logging(get_rank())

@@ -19,15 +19,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sft.generation import (
-    add_model_args,
-    build_generation_config,
-    context_window,
-    fit_history,
-    load_from_flags,
-    stream_reply,
-)
-from utils import set_seed, setup_logging
+from models import register_models
+from sft.cli import HelpFormatter, add_arguments, from_namespace, set_seed, setup_logging
+from sft.inference.chat import context_window, fit_history
+from sft.inference.generate import stream_reply
+from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.settings import GenerationArgs, build_generation_config
 
 logger = logging.getLogger("web_demo")
 
@@ -38,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = argparse.ArgumentParser(
         description="Gradio role-play chat demo (see docs/INFERENCE.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    add_model_args(parser)
+    add_arguments(parser, ModelLoadArgs)
     parser.add_argument(
         "--desc_path",
         required=True,
@@ -92,15 +89,14 @@ class RolePlayChat:
     def settings(self, max_new_tokens: float, top_p: float, temperature: float) -> Any:
         """Generation config for one message from the slider values; temperature 0 = greedy."""
         sample = temperature > 0
-        return build_generation_config(
-            self.model,
-            self.tokenizer,
+        settings = GenerationArgs(
             max_new_tokens=int(max_new_tokens),
             do_sample=sample,
             temperature=float(temperature) if sample else None,
             top_p=float(top_p) if sample else None,
             num_beams=1,
         )
+        return build_generation_config(self.model, self.tokenizer, settings)
 
     def prompt(self, message: str, turns: list[dict[str, str]], role: str, max_new_tokens: int) -> list[int]:
         """Prompt ids for ``message`` after ``turns`` (oldest rounds dropped to leave room for the reply)."""
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
-    import models.baichuan  # noqa: F401  (registers Baichuan2 with the Auto classes)
+    register_models()
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
     from sft.data.formats import DataFormatError
 
@@ -226,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
         system_template.format(role="r", desc="d")
         set_seed(args.seed)
-        loaded = load_from_flags(args)
+        loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     except (ValueError, KeyError, IndexError, FileNotFoundError, DataFormatError) as err:
         logger.error("%s", err)
         return 1

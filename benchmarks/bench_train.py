@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project's packages live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from models import register_models  # noqa: E402
 from models.tiny import build_tiny_baichuan  # noqa: E402
 from sft.data.converters import convert_rolebench  # noqa: E402
 from sft.data.dataset import SFTDataset, build_dataloader, load_sft_dataset  # noqa: E402
@@ -661,6 +662,7 @@ def check_same_work(results: dict[str, VariantResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    register_models()
     if args.worker:
         spec = json.loads(args.spec.read_text(encoding="utf-8"))
         result = run_worker(spec, args.worker)

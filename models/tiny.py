@@ -168,7 +168,6 @@ def build_tiny_baichuan(
     if position not in ("rope", "alibi"):
         raise ValueError(f"build_tiny_baichuan: position must be 'rope' or 'alibi', got {position!r}")
     # Imported here: the tokenizer/Llama parts of this module must work without the modeling file.
-    import models.baichuan  # noqa: F401  (registers BaichuanConfig with the Auto classes)
     from models.baichuan.configuration_baichuan import BaichuanConfig
     from models.baichuan.modeling_baichuan import BaichuanForCausalLM
     from models.baichuan.tokenization_baichuan import BaichuanTokenizer

@@ -1,18 +1,23 @@
-"""Adapter-only checkpoints, training state, resume and rotation.
+"""The run and checkpoint directory format: the one module that writes and reads it.
 
-A checkpoint is a directory ``<output_dir>/epoch-E-step-S/`` (E counts from 1, S is the
-optimizer step) holding
+A run's ``--output_dir`` holds ``runs/`` (TensorBoard) and one directory per checkpoint,
+``epoch-E-step-S/`` (E counts from 1, S is the optimizer step), holding
 
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the trainable weights only, in peft's
   format (``PeftModel.from_pretrained(base, ckpt_dir)`` loads them);
-- the tokenizer files and ``train_args.json`` (the run's arguments);
+- the tokenizer files (with its chat template) and ``train_args.json``: the run's arguments, among
+  them the base model (``model_name_or_path``), its quantisation and the chat template it trained with;
 - ``training_state/``: DeepSpeed's optimizer, scheduler and trainable-weight state (the frozen base
   is never written), plus one ``rng_state_<rank>.pt`` per rank;
 - ``trainer_state.json``: step, epoch, data position and evaluation metrics. It is written last,
-  so a directory without it is an interrupted save and is never resumed from.
+  so a directory without a readable one is an interrupted save and is never resumed from.
 
-Every rank calls :func:`save_checkpoint` (under ZeRO-3 gathering the adapter and saving the
-optimizer partitions are collectives); rank 0 writes the shared files.
+Writing: :func:`save_checkpoint` (every rank calls it: under ZeRO-3 gathering the adapter and saving the
+optimizer partitions are collectives; rank 0 writes the shared files), :func:`rotate_checkpoints`.
+Reading: :func:`list_checkpoints` / :func:`resolve_resume_dir` / :func:`best_checkpoint`,
+:func:`load_checkpoint` (resume), :func:`read_train_args`, and for the inference tools
+:func:`read_adapter` (an :class:`AdapterInfo`: config, tensor shapes, training quantisation and
+template) and :func:`check_adapter_fits_base`. No other module spells these file names.
 """
 
 from __future__ import annotations
@@ -38,13 +43,17 @@ from sft.distributed import barrier, get_rank, get_world_size, is_main_process
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)-step-(\d+)$")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_ARGS = "train_args.json"
+TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "training_state"
 STATE_TAG = "state"
-TRAINER_STATE = "trainer_state.json"
+PEFT_PREFIX = "base_model.model."  # peft's prefix of the adapter's tensor names
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (damaged or incomplete files); the message names it."""
+    """A checkpoint that cannot be used (damaged, incomplete or foreign files); the message names it."""
 
 
 @dataclass
@@ -64,9 +73,59 @@ class TrainProgress:
     eval: dict[str, float] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading the small JSON files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint directory; a one-line ValueError naming the file when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}): the save was cut "
+            "short or the file was edited; repair it or copy the checkpoint again"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}): copy the checkpoint again") from err
+
+
+def read_train_args(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """The run's arguments saved with a checkpoint (``train_args.json``); None when it has none."""
+    path = Path(checkpoint_dir) / TRAIN_ARGS
+    if not path.is_file():
+        return None
+    train_args = read_json(path)
+    if not isinstance(train_args, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(train_args).__name__}, not train.py's arguments object: "
+            "copy the checkpoint again"
+        )
+    return train_args
+
+
+def read_progress(checkpoint_dir: str | Path) -> TrainProgress:
+    """The :class:`TrainProgress` stored in a checkpoint (raises OSError/ValueError/TypeError if unreadable)."""
+    data = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text(encoding="utf-8"))
+    data.pop("world_size", None)  # bookkeeping for resume, not part of the progress
+    return TrainProgress(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
 def checkpoint_name(epoch: int, step: int) -> str:
     """Directory name of a checkpoint: ``epoch-E-step-S`` with E counted from 1."""
     return f"epoch-{epoch + 1}-step-{step}"
+
+
+def _step(path: Path) -> int:
+    """Optimizer step in a checkpoint directory name (-1 when the name is not epoch-E-step-S)."""
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(2)) if match else -1
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -74,18 +133,28 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(2)), path))
+    found = [
+        (_step(path), path)
+        for path in root.iterdir()
+        if CHECKPOINT_PATTERN.match(path.name) and path.is_dir() and (path / TRAINER_STATE).is_file()
+    ]
     return [path for _, path in sorted(found)]
 
 
-def _step(path: Path) -> int:
-    """Optimizer step in a checkpoint directory name (-1 when the name is not epoch-E-step-S)."""
-    match = CHECKPOINT_PATTERN.match(path.name)
-    return int(match.group(2)) if match else -1
+def resume_dir_problem(path: str | Path) -> str | None:
+    """Why ``--resume_from_checkpoint=path`` cannot be resumed from (None when it looks complete)."""
+    path = Path(path)
+    if not (path / STATE_DIR).is_dir():
+        return (
+            f"--resume_from_checkpoint={path} is not a checkpoint directory (no {STATE_DIR}/ inside): "
+            "pass an <output_dir>/epoch-E-step-S directory or 'latest'"
+        )
+    if not (path / TRAINER_STATE).is_file():
+        return (
+            f"--resume_from_checkpoint={path}: {TRAINER_STATE} is missing, so its save was interrupted; "
+            "pass an older checkpoint directory or 'latest' (the newest complete one)"
+        )
+    return None
 
 
 def resolve_resume_dir(resume_from: str, output_dir: str | Path) -> Path | None:
@@ -104,14 +173,262 @@ def resolve_resume_dir(resume_from: str, output_dir: str | Path) -> Path | None:
             )
             return None
         return found[-1]
-    path = Path(resume_from)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint={resume_from}: {TRAINER_STATE} is missing, the save was interrupted; "
-            "pass an older checkpoint directory"
-        )
-    return path
+    problem = resume_dir_problem(resume_from)
+    if problem:
+        raise CheckpointError(problem)
+    return Path(resume_from)
 
+
+def _eval_ppl(checkpoint_dir: Path) -> float | None:
+    """The evaluation perplexity stored in a checkpoint; None when it has none or its state is unreadable.
+
+    Rotation runs in the middle of training: a damaged old trainer_state.json must not end the run.
+    """
+    try:
+        return read_progress(checkpoint_dir).eval.get("ppl")
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning(
+            "cannot read %s (%s): not considered as the best checkpoint", checkpoint_dir / TRAINER_STATE, err
+        )
+        return None
+
+
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest eval perplexity (None when none was evaluated)."""
+    scored = [(ppl, p) for p in list_checkpoints(output_dir) if (ppl := _eval_ppl(p)) is not None]
+    return min(scored, key=lambda item: item[0])[1] if scored else None
+
+
+def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Path]:
+    """Delete all but the newest ``save_total_limit`` checkpoints, always keeping the best by eval ppl.
+
+    Runs on rank 0 only (other ranks return at once); 0 keeps everything.
+
+    Returns:
+        The deleted directories.
+    """
+    if save_total_limit <= 0 or not is_main_process():
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    keep = set(checkpoints[-save_total_limit:])
+    best = best_checkpoint(output_dir)
+    if best is not None:
+        keep.add(best)
+    deleted = [p for p in checkpoints if p not in keep]
+    for path in deleted:
+        shutil.rmtree(path)
+        logger.info("deleted old checkpoint %s (--save_total_limit %d)", path, save_total_limit)
+    return deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters, for the inference tools and the merge
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in ``adapter_model.safetensors``, from its header (no data loaded).
+
+    safetensors checks that the header covers the whole file, so a file cut short by an interrupted
+    save or copy is found here, before any model is loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): the save was cut short or the file was truncated in a copy; "
+            "use another checkpoint, or copy this one again"
+        ) from err
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter directory says about itself, read without loading any weights.
+
+    Attributes:
+        path: the adapter directory.
+        config: its peft ``adapter_config.json``.
+        train_args: the arguments of the run that trained it (``train_args.json``; {} when absent).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    train_args: dict[str, Any]
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type"))
+
+    @property
+    def quantization(self) -> str | None:
+        """The base-weight quantisation it was trained against (None = unknown: no train_args.json)."""
+        return self.train_args.get("quantization")
+
+    @property
+    def double_quant(self) -> bool:
+        return bool(self.train_args.get("double_quant", True))
+
+    @property
+    def template(self) -> str | None:
+        """The chat template it was trained with (None = unknown)."""
+        return self.train_args.get("template") or None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """train.py saves the tokenizer (and its chat template) with every checkpoint."""
+        return (self.path / "tokenizer_config.json").is_file()
+
+    @property
+    def source(self) -> str:
+        """Where the training facts came from, for messages."""
+        return str(self.path / TRAIN_ARGS) if self.train_args else f"{self.path} (no {TRAIN_ARGS})"
+
+
+def read_adapter(adapter_dir: str | Path, flag: str = "--adapter_dir") -> AdapterInfo:
+    """Read and check an adapter directory; a one-line error naming ``flag`` when it is not a usable one.
+
+    Also checks that ``adapter_model.safetensors`` is complete, so a damaged checkpoint is refused with
+    the file's name before any model is loaded.
+    """
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{flag}={adapter_dir} does not exist: pass a checkpoint directory written by train.py"
+        )
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{flag}={adapter_dir} has no {ADAPTER_CONFIG}, so it is not a peft adapter: pass a checkpoint "
+            "directory written by train.py (output_dir/epoch-E-step-S)"
+        )
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file() and not (path / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"{flag}={adapter_dir} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    config = read_json(config_file)
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(
+            f"{config_file} is not a peft adapter config (no 'peft_type'): copy the checkpoint again"
+        )
+    if weights.is_file():
+        adapter_tensor_shapes(path)
+    return AdapterInfo(path=path, config=config, train_args=read_train_args(path) or {})
+
+
+@dataclass(frozen=True)
+class TrainingQuantization:
+    """How the base weights were stored when the adapter was trained (from train_args.json, else flags)."""
+
+    quantization: str | None  # nf4 / fp4 / int8 / none; None = unknown (no train_args.json, no flag)
+    double_quant: bool
+    source: str  # where the values came from, for log messages
+
+
+def training_quantization(
+    info: AdapterInfo, quantization_flag: str | None = None, double_quant_flag: bool | None = None
+) -> TrainingQuantization:
+    """The base-weight quantisation an adapter was trained against.
+
+    ``train_args.json`` is the truth. The flags fill in for adapters without that file; a flag that
+    contradicts the file is an error (the adapter was trained one way, so merging it into a base
+    quantised another way is a mistake).
+    """
+    if info.quantization is not None:
+        if quantization_flag is not None and quantization_flag != info.quantization:
+            raise ValueError(
+                f"--quantization {quantization_flag} contradicts {info.source} (the adapter was trained with "
+                f"quantization={info.quantization}): drop --quantization"
+            )
+        if double_quant_flag is not None and double_quant_flag != info.double_quant:
+            raise ValueError(
+                f"--{'' if double_quant_flag else 'no-'}double_quant contradicts {info.source} "
+                f"(double_quant={info.double_quant}): drop the flag"
+            )
+        return TrainingQuantization(info.quantization, info.double_quant, info.source)
+    double_quant = True if double_quant_flag is None else double_quant_flag
+    source = (
+        "--quantization" if quantization_flag is not None else f"unknown ({info.source}, no --quantization)"
+    )
+    return TrainingQuantization(quantization_flag, double_quant, source)
+
+
+def _expected_lora_shape(module: nn.Module, kind: str, rank: int) -> tuple[int, ...] | None:
+    """The shape a LoRA tensor of ``kind`` must have on ``module`` (None = not a layer LoRA can adapt)."""
+    if isinstance(module, nn.Linear):
+        return {
+            "lora_A": (rank, module.in_features),
+            "lora_B": (module.out_features, rank),
+            "lora_magnitude_vector": (module.out_features,),
+        }.get(kind)
+    if isinstance(module, nn.Embedding):
+        return {
+            "lora_embedding_A": (rank, module.num_embeddings),
+            "lora_embedding_B": (module.embedding_dim, rank),
+        }.get(kind)
+    return None
+
+
+_LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def check_adapter_fits_base(base_dir: str | Path, info: AdapterInfo, *, base_flag: str) -> None:
+    """Refuse an adapter that was not trained on this base (module names or shapes differ).
+
+    peft only warns when an adapter's module names are missing from the model and then runs the base
+    model without the adapter: a LoRA adapter of another architecture would silently do nothing. The
+    base architecture is built on the meta device (no weights, no memory) and every tensor in the
+    adapter file is checked against the module it adapts. All problems are raised together; the message
+    tells to pass the right base as ``base_flag``. Prompt-learning adapters have no such tensors.
+    """
+    if info.peft_type != "LORA":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    modules = dict(model.named_modules())
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    arch = f"{type(model).__name__} (model_type {config.model_type!r}) from {base_dir}"
+
+    problems: list[str] = []
+    for key, shape in adapter_tensor_shapes(info.path).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        lora_kind = next((k for k in _LORA_KINDS if f".{k}" in name), None)
+        if lora_kind is None:
+            # A fully saved module (peft modules_to_save), e.g. "lm_head.weight".
+            if name not in params:
+                problems.append(f"{key}: {arch} has no parameter {name!r}")
+            elif params[name] != shape:
+                problems.append(f"{key}: shape {list(shape)} but the base parameter is {list(params[name])}")
+            continue
+        module_name = name.split(f".{lora_kind}")[0]
+        module = modules.get(module_name)
+        if module is None:
+            problems.append(f"{key}: {arch} has no module {module_name!r}")
+            continue
+        rank = shape[-1] if lora_kind in ("lora_B", "lora_embedding_B") else shape[0]
+        expected = _expected_lora_shape(module, lora_kind, rank)
+        if expected is None:
+            problems.append(f"{key}: {module_name!r} is a {type(module).__name__}, which LoRA cannot adapt")
+        elif expected != shape:
+            problems.append(
+                f"{key}: shape {list(shape)} does not fit {module_name!r} (expects {list(expected)})"
+            )
+    if problems:
+        shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        raise ValueError(
+            f"the adapter in {info.path} does not match the base model {base_dir}: it was trained on another "
+            f"model; pass the base it was trained on as {base_flag}\n  " + "\n  ".join(shown)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume checks
+# ---------------------------------------------------------------------------------------------
 
 # Flags whose change makes a checkpoint's training state unloadable (adapter shapes, optimizer layout) ...
 RESUME_MUST_MATCH = ("peft", "lora_dim", "lora_target", "num_virtual_tokens", "precision")
@@ -138,15 +455,13 @@ def check_resume_args(checkpoint_dir: str | Path, args: dict[str, Any]) -> None:
     :data:`RESUME_SHOULD_MATCH` logs a warning, since training goes on but no longer reproduces an
     uninterrupted run. A checkpoint without ``train_args.json`` is not checked.
     """
-    path = Path(checkpoint_dir) / "train_args.json"
-    if not path.is_file():
-        return
+    path = Path(checkpoint_dir)
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_train_args(path)
     except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path.parent} is damaged: train_args.json is unreadable ({err})"
-        ) from err
+        raise CheckpointError(f"checkpoint {path} is damaged: {err}") from err
+    if saved is None:
+        return
 
     def differing(names: tuple[str, ...]) -> list[str]:
         return [
@@ -158,24 +473,21 @@ def check_resume_args(checkpoint_dir: str | Path, args: dict[str, Any]) -> None:
     conflicts = differing(RESUME_MUST_MATCH)
     if conflicts:
         raise CheckpointError(
-            f"checkpoint {path.parent} was trained with other flags ({'; '.join(conflicts)}): pass the same "
+            f"checkpoint {path} was trained with other flags ({'; '.join(conflicts)}): pass the same "
             "flags to resume it, or start a new run in another --output_dir (without --resume_from_checkpoint)"
         )
     changed = differing(RESUME_SHOULD_MATCH)
     if changed:
         logger.warning(
             "resuming %s with changed flags (%s): training continues, but not as the interrupted run would have",
-            path.parent,
+            path,
             "; ".join(changed),
         )
 
 
-def read_progress(checkpoint_dir: str | Path) -> TrainProgress:
-    """The :class:`TrainProgress` stored in a checkpoint."""
-    with open(Path(checkpoint_dir) / TRAINER_STATE, encoding="utf-8") as fh:
-        data = json.load(fh)
-    data.pop("world_size", None)  # bookkeeping for resume, not part of the progress
-    return TrainProgress(**data)
+# ---------------------------------------------------------------------------------------------
+# Writing and loading the training state
+# ---------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -200,12 +512,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     with _gathered(trainable):
         model.save_pretrained(str(path), safe_serialization=True, is_main_process=is_main_process())
     if is_main_process():
-        from safetensors import safe_open
-
-        with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
-            keys = list(fh.keys())
-            empty = [key for key in keys if 0 in fh.get_slice(key).get_shape()]
-        if not keys or empty:
+        shapes = adapter_tensor_shapes(path)
+        empty = [key for key, shape in shapes.items() if 0 in shape]
+        if not shapes or empty:
             raise RuntimeError(
                 f"adapter saved to {path} is empty or has empty tensors {empty}: the ZeRO-3 gather failed"
             )
@@ -252,6 +561,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _rng_file(checkpoint_dir: Path, rank: int) -> Path:
+    return checkpoint_dir / STATE_DIR / f"rng_state_{rank}.pt"
+
+
 def save_checkpoint(
     engine: Any,
     tokenizer: Any,
@@ -281,9 +594,7 @@ def save_checkpoint(
     save_adapter(model, path)  # collective under ZeRO-3
     if is_main_process():
         tokenizer.save_pretrained(str(path))
-        (path / "train_args.json").write_text(
-            json.dumps(train_args, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        (path / TRAIN_ARGS).write_text(json.dumps(train_args, indent=2, ensure_ascii=False), encoding="utf-8")
 
     with _only_trainable_in_state_dict(model):
         engine.save_checkpoint(
@@ -293,7 +604,7 @@ def save_checkpoint(
             save_latest=False,
             exclude_frozen_parameters=True,
         )
-    torch.save(_rng_state(), path / STATE_DIR / f"rng_state_{get_rank()}.pt")
+    torch.save(_rng_state(), _rng_file(path, get_rank()))
     barrier()
     if is_main_process():
         progress_json = {**asdict(progress), "world_size": get_world_size()}
@@ -345,7 +656,7 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
         raise CheckpointError(
             f"checkpoint {path}: DeepSpeed found no training state in {path / STATE_DIR}; {fix}"
         )
-    rng_file = path / STATE_DIR / f"rng_state_{get_rank()}.pt"
+    rng_file = _rng_file(path, get_rank())
     rng_state = None
     if world_size == get_world_size() and rng_file.is_file():
         try:
@@ -361,45 +672,3 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
         )
     logger.info("resumed from %s (step %d)", path, progress.step)
     return progress, rng_state
-
-
-def _eval_ppl(checkpoint_dir: Path) -> float | None:
-    """The evaluation perplexity stored in a checkpoint; None when it has none or its state is unreadable.
-
-    Rotation runs in the middle of training: a damaged old trainer_state.json must not end the run.
-    """
-    try:
-        return read_progress(checkpoint_dir).eval.get("ppl")
-    except (OSError, ValueError, TypeError) as err:
-        logger.warning(
-            "cannot read %s (%s): not considered as the best checkpoint", checkpoint_dir / TRAINER_STATE, err
-        )
-        return None
-
-
-def best_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the lowest eval perplexity (None when none was evaluated)."""
-    scored = [(ppl, p) for p in list_checkpoints(output_dir) if (ppl := _eval_ppl(p)) is not None]
-    return min(scored, key=lambda item: item[0])[1] if scored else None
-
-
-def rotate_checkpoints(output_dir: str | Path, save_total_limit: int) -> list[Path]:
-    """Delete all but the newest ``save_total_limit`` checkpoints, always keeping the best by eval ppl.
-
-    Runs on rank 0 only (other ranks return at once); 0 keeps everything.
-
-    Returns:
-        The deleted directories.
-    """
-    if save_total_limit <= 0 or not is_main_process():
-        return []
-    checkpoints = list_checkpoints(output_dir)
-    keep = set(checkpoints[-save_total_limit:])
-    best = best_checkpoint(output_dir)
-    if best is not None:
-        keep.add(best)
-    deleted = [p for p in checkpoints if p not in keep]
-    for path in deleted:
-        shutil.rmtree(path)
-        logger.info("deleted old checkpoint %s (--save_total_limit %d)", path, save_total_limit)
-    return deleted

@@ -1,22 +1,24 @@
-"""Memory-lean token-level loss sums for causal-LM fine-tuning.
+"""The training objective: memory-lean token-level cross-entropy (plus a model's optional z-loss).
 
-A 7B model with a 125k vocabulary turns a (4, 2048) batch into 4 GB of fp32
-logits if the whole tensor is upcast at once. These helpers never do that:
-they work on chunks of positions, upcasting one chunk at a time, and return
-*sums* (NLL and learned-token count) so callers can reduce them exactly over
-micro-batches and ranks before dividing.
+This is the one loss implementation of the project: training, evaluation and our Baichuan2 model's own
+``forward(labels=...)`` all go through :func:`flat_loss_sums`. A new training objective goes here.
 
-Two entry points:
+A 7B model with a 125k vocabulary turns a (4, 2048) batch into 4 GB of fp32 logits if the whole
+tensor is upcast at once. Nothing here does that: logits are processed in chunks of rows, each upcast
+to fp32 on its own and recomputed in the backward pass instead of saved, and the functions return
+*sums* (NLL and learned-token count) so callers can reduce them exactly over micro-batches and ranks
+before dividing.
 
-- ``token_loss_sums(logits, labels)``: the contract form. ``labels`` are the
-  model input's labels (unshifted); position ``t`` of ``logits`` predicts
-  ``labels[:, t + 1]``.
-- ``batch_loss_sums(model, batch, device)``: the fast path used by training and
-  evaluation. The model is asked for hidden states only at the positions where
-  some row learns a token (``logits_to_keep``), and its output head is fed only
-  the (row, position) pairs that are learned, so the head's matmul and the
-  logits cover exactly the learned tokens: no prompt, padding or
-  other-row positions.
+Entry points:
+
+- ``flat_loss_sums(logits, targets)``: ``(N, V)`` logits against ``(N,)`` aligned targets.
+- ``token_loss_sums(logits, labels)``: ``(B, T, V)`` logits against the model input's (unshifted) labels.
+- ``batch_loss_sums(model, batch, device)``: the fast path of training and evaluation. The model is
+  asked for hidden states only at the positions where some row learns a token (``logits_to_keep``),
+  and its output head is fed only the learned (row, position) pairs, so the head's matmul and the
+  logits cover exactly the learned tokens: no prompt, padding or other-row positions.
+
+Labels use :data:`IGNORE_INDEX` (-100) where nothing is learned, everywhere in the project.
 """
 
 from __future__ import annotations
@@ -30,52 +32,86 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
-# Positions per chunk: (B * 1024, V) fp32 logits of a 125k vocabulary are 0.5 GB per row of the
-# batch, which bounds the temporary memory while keeping the kernel launches few.
-DEFAULT_CHUNK_POSITIONS = 1024
+# Rows per chunk: (1024, V) fp32 logits of a 125k vocabulary are 0.5 GB, which bounds the temporary
+# memory while keeping the kernel launches few.
+DEFAULT_CHUNK_ROWS = 1024
 
 
-def aligned_loss_sums(
-    logits: torch.Tensor, targets: torch.Tensor, *, chunk_positions: int = DEFAULT_CHUNK_POSITIONS
+def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float) -> torch.Tensor:
+    """NLL (+ z-loss) summed over one ``(c, V)`` chunk, computed in fp32 for an exact log-softmax."""
+    logits = logits.float()
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if z_loss_weight:
+        learned = (targets != IGNORE_INDEX).float()
+        total = total + z_loss_weight * (torch.logsumexp(logits, dim=-1).square() * learned).sum()
+    return total
+
+
+def flat_loss_sums(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    z_loss_weight: float = 0.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token NLL where ``targets`` are already aligned with ``logits``.
+    """Sum of NLL over ``(N, V)`` logits and ``(N,)`` targets, and the count of learned targets.
 
-    Args:
-        logits: ``(B, K, V)`` logits in any float dtype.
-        targets: ``(B, K)`` target ids for each logit position, ``-100`` where no loss is learned.
-        chunk_positions: positions upcast to fp32 at a time.
+    Each chunk of ``chunk_rows`` rows is upcast to fp32 on its own, and under autograd it is recomputed in
+    the backward pass (activation checkpointing) instead of being saved: neither pass holds an ``(N, V)``
+    fp32 tensor. With ``z_loss_weight > 0`` the sum also holds ``z_loss_weight * logsumexp(logits)**2`` of
+    every learned row (Baichuan2's optional z-loss, which keeps the softmax normaliser near 1).
 
     Returns:
-        ``(nll_sum, n_tokens)``: fp32 scalar sum of the NLL and int64 scalar count of learned tokens.
-        Both stay on the logits' device (no host sync).
+        ``(nll_sum, n_tokens)``: fp32 scalar and int64 scalar, on the logits' device (no host sync).
     """
-    if logits.shape[:2] != targets.shape:
+    if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not align")
     targets = targets.to(logits.device)
-    nll_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[1], chunk_positions):
-        chunk = logits[:, start : start + chunk_positions]  # (B, c, V)
-        chunk_targets = targets[:, start : start + chunk_positions]  # (B, c)
-        nll_sum = nll_sum + _chunk_loss_sum(
-            chunk.reshape(-1, chunk.shape[-1]), chunk_targets.reshape(-1), 0.0
-        )
-    return nll_sum, (targets != IGNORE_INDEX).sum()
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk, chunk_targets = logits[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            total = total + checkpoint(
+                _chunk_loss_sum, chunk, chunk_targets, z_loss_weight, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_loss_sum(chunk, chunk_targets, z_loss_weight)
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` targets aligned with the logits: position ``t`` predicts ``labels[:, t + 1]`` (last: none)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def token_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, *, chunk_positions: int = DEFAULT_CHUNK_POSITIONS
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    z_loss_weight: float = 0.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLL and count of learned tokens for full-length logits.
 
     Args:
         logits: ``(B, T, V)`` logits for every input position.
         labels: ``(B, T)`` *unshifted* labels (the model input's labels, ``-100`` = no loss).
-        chunk_positions: positions upcast to fp32 at a time.
 
     Returns:
-        ``(nll_sum, n_tokens)`` as in :func:`aligned_loss_sums`.
+        ``(nll_sum, n_tokens)`` as in :func:`flat_loss_sums`.
     """
-    return aligned_loss_sums(logits[:, :-1], labels[:, 1:], chunk_positions=chunk_positions)
+    targets = shifted_targets(labels.to(logits.device))
+    return flat_loss_sums(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        z_loss_weight=z_loss_weight,
+        chunk_rows=chunk_rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path of training and evaluation
+# ---------------------------------------------------------------------------------------------
 
 
 def learned_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -102,43 +138,6 @@ def kept_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return labels[:, positions + 1]
 
 
-def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float) -> torch.Tensor:
-    """NLL (+ z-loss) summed over one ``(c, V)`` chunk, computed in fp32 for an exact log-softmax."""
-    logits = logits.float()
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if z_loss_weight:
-        learned = (targets != IGNORE_INDEX).float()
-        total = total + z_loss_weight * (torch.logsumexp(logits, dim=-1).square() * learned).sum()
-    return total
-
-
-def flat_loss_sums(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    z_loss_weight: float = 0.0,
-    chunk_rows: int = DEFAULT_CHUNK_POSITIONS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of NLL over ``(N, V)`` logits and ``(N,)`` targets, and the count of learned targets.
-
-    Each chunk of ``chunk_rows`` rows is upcast to fp32 on its own, and under autograd it is recomputed in
-    the backward pass (activation checkpointing) instead of being saved: neither pass holds an ``(N, V)``
-    fp32 tensor. With ``z_loss_weight > 0`` the sum also holds ``z_loss_weight * logsumexp(logits)**2`` of
-    every learned row (Baichuan2's optional z-loss, which keeps the softmax normaliser near 1).
-    """
-    targets = targets.to(logits.device)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk, chunk_targets = logits[start : start + chunk_rows], targets[start : start + chunk_rows]
-        if torch.is_grad_enabled() and chunk.requires_grad:
-            total = total + checkpoint(
-                _chunk_loss_sum, chunk, chunk_targets, z_loss_weight, use_reentrant=False
-            )
-        else:
-            total = total + _chunk_loss_sum(chunk, chunk_targets, z_loss_weight)
-    return total, (targets != IGNORE_INDEX).sum()
-
-
 @contextmanager
 def head_only_on(head: torch.nn.Module, flat_index: torch.Tensor) -> Iterator[None]:
     """Feed the output ``head`` only the hidden states at ``flat_index`` of the flattened ``(B, K)`` grid.
@@ -160,23 +159,61 @@ def head_only_on(head: torch.nn.Module, flat_index: torch.Tensor) -> Iterator[No
         handle.remove()
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def _active_peft_config(model: torch.nn.Module):
+    from peft import PeftModel
+
+    model = unwrap_model(model)
+    return model.active_peft_config if isinstance(model, PeftModel) else None
+
+
+def prepended_positions(model: torch.nn.Module) -> int:
+    """Positions a prompt-learning adapter prepends to the sequence (prompt/p-tuning), else 0.
+
+    The logits of such a model start with these virtual positions, so loss positions shift by it.
+    Prefix tuning adds keys/values, not positions, and LoRA adds nothing.
+    """
+    from peft import PeftType
+
+    config = _active_peft_config(model)
+    if config is not None and config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
+        return int(config.num_virtual_tokens)
+    return 0
+
+
+def uses_position_ids(model: torch.nn.Module) -> bool:
+    """Whether ``position_ids`` may be passed to the model (peft prompt-learning models ignore them)."""
+    config = _active_peft_config(model)
+    return not (config is not None and config.is_prompt_learning)
+
+
+def z_loss_weight(model: torch.nn.Module) -> float:
+    """The z-loss weight the model's config declares (Baichuan2's ``z_loss_weight``), in training only.
+
+    The z-loss is the model's business: its config says whether it wants one. Evaluation (``model.eval()``)
+    always measures pure NLL, so perplexities stay comparable across models.
+    """
+    if not model.training:
+        return 0.0
+    config = getattr(unwrap_model(model), "config", None)
+    return float(getattr(config, "z_loss_weight", 0.0) or 0.0)
+
+
 def batch_loss_sums(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    device: torch.device,
-    *,
-    z_loss_weight: float = 0.0,
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one collated batch and return ``(nll_sum, n_tokens)`` on ``device``.
 
     The model computes hidden states only at learned positions (``logits_to_keep``), shifted by the
     virtual tokens a prompt-learning adapter prepends, and its output head only at the learned
     (row, position) pairs (:func:`head_only_on`). ``batch`` holds the data loader's CPU tensors: the
-    indices are found on the host, so this function never waits for the device.
-    ``z_loss_weight`` adds the z-loss term to the sum (training only; evaluation wants pure NLL).
+    indices are found on the host, so this function never waits for the device. In training mode the
+    sum includes the model's z-loss (:func:`z_loss_weight`).
     """
-    from sft.modeling import prepended_positions, unwrap_model, uses_position_ids
-
     labels = batch["labels"]
     positions = learned_positions(labels)  # (K,) on the host
     targets = kept_targets(labels, positions)  # (B, K)
@@ -190,4 +227,4 @@ def batch_loss_sums(
     head = unwrap_model(model).get_output_embeddings()
     with head_only_on(head, flat_index.to(device, non_blocking=True)):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
-    return flat_loss_sums(logits, targets.flatten()[flat_index], z_loss_weight=z_loss_weight)
+    return flat_loss_sums(logits, targets.flatten()[flat_index], z_loss_weight=z_loss_weight(model))

@@ -6,10 +6,11 @@ Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py an
 - :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
 - :func:`find_lora_targets` -- every linear layer except the output head.
 - :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up.
-- :func:`prepended_positions` -- how many positions a prompt-learning adapter adds in front.
+- :func:`keep_4bit_weights_unpacked` -- 4-bit layers compute the same way in training, evaluation,
+  inference and merge checks.
 
-Importing ``models.baichuan`` registers our Baichuan2 with the Auto classes, so every
-function here handles Baichuan2 and every causal LM transformers ships.
+Every function here handles every causal LM the transformers Auto classes resolve: Baichuan2 too once
+the entry point has called ``models.register_models()``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sft.args import ArgsError
+from sft.cli import ArgsError
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -40,16 +41,13 @@ warnings.filterwarnings(
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = tuple(DTYPES)
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
 
 def torch_dtype(precision: str) -> torch.dtype:
     """``"bf16"|"fp16"|"fp32"`` -> the torch dtype."""
     return DTYPES[precision]
-
-
-def _register_models() -> None:
-    """Register our Baichuan2 classes with transformers' Auto classes (idempotent)."""
-    import models.baichuan  # noqa: F401  (import side effect: Auto-class registration)
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -60,7 +58,6 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    _register_models()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
@@ -125,7 +122,6 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
-    _register_models()
     bnb_config = quantization_config(
         quantization, dtype, double_quant=double_quant, quant_storage=quant_storage
     )
@@ -274,33 +270,3 @@ def keep_4bit_weights_unpacked(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def prepended_positions(model: nn.Module) -> int:
-    """Positions a prompt-learning adapter prepends to the sequence (prompt/p-tuning), else 0.
-
-    The logits of such a model start with these virtual positions, so loss positions shift by it.
-    Prefix tuning adds keys/values, not positions, and LoRA adds nothing.
-    """
-    from peft import PeftModel, PeftType
-
-    model = unwrap_model(model)
-    if not isinstance(model, PeftModel):
-        return 0
-    config = model.active_peft_config
-    if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
-        return int(config.num_virtual_tokens)
-    return 0
-
-
-def uses_position_ids(model: nn.Module) -> bool:
-    """Whether ``position_ids`` may be passed to the model (peft prompt-learning models ignore them)."""
-    from peft import PeftModel
-
-    model = unwrap_model(model)
-    return not (isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning)

@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import register_models
 from models.tiny import build_tiny_baichuan, build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+# The one registration every entry point makes: tests load Baichuan2 directories through the Auto classes.
+register_models()
 
 # The CI machine has 2 cores shared with other jobs: more threads only add contention for tiny models.
 torch.set_num_threads(2)

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.args import REPO_ROOT, ArgsError, TrainArgs, build_ds_config, build_parser, parse_args, validate_args
+from sft.args import ArgsError, TrainArgs, build_parser, parse_args, validate_args
+from sft.ds_config import build_ds_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -269,3 +272,13 @@ def test_unknown_lora_target_is_an_argument_error(tiny_baichuan_dir):
     with pytest.raises(ArgsError, match="--lora_target q_proj: no such module in BaichuanForCausalLM"):
         build_peft_config(args, model)
     assert build_peft_config(parse_args(["--lora_target", "W_pack"]), model).target_modules == {"W_pack"}
+
+
+def test_docs_flag_tables_are_generated_from_the_code():
+    """docs/TRAINING.md's flag tables are the help texts of TrainArgs (one source of truth)."""
+    from sft.cli import flag_table, generated_block
+
+    docs = (REPO_ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    assert generated_block("train-flags", flag_table(TrainArgs)) in docs, (
+        "docs/TRAINING.md is out of date: run python -m sft.args --update-docs"
+    )

@@ -327,7 +327,7 @@ def test_cli_unusable_output_paths_fail_before_converting(tmp_path: Path, shared
         '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
     )
     result = run_cli("conversations", "--input", str(src), "--output", str(tmp_path))
-    assert result.returncode == 1 and f"--output {tmp_path} is a directory" in result.stderr
+    assert result.returncode == 1 and f"--output={tmp_path} is a directory" in result.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     result = run_cli("conversations", "--input", str(src), "--output", str(blocker / "sub" / "out.jsonl"))
@@ -335,7 +335,7 @@ def test_cli_unusable_output_paths_fail_before_converting(tmp_path: Path, shared
     result = run_cli(
         "rolebench", "--data_dir", str(shared_data_dir / "rolebench-zh"), "--out_dir", str(blocker)
     )
-    assert result.returncode == 1 and f"--out_dir {blocker} is a file" in result.stderr
+    assert result.returncode == 1 and f"--out_dir={blocker} is a file" in result.stderr
     assert "Traceback" not in result.stderr and "rolebench train" not in result.stdout  # nothing converted
 
 

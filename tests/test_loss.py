@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from sft.loss import (
     IGNORE_INDEX,
-    aligned_loss_sums,
     batch_loss_sums,
+    flat_loss_sums,
     kept_targets,
     learned_positions,
     token_loss_sums,
@@ -40,7 +40,7 @@ def test_token_loss_sums_matches_reference_in_every_chunking():
     labels = _labels(3, 32, 50)
     ref_nll, ref_tokens = _reference(logits, labels)
     for chunk in (1, 5, 31, 1024):
-        nll, tokens = token_loss_sums(logits, labels, chunk_positions=chunk)
+        nll, tokens = token_loss_sums(logits, labels, chunk_rows=chunk)
         assert tokens.item() == ref_tokens
         assert abs(nll.item() - ref_nll) < 1e-3 * abs(ref_nll)
         assert nll.dtype == torch.float32
@@ -52,7 +52,10 @@ def test_kept_positions_give_the_same_loss():
     labels = _labels(3, 32, 50)
     positions = learned_positions(labels)
     assert 24 not in positions.tolist() and 25 not in positions.tolist()  # predicting labels 25, 26
-    nll, tokens = aligned_loss_sums(logits[:, positions], kept_targets(labels, positions))
+    kept = logits[:, positions]
+    nll, tokens = flat_loss_sums(
+        kept.reshape(-1, kept.shape[-1]), kept_targets(labels, positions).reshape(-1)
+    )
     ref_nll, ref_tokens = _reference(logits, labels)
     assert tokens.item() == ref_tokens
     assert abs(nll.item() - ref_nll) < 1e-4 * abs(ref_nll)
@@ -62,7 +65,7 @@ def test_no_learned_token_gives_zero():
     labels = torch.full((2, 8), IGNORE_INDEX)
     positions = learned_positions(labels)
     assert positions.tolist() == [0]
-    nll, tokens = aligned_loss_sums(torch.randn(2, 1, 10), kept_targets(labels, positions))
+    nll, tokens = flat_loss_sums(torch.randn(2, 10), kept_targets(labels, positions).reshape(-1))
     assert tokens.item() == 0 and nll.item() == 0.0
 
 
@@ -117,8 +120,9 @@ def test_peft_methods_loss_matches_the_models_own_loss(tiny_llama_dir, tiny_baic
 
 
 def test_flat_loss_with_z_loss_equals_the_baichuan_model_loss(tiny_baichuan_dir):
-    """batch_loss_sums with the config's z-loss weight gives the model's own loss (CE + z-loss), and the
-    head-on-learned-pairs path yields gradients equal to the full-logits loss's gradients."""
+    """In training, batch_loss_sums takes the z-loss weight from the model's config and gives the model's own
+    loss (CE + z-loss); the head-on-learned-pairs path yields gradients equal to the full-logits loss's
+    gradients. In evaluation it is pure NLL."""
     from peft import LoraConfig, get_peft_model
 
     base = load_base_model(tiny_baichuan_dir, "none", torch.float32)
@@ -126,7 +130,7 @@ def test_flat_loss_with_z_loss_equals_the_baichuan_model_loss(tiny_baichuan_dir)
     torch.manual_seed(0)
     model = get_peft_model(
         base, LoraConfig(r=4, target_modules=["W_pack", "o_proj"], init_lora_weights=False)
-    )
+    ).train()
     vocab = base.config.vocab_size
     input_ids = torch.randint(3, vocab, (3, 32), generator=torch.Generator().manual_seed(4))
     labels = _labels(3, 32, vocab)
@@ -137,9 +141,17 @@ def test_flat_loss_with_z_loss_equals_the_baichuan_model_loss(tiny_baichuan_dir)
     ref_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
 
-    total, tokens = batch_loss_sums(model, batch, torch.device("cpu"), z_loss_weight=0.5)
+    total, tokens = batch_loss_sums(model, batch, torch.device("cpu"))
     (total / tokens).backward()
     assert abs((total / tokens).item() - reference.item()) < 1e-5
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    model.eval()
+    with torch.no_grad():
+        nll, n = batch_loss_sums(model, batch, torch.device("cpu"))
+        plain = torch.nn.functional.cross_entropy(
+            model(input_ids=input_ids).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"
+        )
+    assert n == tokens and abs(nll.item() - plain.item()) < 1e-3 and nll.item() < total.item()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.baichuan  # noqa: F401  (Auto-class registration)
-from sft.merge import MergeReport, merge_lora, use_training_numerics
+from sft.merge import MergeReport, merge_lora
+from sft.modeling import keep_4bit_weights_unpacked
 
 PROBE_BATCH = torch.tensor([[5, 17, 300, 42, 8, 999, 250, 61], [1, 2, 3, 400, 77, 12, 13, 14]])
 
@@ -69,7 +69,7 @@ def load_reference(base_dir: Path, adapter_dir: Path, quantization: str) -> torc
 
     base = load_base_model(base_dir, quantization, torch.float32, device_map={"": "cpu"})
     if quantization != "none":
-        use_training_numerics(base)
+        keep_4bit_weights_unpacked(base)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
@@ -275,5 +275,5 @@ def test_refuses_damaged_checkpoint_files_naming_them(tiny_baichuan_dir, baichua
 def test_refuses_output_below_a_file_before_merging(tiny_baichuan_dir, baichuan_adapter, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(FileExistsError, match=f"cannot be created: {re.escape(str(blocker))} is a file"):
+    with pytest.raises(ValueError, match=f"cannot be created: {re.escape(str(blocker))} is a file"):
         merge_lora(tiny_baichuan_dir, baichuan_adapter, blocker / "merged")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.baichuan  # noqa: F401  (Auto-class registration)
 from sft.merge import merge_lora
 from tests.test_merge import make_adapter
 
@@ -99,11 +98,14 @@ def test_output_rows_and_left_padding(setup):
 def test_generation_flags_are_honoured(setup):
     """max_new_tokens bounds the answer; an impossible combination is refused before loading."""
     import predict
-    from sft.generation import build_generation_config, load_for_inference
+    from sft.inference.loading import load_for_inference
+    from sft.inference.settings import GenerationArgs, build_generation_config
 
     model, tokenizer = load_for_inference(setup["merged"])
     config = build_generation_config(
-        model, tokenizer, max_new_tokens=3, do_sample=False, repetition_penalty=1.3, num_beams=2
+        model,
+        tokenizer,
+        GenerationArgs(max_new_tokens=3, do_sample=False, repetition_penalty=1.3, num_beams=2),
     )
     assert (config.max_new_tokens, config.do_sample, config.repetition_penalty, config.num_beams) == (
         3,
@@ -111,7 +113,7 @@ def test_generation_flags_are_honoured(setup):
         1.3,
         2,
     )
-    sampled = build_generation_config(model, tokenizer, temperature=0.7, top_p=0.5, top_k=7)
+    sampled = build_generation_config(model, tokenizer, GenerationArgs(temperature=0.7, top_p=0.5, top_k=7))
     assert sampled.do_sample and (sampled.temperature, sampled.top_p, sampled.top_k) == (
         0.7,
         0.5,
@@ -144,7 +146,9 @@ def test_generation_flags_are_honoured(setup):
 def test_chat_mode_keeps_history_and_streams(setup):
     """Two turns through stdin; the second answer is the greedy answer to the whole conversation."""
     from sft.data.templates import get_template
-    from sft.generation import build_generation_config, generate_batch, load_for_inference
+    from sft.inference.generate import generate_batch
+    from sft.inference.loading import load_for_inference
+    from sft.inference.settings import GenerationArgs, build_generation_config
 
     proc = subprocess.run(
         [
@@ -175,7 +179,7 @@ def test_chat_mode_keeps_history_and_streams(setup):
 
     model, tokenizer = load_for_inference(setup["merged"])
     template = get_template("baichuan2", tokenizer, setup["merged"])
-    config = build_generation_config(model, tokenizer, do_sample=False, max_new_tokens=8)
+    config = build_generation_config(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=8))
     history = [
         {"role": "user", "content": "你好"},
         {"role": "assistant", "content": replies[0]},
@@ -191,7 +195,7 @@ def test_ppl_equals_hand_computed_perplexity(setup, tmp_path):
     """evaluate.py ppl = exp(sum NLL / learned tokens), computed here by hand from full logits."""
     import evaluate
     from sft.data.templates import get_template
-    from sft.generation import load_for_inference
+    from sft.inference.loading import load_for_inference
 
     answered = [r for r in RECORDS if r["conversations"][-1]["role"] == "assistant"]
     data = tmp_path / "test.jsonl"
@@ -302,7 +306,7 @@ def test_bad_flags_and_output_paths_are_refused_before_loading(setup, tmp_path, 
             setup, *model, "--no-do_sample", "--temperature", "0.5"
         ),
         "--max_new_tokens=0 must be > 0": predict_flags(setup, *model, "--max_new_tokens", "0"),
-        f"--output_path {tmp_path} is a directory": [
+        f"--output_path={tmp_path} is a directory": [
             *model, "--data_path", str(setup["data"]), "--output_path", str(tmp_path),
         ],
         f"cannot be created: {setup['data']} is a file, not a directory": [
@@ -392,7 +396,7 @@ def test_ppl_of_a_4bit_adapter_computes_as_training(tiny_baichuan_dir, tmp_path)
 def test_streamed_pieces_are_final_text(setup):
     """Byte tokens of a character are held back until it is complete; special tokens are skipped;
     user-defined symbols (<reserved_N>, not special) print as in the batch answers."""
-    from sft.generation import reply_streamer
+    from sft.inference.generate import reply_streamer
     from sft.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(setup["base"])

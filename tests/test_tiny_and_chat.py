@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import models.baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 from models.baichuan.generation_utils import build_chat_input, chat
 from models.baichuan.tokenization_baichuan import BaichuanTokenizer
 from models.tiny import main as tiny_main
@@ -142,10 +141,13 @@ def test_cli_help_and_determinism(tiny_baichuan_dir: Path, tmp_path: Path, capsy
 # --- build_chat_input ----------------------------------------------------------------------------------------
 
 
-def _round(tokenizer: BaichuanTokenizer, user: str, assistant: str | None = None) -> list[int]:
+def _round(
+    tokenizer: BaichuanTokenizer, user: str, assistant: str | None = None, *, eos: bool = True
+) -> list[int]:
+    """One round as the baichuan2 template renders it: an answer in the history ends with EOS, as in training."""
     ids = [USER, *tokenizer.encode(user)]
     if assistant is not None:
-        ids += [ASSISTANT, *tokenizer.encode(assistant)]
+        ids += [ASSISTANT, *tokenizer.encode(assistant)] + ([tokenizer.eos_token_id] if eos else [])
     return ids
 
 
@@ -214,7 +216,7 @@ def test_build_chat_input_last_message_from_assistant(baichuan) -> None:
     model, tokenizer = baichuan
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "俺老孙"}]
     # No system message, no trailing assistant token: the prompt continues the assistant's turn.
-    assert build_chat_input(model, tokenizer, messages) == _round(tokenizer, "你好", "俺老孙")
+    assert build_chat_input(model, tokenizer, messages) == _round(tokenizer, "你好", "俺老孙", eos=False)
 
 
 def test_build_chat_input_errors(baichuan, tiny_llama_dir: Path) -> None:

@@ -10,7 +10,6 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-import models.baichuan  # noqa: F401  (registers BaichuanTokenizer with AutoTokenizer)
 from models.baichuan.tokenization_baichuan import BaichuanTokenizer
 from models.tiny import train_sentencepiece
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sft.checkpoint import (
+    STATE_DIR,
     CheckpointError,
     TrainProgress,
     best_checkpoint,
@@ -25,7 +26,7 @@ from sft.checkpoint import (
 
 def _fake(output_dir: Path, epoch: int, step: int, ppl: float | None, *, complete: bool = True) -> Path:
     path = output_dir / checkpoint_name(epoch, step)
-    path.mkdir(parents=True)
+    (path / STATE_DIR).mkdir(parents=True)
     if complete:
         progress = TrainProgress(step=step, epoch=epoch, eval={"ppl": ppl} if ppl is not None else {})
         (path / "trainer_state.json").write_text(json.dumps({**asdict(progress), "world_size": 1}))
@@ -43,7 +44,7 @@ def test_listing_latest_and_rotation(tmp_path):
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["epoch-1-step-5", "epoch-1-step-10", "epoch-2-step-15", "epoch-2-step-20"]  # by step
     assert resolve_resume_dir("latest", tmp_path).name == "epoch-2-step-20"  # never the interrupted one
-    with pytest.raises(FileNotFoundError, match="interrupted"):
+    with pytest.raises(CheckpointError, match="interrupted"):
         resolve_resume_dir(str(interrupted), tmp_path)
     assert resolve_resume_dir("latest", tmp_path / "empty") is None
     assert resolve_resume_dir("", tmp_path) is None

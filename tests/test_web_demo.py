@@ -21,7 +21,6 @@ import pytest
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
-import models.baichuan  # noqa: F401  (Auto-class registration)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,7 +45,7 @@ def profiles_path(shared_data_dir: Path) -> Path:
 def chat(tiny_baichuan_dir: Path, profiles_path: Path):
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
     from sft.data.templates import get_template
-    from sft.generation import load_for_inference
+    from sft.inference.loading import load_for_inference
     from web_demo import RolePlayChat
 
     model, tokenizer = load_for_inference(tiny_baichuan_dir)

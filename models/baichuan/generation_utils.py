@@ -1,47 +1,44 @@
-"""Chat helpers for Baichuan2-Chat models: prompt building in the official turn-token format, and `chat()`.
+"""The official Baichuan2 chat API, ``build_chat_input()`` and ``chat()``, over the project's own pieces.
 
-Prompt format (what the official Baichuan2-Chat models were trained on):
-
-    [system tokens] <user> user text <assistant> reply <user> user text ... <assistant>
-
-`<user>` / `<assistant>` are single reserved tokens whose ids the model directory's `generation_config.json`
-names (`user_token_id` / `assistant_token_id`, 195 / 196 in the official files). The system message is plain
-text tokens with no marker.
-
-History that does not fit in `model_max_length - max_new_tokens` tokens is dropped a whole round (one user turn
-plus the replies after it) at a time, oldest first; the newest round is always kept, and when even that is too
-long the prompt keeps its last tokens.
+Users of the official Baichuan2-Chat files know these two functions; they are kept as a thin layer over
+the one implementation of each job: the ``baichuan2`` chat template (``sft.data.templates``, the same
+prompts training used), history fitting (``sft.inference.chat.fit_history``: oldest rounds dropped first,
+the newest always kept, cut from the left when alone too long) and streamed generation
+(``sft.inference.generate.stream_reply``). Turn tokens come from the generation config
+(``user_token_id`` / ``assistant_token_id``, 195 / 196 in the official files).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from sft.data.templates import Baichuan2Template
+from sft.inference.chat import fit_history
+from sft.inference.generate import stream_reply
 
 Message = dict[str, str]
 
 
 def _resolve(model_or_config: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[GenerationConfig, int]:
-    """Return (generation config, context length) from a model, a GenerationConfig or a model directory."""
-    if isinstance(model_or_config, (str, Path)):
+    """(generation config, context length) of a model, a GenerationConfig or a model directory."""
+    if isinstance(model_or_config, str | Path):
         model_dir = Path(model_or_config)
         if not (model_dir / "generation_config.json").is_file():
             raise FileNotFoundError(
                 f"build_chat_input: {model_dir}/generation_config.json not found; pass a local model directory "
                 "whose generation_config.json names user_token_id/assistant_token_id (no hub ids)."
             )
-        generation_config = GenerationConfig.from_pretrained(model_dir)
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        generation_config = GenerationConfig.from_pretrained(model_dir)
         max_length = config.get("model_max_length") or config.get("max_position_embeddings")
     elif isinstance(model_or_config, GenerationConfig):
-        generation_config = model_or_config
-        max_length = None
+        generation_config, max_length = model_or_config, None
     else:  # a model: its config knows the context length
         generation_config = model_or_config.generation_config
         config = model_or_config.config
@@ -49,25 +46,14 @@ def _resolve(model_or_config: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[
             config, "max_position_embeddings", None
         )
     # The tokenizer's limit is the fallback (transformers uses a huge sentinel when it has none).
-    max_length = max_length or tokenizer.model_max_length
-    return generation_config, int(max_length)
+    return generation_config, int(max_length or tokenizer.model_max_length)
 
 
-def _turn_token_ids(generation_config: GenerationConfig) -> tuple[int, int]:
-    user_id = getattr(generation_config, "user_token_id", None)
-    assistant_id = getattr(generation_config, "assistant_token_id", None)
-    if user_id is None or assistant_id is None:
-        raise ValueError(
-            "build_chat_input: the generation config has no user_token_id/assistant_token_id; the Baichuan2 chat "
-            "format needs them in the model directory's generation_config.json (195/196 in the official files)."
-        )
-    return int(user_id), int(assistant_id)
-
-
-def _split_rounds(messages: Sequence[Message]) -> tuple[str, list[list[Message]]]:
-    """Split messages into (system text, rounds); a round starts at each user message."""
-    system = ""
-    rounds: list[list[Message]] = []
+def _split_messages(messages: Sequence[Message]) -> tuple[str, list[Message]]:
+    """``(system text, turns)`` of official-style messages (system first, then user/assistant)."""
+    if not messages:
+        raise ValueError("build_chat_input: messages is empty.")
+    system, turns = "", []
     for index, message in enumerate(messages):
         role = message["role"]
         if role == "system":
@@ -76,57 +62,26 @@ def _split_rounds(messages: Sequence[Message]) -> tuple[str, list[list[Message]]
                     f"build_chat_input: a system message must come first, found one at index {index}."
                 )
             system = message["content"]
-        elif role == "user":
-            rounds.append([message])
-        elif role == "assistant":
-            if not rounds:  # a conversation opening with the assistant: its own round
-                rounds.append([])
-            rounds[-1].append(message)
+        elif role in ("user", "assistant"):
+            turns.append({"role": role, "content": message["content"]})
         else:
             raise ValueError(
                 f"build_chat_input: message {index} has role {role!r}; only system/user/assistant are supported."
             )
-    return system, rounds
+    return system, turns
 
 
-def _prompt_ids(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    *,
-    user_id: int,
-    assistant_id: int,
-    max_input_tokens: int,
+def _prompt(
+    template: Baichuan2Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], budget: int
 ) -> list[int]:
-    """The Baichuan2-Chat prompt: system ids, then as many rounds as fit (newest kept), then `<assistant>`."""
-    if not messages:
-        raise ValueError("build_chat_input: messages is empty.")
+    system, turns = _split_messages(messages)
+    # A conversation ending with the assistant's words asks to continue them: its prompt, then those words.
+    continued = tokenizer.encode(turns[-1]["content"]) if turns and turns[-1]["role"] == "assistant" else []
 
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
+    def build(kept: list[Message]) -> list[int]:
+        return template.build_prompt({"system": system, "conversations": kept}) + continued
 
-    system, rounds = _split_rounds(messages)
-    system_ids = encode(system) if system else []
-    history_budget = max_input_tokens - len(system_ids)
-
-    # Newest round first; stop at the first round that does not fit (older ones are dropped with it) and once
-    # the budget is used up. The newest round goes in whatever its length.
-    history: list[int] = []
-    for round_messages in reversed(rounds):
-        round_ids: list[int] = []
-        for message in round_messages:
-            round_ids.append(user_id if message["role"] == "user" else assistant_id)
-            round_ids.extend(encode(message["content"]))
-        if history and len(history) + len(round_ids) > history_budget:
-            break
-        history = round_ids + history
-        if len(history) >= history_budget:
-            break
-
-    input_ids = system_ids + history
-    if messages[-1]["role"] != "assistant":
-        input_ids.append(assistant_id)
-    # An over-long newest round: keep the end, where the question and the assistant token are.
-    return input_ids[-max_input_tokens:] if max_input_tokens > 0 else input_ids
+    return fit_history(build, turns, budget)[0]
 
 
 def build_chat_input(
@@ -135,29 +90,24 @@ def build_chat_input(
     messages: Sequence[Message],
     max_new_tokens: int | None = None,
 ) -> list[int]:
-    """Token ids of a Baichuan2-Chat prompt for `messages`.
+    """Token ids of a Baichuan2-Chat prompt for ``messages``.
 
     Args:
-        model_or_config: A model (its `generation_config` gives the turn tokens, its `config.model_max_length` the
-            context length), a `GenerationConfig` (context length from the tokenizer), or a model directory.
-        tokenizer: The model's tokenizer (must not add BOS/EOS: Baichuan2's does not).
-        messages: `[{"role": "system"|"user"|"assistant", "content": str}, ...]`, system only first.
-        max_new_tokens: Room kept for the reply; default the generation config's `max_new_tokens` (0 if unset).
+        model_or_config: a model (its ``generation_config`` gives the turn tokens, its config the context
+            length), a ``GenerationConfig`` (context length from the tokenizer), or a model directory.
+        tokenizer: the model's tokenizer.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, system only first.
+        max_new_tokens: room kept for the reply; default the generation config's ``max_new_tokens`` (0 if unset).
 
     Returns:
-        The prompt ids, ending with the assistant token unless the last message is the assistant's.
+        The prompt ids, ending with the assistant token, or with the assistant's words when the last
+        message is the assistant's (the reply continues them).
     """
     generation_config, max_length = _resolve(model_or_config, tokenizer)
-    user_id, assistant_id = _turn_token_ids(generation_config)
     if max_new_tokens is None:
         max_new_tokens = generation_config.max_new_tokens or 0
-    return _prompt_ids(
-        tokenizer,
-        messages,
-        user_id=user_id,
-        assistant_id=assistant_id,
-        max_input_tokens=max_length - max_new_tokens,
-    )
+    template = Baichuan2Template(tokenizer, generation_config)
+    return _prompt(template, tokenizer, messages, max_length - max_new_tokens)
 
 
 def chat(
@@ -167,75 +117,43 @@ def chat(
     stream: bool = False,
     generation_config: GenerationConfig | None = None,
 ) -> str | Iterator[str]:
-    """Reply of a Baichuan2-Chat model to `messages`.
+    """Reply of a Baichuan2-Chat model to ``messages``.
 
     Args:
-        model: A causal LM whose `generation_config` names the turn tokens.
-        tokenizer: Its tokenizer.
-        messages: The conversation (see `build_chat_input`).
-        stream: Return a generator of growing partial replies (each item the whole reply so far) instead of
-            the final text.
-        generation_config: Overrides `model.generation_config` for this call. The turn tokens come from it when
-            it names them, else from the model's.
+        model: a causal LM whose ``generation_config`` names the turn tokens.
+        tokenizer: its tokenizer.
+        messages: the conversation (see :func:`build_chat_input`).
+        stream: return an iterator over growing partial replies (each item the whole reply so far)
+            instead of the final text.
+        generation_config: overrides ``model.generation_config`` for this call; the turn tokens come
+            from it when it names them, else from the model's.
 
     Returns:
-        The reply text (special tokens removed), or with `stream=True` an iterator over growing partial texts
-        whose last item is the full reply.
+        The reply text (special tokens removed), or with ``stream=True`` an iterator over growing partial
+        texts whose last item is the full reply.
     """
-    generation_config = generation_config or model.generation_config
-    turns_config = (
-        generation_config
-        if getattr(generation_config, "user_token_id", None) is not None
-        else model.generation_config
-    )
-    user_id, assistant_id = _turn_token_ids(turns_config)
+    config = copy.deepcopy(generation_config or model.generation_config)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    turns_config = config if getattr(config, "user_token_id", None) is not None else model.generation_config
     _, max_length = _resolve(model, tokenizer)
-    prompt_ids = _prompt_ids(
-        tokenizer,
-        messages,
-        user_id=user_id,
-        assistant_id=assistant_id,
-        max_input_tokens=max_length - (generation_config.max_new_tokens or 0),
-    )
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
-    generate_kwargs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "generation_config": generation_config,
-    }
+    template = Baichuan2Template(tokenizer, turns_config)
+    prompt = _prompt(template, tokenizer, messages, max_length - (config.max_new_tokens or 0))
+    pieces = stream_reply(model, tokenizer, prompt, config)
     if not stream:
-        output = model.generate(**generate_kwargs)
-        return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-    return _stream_reply(model, tokenizer, generate_kwargs)
+        return "".join(pieces)
+    return _growing(pieces)
 
 
-def _stream_reply(
-    model: Any, tokenizer: PreTrainedTokenizerBase, generate_kwargs: dict[str, Any]
-) -> Iterator[str]:
-    """Run `generate` in a thread and yield the reply so far after each new piece of text."""
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            model.generate(**generate_kwargs, streamer=streamer)
-        except BaseException as error:  # re-raised in the consumer's thread below
-            errors.append(error)
-            streamer.end()  # unblock the consumer, which would otherwise wait forever
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    reply = ""
-    yielded = False
-    for piece in streamer:
+def _growing(pieces: Iterator[str]) -> Iterator[str]:
+    """The reply so far after each new piece (an empty reply still ends with the empty full text)."""
+    reply, yielded = "", False
+    for piece in pieces:
         if piece:
             reply += piece
             yielded = True
             yield reply
-    thread.join()
-    if errors:
-        raise RuntimeError("chat(stream=True): generation failed in the worker thread") from errors[0]
-    if not yielded:  # an empty reply still ends the stream with the (empty) full text
+    if not yielded:
         yield reply
 
 

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -34,15 +33,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
+from sft.loss import token_loss_sums
+
 from .configuration_baichuan import BaichuanConfig
 
 logger = logging.get_logger(__name__)
 
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-IGNORE_INDEX = -100
-# Tokens per chunk of the loss: each chunk is upcast to fp32 on its own (and recomputed in backward), so the loss never
-# holds a (B, T, V) fp32 copy of the logits. 1024 x 125696 x 4 bytes = 0.5 GB for the official vocabulary.
-LOSS_CHUNK_TOKENS = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -611,18 +608,6 @@ class BaichuanModel(BaichuanPreTrainedModel):
         )
 
 
-def _chunk_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of NLL, sum of logsumexp^2) over the learned tokens of a (N, V) chunk, computed in fp32."""
-    logits = logits.float()
-    learned = labels != IGNORE_INDEX
-    logsumexp = torch.logsumexp(logits, dim=-1)  # (N,)
-    target = logits.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
-    zero = logsumexp.new_zeros(())
-    return torch.where(learned, logsumexp - target, zero).sum(), torch.where(
-        learned, logsumexp**2, zero
-    ).sum()
-
-
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -632,29 +617,11 @@ def causal_lm_loss(
     """Mean next-token cross-entropy over learned tokens, plus `z_loss_weight * mean(logsumexp(logits)^2)`.
 
     `labels` are the unshifted input labels (-100 = no loss); the logit at position t predicts `labels[t + 1]`.
-    Chunks of LOSS_CHUNK_TOKENS tokens are upcast to fp32 one at a time and recomputed in backward
-    (activation checkpointing), so neither pass holds a (B, T, V) fp32 tensor.
+    Computed by the project's one loss implementation (`sft.loss`): fp32 chunks recomputed in backward, so
+    neither pass holds a (B, T, V) fp32 tensor.
     """
-    vocab_size = logits.shape[-1]
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)  # (B, T)
-    flat_logits = logits.reshape(-1, vocab_size)  # a view: logits are contiguous
-    flat_labels = shift_labels.reshape(-1)
-    nll_sum = logits.new_zeros((), dtype=torch.float32)
-    z_sum = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.shape[0], LOSS_CHUNK_TOKENS):
-        chunk_logits = flat_logits[start : start + LOSS_CHUNK_TOKENS]
-        chunk_labels = flat_labels[start : start + LOSS_CHUNK_TOKENS]
-        if torch.is_grad_enabled() and chunk_logits.requires_grad:
-            nll, z = checkpoint(_chunk_loss_sums, chunk_logits, chunk_labels, use_reentrant=False)
-        else:
-            nll, z = _chunk_loss_sums(chunk_logits, chunk_labels)
-        nll_sum, z_sum = nll_sum + nll, z_sum + z
-    if num_items_in_batch is None:
-        num_items_in_batch = (flat_labels != IGNORE_INDEX).sum().clamp_min(1)
-    loss = nll_sum / num_items_in_batch
-    if z_loss_weight:
-        loss = loss + z_loss_weight * z_sum / num_items_in_batch
-    return loss
+    total, n_tokens = token_loss_sums(logits, labels, z_loss_weight=z_loss_weight)
+    return total / (num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp_min(1))
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):

@@ -40,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sft.data.formats import read_conversations
-from sft.data.templates import IGNORE_INDEX, LOSS_PLACEMENTS, Template, assemble, sample_plan
+from sft.data.templates import LOSS_PLACEMENTS, Template, assemble, sample_plan
+from sft.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -631,37 +632,17 @@ def build_dataloader(
     world_size: int,
     pad_token_id: int,
     drop_last: bool = False,
-    for_eval: bool = False,
 ) -> DataLoader:
-    """A DataLoader of dicts of LongTensors: ``input_ids``, ``labels``, ``position_ids`` and, for
+    """Training DataLoader of dicts of LongTensors: ``input_ids``, ``labels``, ``position_ids`` and, for
     padded batches, ``attention_mask``.
 
-    Training (``for_eval=False``): :class:`ShardedBatchSampler` (``loader.batch_sampler`` has
+    Batches come from a :class:`ShardedBatchSampler` (``loader.batch_sampler`` has
     ``set_epoch``/``skip_batches``). With ``packing`` the batch items are rows of up to ``max_len``
-    tokens. ``for_eval=True`` delegates to :func:`build_eval_dataloader` (``shuffle``,
-    ``group_by_length`` and ``drop_last`` must then be off; ``seed`` is unused).
+    tokens. Evaluation uses :func:`build_eval_dataloader`.
     """
     if packing and group_by_length:
         raise ValueError("group_by_length has no effect with packing (rows are all ~max_len); turn one off")
-    if pad_token_id is None:
-        raise ValueError(
-            "pad_token_id is None; set tokenizer.pad_token (e.g. to unk) before building batches"
-        )
-    if for_eval:
-        if shuffle or group_by_length or drop_last:
-            raise ValueError(
-                "for_eval=True keeps every sample once and in order: pass shuffle=False, "
-                "group_by_length=False, drop_last=False"
-            )
-        return build_eval_dataloader(
-            dataset,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            pad_token_id=pad_token_id,
-            packing=packing,
-            max_len=max_len,
-        )
+    _check_pad(pad_token_id)
     items, collate = _items_and_collate(dataset, packing, max_len, pad_token_id)
     sampler = ShardedBatchSampler(
         items.lengths,
@@ -674,6 +655,13 @@ def build_dataloader(
         drop_last=drop_last,
     )
     return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+
+
+def _check_pad(pad_token_id: int | None) -> None:
+    if pad_token_id is None:
+        raise ValueError(
+            "pad_token_id is None; set tokenizer.pad_token (e.g. to unk) before building batches"
+        )
 
 
 def build_eval_dataloader(
@@ -690,6 +678,7 @@ def build_eval_dataloader(
     rank (short shards get dummy batches whose labels are all -100)."""
     if packing and max_len is None:
         raise ValueError("packing needs max_len (the row size)")
+    _check_pad(pad_token_id)
     items, collate = _items_and_collate(dataset, packing, max_len or 0, pad_token_id)
     sampler = EvalBatchSampler(len(items), batch_size=batch_size, rank=rank, world_size=world_size)
     return DataLoader(items, batch_sampler=sampler, collate_fn=collate)

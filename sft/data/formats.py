@@ -308,6 +308,24 @@ def read_conversations(
     return records
 
 
+def split_prompt(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split a conversation record into the part to prompt with and the reference answers.
+
+    A record that ends with an assistant turn is a test example: that turn is the reference and
+    everything before it is the prompt. The record's ``references`` (several answers, e.g. DialogSum
+    test, RoleBench) replace it when present. A record ending with a user turn is a bare prompt.
+    """
+    turns = record["conversations"]
+    references = record.get("references")
+    if turns[-1]["role"] == "assistant":
+        if references is None:
+            references = [turns[-1]["content"]]
+        turns = turns[:-1]
+    prompt_record = {k: v for k, v in record.items() if k not in ("conversations", "references")}
+    prompt_record["conversations"] = turns
+    return prompt_record, [str(r) for r in (references or [])]
+
+
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write records as JSONL to a temp file next to ``path`` and rename it into place.
 

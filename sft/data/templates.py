@@ -41,11 +41,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.data.formats import normalize_record
+from sft.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
 LOSS_PLACEMENTS = ("all", "last", "each")
 TEMPLATE_NAMES = ("baichuan2", "llama2", "alpaca", "chatml")
 _CACHE_LIMIT = 500_000  # distinct strings kept in a template's text -> ids cache
@@ -53,6 +56,11 @@ _DEFAULT_BY_MODEL_TYPE = {"baichuan": "baichuan2", "llama": "llama2", "qwen2": "
 
 # A piece of a rendered turn: text to tokenise, or literal token ids.
 Piece = str | tuple[int, ...]
+
+
+def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> str:
+    """The template to use: ``name`` (``--template``) when given, else the model's default."""
+    return name or default_template_name(model_type)
 
 
 def default_template_name(model_type: str) -> str:
@@ -368,7 +376,8 @@ class Baichuan2Template(Template):
 
     name = "baichuan2"
 
-    def __init__(self, tokenizer: Any, model_dir: str | Path | None) -> None:
+    def __init__(self, tokenizer: Any, model_dir: str | Path | GenerationConfig | None) -> None:
+        """``model_dir``: the model directory (its generation_config.json), or that GenerationConfig."""
         super().__init__(tokenizer)
         if model_dir is None:
             raise ValueError(
@@ -377,13 +386,18 @@ class Baichuan2Template(Template):
             )
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(str(model_dir))
+        if isinstance(model_dir, GenerationConfig):
+            gen, where = model_dir, "the generation config"
+        else:
+            gen, where = (
+                GenerationConfig.from_pretrained(str(model_dir)),
+                Path(model_dir) / "generation_config.json",
+            )
         user_id = getattr(gen, "user_token_id", None)
         assistant_id = getattr(gen, "assistant_token_id", None)
         if user_id is None or assistant_id is None:
             raise ValueError(
-                f"{Path(model_dir) / 'generation_config.json'} has no user_token_id/assistant_token_id; "
-                "add them (195/196 in the official Baichuan2 files)"
+                f"{where} has no user_token_id/assistant_token_id; add them (195/196 in the official Baichuan2 files)"
             )
         self.user_id, self.assistant_id = int(user_id), int(assistant_id)
 

@@ -1,0 +1,140 @@
+"""The DeepSpeed config of a run: ``--ds_config`` read, its ``"auto"`` values filled from the flags, checked.
+
+A value written explicitly in the config must equal what the flags say; otherwise
+:func:`build_ds_config` raises an :class:`~sft.cli.ArgsError` naming the config key, the flag and the
+fix (never silently overwritten). Sections the training loop owns (``scheduler``) must not appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sft.cli import ArgsError
+
+if TYPE_CHECKING:
+    from sft.args import TrainArgs
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+
+
+def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+# Sections of a DeepSpeed config that must be JSON objects; a scalar there (`"bf16": true`) would otherwise
+# fail deep inside DeepSpeed or here with an AttributeError.
+_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization")
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """ZeRO stage of a (filled or raw) DeepSpeed config; 0 when absent."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
+    """Read ``--ds_config`` and fill every ``"auto"`` value from the flags (see the module docstring).
+
+    Args:
+        args: validated arguments.
+        world_size: number of training processes (for ``train_batch_size``).
+
+    Returns:
+        A complete DeepSpeed config dict for ``deepspeed.initialize``.
+    """
+    config = load_ds_config(args.ds_config)
+    name = Path(args.ds_config).name
+    if not isinstance(config, dict):
+        raise ArgsError(
+            [f"{name}: the DeepSpeed config must be a JSON object {{...}}, got {type(config).__name__}"]
+        )
+    sections = {key: config[key] for key in _DS_SECTIONS if key in config}
+    if isinstance(config.get("optimizer"), dict) and "params" in config["optimizer"]:
+        sections["optimizer.params"] = config["optimizer"]["params"]
+    wrong = [key for key, value in sections.items() if not isinstance(value, dict)]
+    if wrong:
+        raise ArgsError(
+            [f"{name}: {key} must be a JSON object {{...}}, got {json.dumps(sections[key])}" for key in wrong]
+        )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ArgsError([f"{name}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3"])
+    problems: list[str] = []
+
+    def fill(section: dict[str, Any], key: str, value: Any, flag: str, where: str) -> None:
+        current = section.get(key, "auto")
+        if current == "auto":
+            section[key] = value
+        elif current != value:
+            problems.append(
+                f"{name} sets {where}={current!r} but {flag} gives {value!r}: "
+                f'make them equal or write "auto" in the config'
+            )
+
+    micro = args.per_device_train_batch_size
+    accum = args.gradient_accumulation_steps
+    fill(
+        config,
+        "train_micro_batch_size_per_gpu",
+        micro,
+        "--per_device_train_batch_size",
+        "train_micro_batch_size_per_gpu",
+    )
+    fill(
+        config,
+        "gradient_accumulation_steps",
+        accum,
+        "--gradient_accumulation_steps",
+        "gradient_accumulation_steps",
+    )
+    fill(
+        config,
+        "train_batch_size",
+        micro * accum * world_size,
+        "--per_device_train_batch_size x --gradient_accumulation_steps x world size",
+        "train_batch_size",
+    )
+    fill(config, "gradient_clipping", args.max_grad_norm, "--max_grad_norm", "gradient_clipping")
+
+    for precision in ("bf16", "fp16"):
+        section = config.setdefault(precision, {})
+        fill(
+            section,
+            "enabled",
+            args.precision == precision,
+            f"--precision {args.precision}",
+            f"{precision}.enabled",
+        )
+
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    fill(params, "lr", args.learning_rate, "--learning_rate", "optimizer.params.lr")
+    fill(params, "weight_decay", args.weight_decay, "--weight_decay", "optimizer.params.weight_decay")
+
+    if "scheduler" in config:
+        problems.append(
+            f'{name} has a "scheduler" section, but the schedule comes from --lr_scheduler/--warmup_ratio: '
+            "remove the section from the config"
+        )
+
+    leftover = _find_auto(config)
+    if leftover:
+        problems.append(f"{name}: no flag fills {', '.join(leftover)}; write explicit values there")
+    if problems:
+        raise ArgsError(problems)
+    return config
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every value still equal to "auto"."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.extend(_find_auto(value, f"{prefix}{key}."))
+    elif node == "auto":
+        found.append(prefix.rstrip("."))
+    return found

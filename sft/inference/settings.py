@@ -1,0 +1,117 @@
+"""Generation settings: the flags, their checks, and the model's generation_config with them applied.
+
+:class:`GenerationArgs` holds the seven settings that decide what is generated; every field left None
+keeps the model's ``generation_config.json`` value. predict.py and ``data_helper.py synthesize`` take
+them as flags, the web demo from its sliders.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sft.cli import flag
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 512  # used only when the model's generation_config sets no length at all
+
+
+@dataclass
+class GenerationArgs:
+    """Generation (default: the model's generation_config.json)."""
+
+    max_new_tokens: int | None = flag(None, "Most tokens generated per answer.")
+    do_sample: bool | None = flag(None, "Sample (or --no-do_sample: greedy).")
+    temperature: float | None = flag(None, "Sampling temperature.")
+    top_p: float | None = flag(None, "Nucleus sampling: keep the top tokens with this much mass.")
+    top_k: int | None = flag(None, "Sample among the k most likely tokens (0 = all).")
+    repetition_penalty: float | None = flag(None, "Penalty for repeating tokens (1 = off).")
+    num_beams: int | None = flag(None, "Beam search width (1 = no beam search).")
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings that were given (None = keep the model's value)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def check(self, defaults: GenerationConfig) -> None:
+        """Refuse impossible settings with a ValueError naming the flag.
+
+        Sampling parameters without sampling (they would be silently ignored) and out-of-range values.
+        ``defaults`` is the model's generation config (:func:`read_generation_config` before loading,
+        ``model.generation_config`` after): it decides whether sampling is on when ``do_sample`` is None.
+        """
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        effective_sample = self.do_sample if self.do_sample is not None else bool(defaults.do_sample)
+        if not effective_sample:
+            given = [f"--{name}" for name, value in sampling.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
+                    f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
+                    "add --do_sample or drop them"
+                )
+        checks = [
+            ("max_new_tokens", lambda v: v > 0, "must be > 0"),
+            ("temperature", lambda v: v > 0, "must be > 0 (for greedy decoding use --no-do_sample)"),
+            ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            ("top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+            ("repetition_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
+            ("num_beams", lambda v: v >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"--{name}={value} {why}")
+
+
+def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
+    """The generation settings a model directory loads with, read without loading its weights.
+
+    ``generation_config.json`` if there is one, else what transformers derives from ``config.json``
+    (as ``from_pretrained`` does); lets flags be checked against the model's defaults before loading.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    if (Path(model_path) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(model_path))
+    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+
+
+def build_generation_config(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationArgs | None = None
+) -> GenerationConfig:
+    """The model's ``generation_config`` with every given setting applied on top, checked."""
+    settings = settings or GenerationArgs()
+    config = copy.deepcopy(model.generation_config)
+    settings.check(config)
+    for name, value in settings.overrides().items():
+        setattr(config, name, value)
+    if not config.do_sample:
+        # Greedy/beam search ignores these. Neutral values (not None: generate() would refill None from
+        # the model's generation_config) keep transformers from warning that they are ignored.
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+    if config.max_new_tokens is None and config.max_length is None:
+        logger.info("generation_config sets no length: using max_new_tokens=%d", DEFAULT_MAX_NEW_TOKENS)
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    elif config.max_new_tokens is None:
+        config.max_length = None  # max_length counts the prompt too: a long prompt would leave no room
+        config.max_new_tokens = model.generation_config.max_length
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+def describe(config: GenerationConfig) -> str:
+    """One line with the settings that decide what is generated (for logs and output files)."""
+    keys = [f.name for f in dataclasses.fields(GenerationArgs)]
+    return ", ".join(f"{k}={getattr(config, k)}" for k in keys if getattr(config, k) is not None)
