@@ -19,8 +19,14 @@ Templates (``--template``):
 * ``llama2``: ``<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] answer </s><s>[INST] ...``.
 * ``alpaca``: ``### Instruction:`` (the system text when there is one, then ``### Input:`` with
   the user text) / ``### Response:``; later rounds repeat ``### Instruction`` / ``### Response``.
+* ``llama3``: ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nsystem<|eot_id|>``
+  then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>`` per turn (Meta's Llama-3 chat
+  format; texts are stripped as Meta's template does); the end-of-turn id is ``<|eot_id|>`` when the
+  vocabulary has it as one token, otherwise EOS. Tool results use the ``ipython`` role.
 * ``chatml``: ``<|im_start|>role\\ntext<|im_end|>\\n``; the end-of-turn id is ``<|im_end|>`` when
   the vocabulary has it as one token, otherwise the tokenizer's EOS.
+* ``tokenizer``: the model's own jinja chat template (``tokenizer.chat_template``), see
+  :mod:`sft.data.jinja_template`.
 
 Tool calls render with the assistant's head and ``[tool call] `` before their text, observations
 with the user's head (``observation`` role for chatml) and ``[observation] `` before their text;
@@ -30,9 +36,11 @@ Loss placement (``loss_on``): ``"all"`` every assistant turn in one sample (defa
 only the final assistant turn, ``"each"`` one sample per assistant turn with the history before it
 as unlearned context. Every learned answer ends with the end-of-turn id, which is learned.
 
-Default template by model type (:func:`default_template_name`): baichuan -> baichuan2,
-llama -> llama2, qwen2 -> chatml, anything else -> chatml (its markers tokenise as plain text
-when a vocabulary lacks them; pick ``alpaca`` for base models without any chat format).
+Default template (:func:`resolve_template_name`, for training and inference alike): an explicit
+``--template`` wins; else ``tokenizer`` when the tokenizer carries a chat template; else by model
+type (:func:`default_template_name`): baichuan -> baichuan2, llama -> llama2, qwen2 -> chatml,
+anything else -> chatml (its markers tokenise as plain text when a vocabulary lacks them; pick
+``alpaca`` for base models without any chat format).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from sft.data.formats import normalize_record
 
 IGNORE_INDEX = -100
 LOSS_PLACEMENTS = ("all", "last", "each")
-TEMPLATE_NAMES = ("baichuan2", "llama2", "alpaca", "chatml")
+TEMPLATE_NAMES = ("baichuan2", "llama2", "llama3", "alpaca", "chatml", "tokenizer")
 _CACHE_LIMIT = 500_000  # distinct strings kept in a template's text -> ids cache
 _DEFAULT_BY_MODEL_TYPE = {"baichuan": "baichuan2", "llama": "llama2", "qwen2": "chatml"}
 
@@ -59,6 +67,27 @@ def default_template_name(model_type: str) -> str:
     """Template for a ``config.model_type``: baichuan -> baichuan2, llama -> llama2, qwen2 -> chatml,
     anything else -> chatml."""
     return _DEFAULT_BY_MODEL_TYPE.get(model_type, "chatml")
+
+
+def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> str:
+    """The template to use: ``name`` when given (``--template``); else ``tokenizer`` when the
+    tokenizer carries a jinja chat template (tokenizer_config.json ``chat_template`` or
+    ``chat_template.jinja``); else :func:`default_template_name` of the model type.
+
+    The official Baichuan2 files carry no chat template, so they keep ``baichuan2``; a Llama-3 or
+    SmolLM2 model (model type ``llama``) is spoken to in its own format, not Llama-2's.
+    """
+    if name:
+        return name
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    return default_template_name(model_type)
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of ``token`` when the vocabulary has it as one token, else None."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
 
 
 @dataclass
@@ -88,8 +117,12 @@ class TokTurn:
 
 @dataclass
 class TokConversation:
+    """A tokenised conversation. ``keep_final_tail``: a sample ends with its answer's tail (unlearned),
+    as the model's own chat template renders it (``tokenizer`` template)."""
+
     prefix: list[int]
     turns: list[TokTurn]
+    keep_final_tail: bool = False
 
 
 @dataclass
@@ -344,9 +377,10 @@ def assemble(
     t = conv.turns[target]
 
     answer = t.content
+    tail = t.tail if conv.keep_final_tail else []
     cut_answer = False
-    if max_len is not None and len(prompt) + len(answer) + len(t.end) > max_len:
-        room = max_len - len(prompt) - len(t.end)
+    if max_len is not None and len(prompt) + len(answer) + len(t.end) + len(tail) > max_len:
+        room = max_len - len(prompt) - len(t.end) - len(tail)
         if is_skip:
             return AssembleResult(None, None, dropped="too long (is_skip)")
         if room < 1:
@@ -354,8 +388,9 @@ def assemble(
         answer = answer[:room]
         cut_answer = True
     body = answer + t.end
-    ids = prompt + body
+    ids = prompt + body + tail
     labels += list(body) if target in learned else [IGNORE_INDEX] * len(body)
+    labels += [IGNORE_INDEX] * len(tail)
     return AssembleResult(ids, labels, truncated_prompt=cut_prompt, truncated_answer=cut_answer)
 
 
@@ -447,11 +482,8 @@ class ChatMLTemplate(Template):
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenizer)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        unk = tokenizer.unk_token_id
-        self._end = (
-            im_end if isinstance(im_end, int) and im_end != unk and im_end is not None else self.eos_id
-        )
+        im_end = _single_token_id(tokenizer, "<|im_end|>")
+        self._end = im_end if im_end is not None else self.eos_id
 
     @property
     def end_id(self) -> int:
@@ -465,11 +497,47 @@ class ChatMLTemplate(Template):
         return RenderedTurn(role, [f"<|im_start|>{speaker}\n"], content, [(self._end,)], ["\n"])
 
 
+class Llama3Template(Template):
+    """``<|begin_of_text|>`` then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>``
+    per turn (the system first), texts stripped as in Meta's template."""
+
+    name = "llama3"
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+        eot = _single_token_id(tokenizer, "<|eot_id|>")
+        self._end = eot if eot is not None else self.eos_id
+
+    @property
+    def end_id(self) -> int:
+        return self._end
+
+    def render_prefix(self, system: str) -> list[Piece]:
+        if not system:
+            return [self.bos]
+        return [self.bos, "<|start_header_id|>system<|end_header_id|>\n\n" + system.strip(), (self._end,)]
+
+    def render_turn(self, role: str, content: str, system: str) -> RenderedTurn:
+        speaker = {"tool": "assistant", "observation": "ipython"}.get(role, role)
+        head = f"<|start_header_id|>{speaker}<|end_header_id|>\n\n"
+        return RenderedTurn(role, [head], content.strip(), [(self._end,)], [])
+
+
 def get_template(name: str, tokenizer: Any, model_dir: str | Path | None = None) -> Template:
-    """Build a template by name (``baichuan2``, ``llama2``, ``alpaca``, ``chatml``)."""
+    """Build a template by name (one of :data:`TEMPLATE_NAMES`)."""
     if name == "baichuan2":
         return Baichuan2Template(tokenizer, model_dir)
-    classes = {"llama2": Llama2Template, "alpaca": AlpacaTemplate, "chatml": ChatMLTemplate}
+    if name == "tokenizer":
+        from sft.data.jinja_template import JinjaTemplate  # imports this module: a lazy import
+
+        return JinjaTemplate(tokenizer)
+    classes = {
+        "llama2": Llama2Template,
+        "llama3": Llama3Template,
+        "alpaca": AlpacaTemplate,
+        "chatml": ChatMLTemplate,
+    }
     if name not in classes:
         raise ValueError(f"unknown template {name!r}; choose one of {list(TEMPLATE_NAMES)}")
     return classes[name](tokenizer)
