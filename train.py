@@ -91,10 +91,10 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     from transformers import AutoConfig
 
     from sft.data.dataset import build_dataloader, load_sft_dataset
-    from sft.data.templates import default_template_name, get_template
+    from sft.data.templates import get_template, resolve_template_name
 
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
-    template_name = args.template or default_template_name(model_type)
+    template_name = resolve_template_name(args.template, tokenizer, model_type)
     template = get_template(template_name, tokenizer, model_dir=args.model_name_or_path)
     logger.info("chat template %s (model type %s)", template_name, model_type)
 

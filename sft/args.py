@@ -91,7 +91,9 @@ class TrainArgs:
     # --- data -------------------------------------------------------------------------------------------
     train_path: str = _flag("", "Training conversations (JSONL, see docs). Required.")
     test_path: str = _flag("", "Held-out conversations for perplexity at save steps; empty = no evaluation.")
-    template: str = _flag("", "Chat template name; default: chosen from the model type.")
+    template: str = _flag(
+        "", "Chat template name; default: the tokenizer's own chat template, else by model type."
+    )
     max_len: int = _flag(1024, "Maximum tokens of one training example (prompt + answer).")
     max_src_len: int = _flag(256, "Maximum tokens of the prompt part of an example.")
     is_skip: bool = _flag(

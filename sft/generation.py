@@ -49,7 +49,7 @@ def add_model_args(
     *,
     dtype_default: str | None = "auto",
     dtype_help: str = "auto: bf16 on GPU, fp32 on CPU.",
-    template_help: str = "Chat template; default: chosen from the model type.",
+    template_help: str = "Chat template; default: the tokenizer's own chat template, else by model type.",
 ) -> None:
     """Add the model flags of predict.py, web_demo.py and ``evaluate.py ppl`` to a parser or argument group.
 
@@ -333,7 +333,7 @@ def load_from_flags(
         dtype, template: used instead of ``args.dtype``/``args.template`` when given (``evaluate.py ppl``
             fills them in from the adapter's train_args.json).
     """
-    from sft.data.templates import default_template_name, get_template
+    from sft.data.templates import get_template, resolve_template_name
     from utils import require_local_dir
 
     model_path = require_local_dir(args.model_path, "--model_path")
@@ -350,7 +350,7 @@ def load_from_flags(
         dtype=torch_dtype,
         device=device,
     )
-    template_name = template or args.template or default_template_name(model.config.model_type)
+    template_name = resolve_template_name(template or args.template, tokenizer, model.config.model_type)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
