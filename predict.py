@@ -135,7 +135,9 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Model, tokenizer, chat template and generation config from the flags."""
     loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = build_generation_config(model, tokenizer, from_namespace(GenerationArgs, args))
+    config = build_generation_config(
+        model, tokenizer, from_namespace(GenerationArgs, args), stop_ids=[loaded.template.end_id]
+    )
     logger.info("template %s; generation: %s", loaded.template_name, describe(config))
     return model, tokenizer, loaded.template, config
 

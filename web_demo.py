@@ -96,7 +96,7 @@ class RolePlayChat:
             top_p=float(top_p) if sample else None,
             num_beams=1,
         )
-        return build_generation_config(self.model, self.tokenizer, settings)
+        return build_generation_config(self.model, self.tokenizer, settings, stop_ids=[self.template.end_id])
 
     def prompt(self, message: str, turns: list[dict[str, str]], role: str, max_new_tokens: int) -> list[int]:
         """Prompt ids for ``message`` after ``turns`` (oldest rounds dropped to leave room for the reply)."""

@@ -93,7 +93,11 @@ class DataArgs:
     test_path: str = flag(
         "", "Held-out conversations: perplexity at every save step and epoch end; empty = no evaluation."
     )
-    template: str = flag("", "Chat template name; default: chosen from the model (see docs/DATA.md).")
+    template: str = flag(
+        "",
+        "Chat template: tokenizer (the model's own jinja template), baichuan2, llama2, llama3, alpaca or chatml; "
+        "default: the tokenizer's own template when it has one, else by model type (docs/DATA.md).",
+    )
     max_len: int = flag(1024, "Maximum tokens of one training example (prompt + answer).")
     max_src_len: int = flag(256, "Maximum tokens of the prompt part of an example.")
     is_skip: bool = flag(

@@ -1,15 +1,8 @@
 """Chat templates: conversation records -> ``input_ids`` and ``labels`` (-100 where no loss).
 
-Every template renders a conversation as a *prefix* (BOS / system text) followed by one rendered
-turn per conversation turn. A rendered turn is four pieces::
-
-    head     role marker before the text        (never learned)
-    content  the turn's text                    (learned only for a learned assistant turn)
-    end      end-of-turn ids, e.g. [eos]        (learned with the content)
-    tail     separator after the turn           (never learned)
-
-Labels come from these positions, never from token values: Baichuan's pad == unk == 0 and a
-Llama pad may equal EOS, so a mask made by comparing ids would hide or leak the EOS label.
+Each template renders a conversation into the pieces of :mod:`sft.data.template_base` (head, content,
+end, tail per turn), which decide the labels and the truncation. To add a template: a ``Template``
+subclass here, its name in :data:`TEMPLATE_NAMES` and in :func:`get_template`.
 
 Templates (``--template``):
 
@@ -19,48 +12,57 @@ Templates (``--template``):
 * ``llama2``: ``<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] answer </s><s>[INST] ...``.
 * ``alpaca``: ``### Instruction:`` (the system text when there is one, then ``### Input:`` with
   the user text) / ``### Response:``; later rounds repeat ``### Instruction`` / ``### Response``.
+* ``llama3``: ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nsystem<|eot_id|>``
+  then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>`` per turn (Meta's Llama-3 chat
+  format; texts are stripped as Meta's template does); the end-of-turn id is ``<|eot_id|>`` when the
+  vocabulary has it as one token, otherwise EOS. Tool results use the ``ipython`` role.
 * ``chatml``: ``<|im_start|>role\\ntext<|im_end|>\\n``; the end-of-turn id is ``<|im_end|>`` when
   the vocabulary has it as one token, otherwise the tokenizer's EOS.
+* ``tokenizer``: the model's own jinja chat template (``tokenizer.chat_template``), see
+  :mod:`sft.data.jinja_template`.
 
 Tool calls render with the assistant's head and ``[tool call] `` before their text, observations
 with the user's head (``observation`` role for chatml) and ``[observation] `` before their text;
 neither is learned. ``tools`` definitions are appended to the system text as JSON.
 
-Loss placement (``loss_on``): ``"all"`` every assistant turn in one sample (default), ``"last"``
-only the final assistant turn, ``"each"`` one sample per assistant turn with the history before it
-as unlearned context. Every learned answer ends with the end-of-turn id, which is learned.
-
-Default template by model type (:func:`default_template_name`): baichuan -> baichuan2,
-llama -> llama2, qwen2 -> chatml, anything else -> chatml (its markers tokenise as plain text
-when a vocabulary lacks them; pick ``alpaca`` for base models without any chat format).
+Default template (:func:`resolve_template_name`, for training and inference alike): an explicit
+``--template`` wins; else ``tokenizer`` when the tokenizer carries a chat template; else by model
+type (:func:`default_template_name`): baichuan -> baichuan2, llama -> llama2, qwen2 -> chatml,
+anything else -> chatml (its markers tokenise as plain text when a vocabulary lacks them; pick
+``alpaca`` for base models without any chat format).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sft.data.formats import normalize_record
-from sft.loss import IGNORE_INDEX
+from sft.data.jinja_template import JinjaTemplate
+from sft.data.template_base import (
+    LOSS_PLACEMENTS,
+    Piece,
+    RenderedTurn,
+    Template,
+    assemble,
+    sample_plan,
+    single_token_id,
+)
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-LOSS_PLACEMENTS = ("all", "last", "each")
-TEMPLATE_NAMES = ("baichuan2", "llama2", "alpaca", "chatml")
-_CACHE_LIMIT = 500_000  # distinct strings kept in a template's text -> ids cache
+__all__ = [
+    "LOSS_PLACEMENTS",
+    "TEMPLATE_NAMES",
+    "Template",
+    "assemble",
+    "get_template",
+    "resolve_template_name",
+    "sample_plan",
+]
+
+TEMPLATE_NAMES = ("baichuan2", "llama2", "llama3", "alpaca", "chatml", "tokenizer")
 _DEFAULT_BY_MODEL_TYPE = {"baichuan": "baichuan2", "llama": "llama2", "qwen2": "chatml"}
-
-# A piece of a rendered turn: text to tokenise, or literal token ids.
-Piece = str | tuple[int, ...]
-
-
-def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> str:
-    """The template to use: ``name`` (``--template``) when given, else the model's default."""
-    return name or default_template_name(model_type)
 
 
 def default_template_name(model_type: str) -> str:
@@ -69,302 +71,19 @@ def default_template_name(model_type: str) -> str:
     return _DEFAULT_BY_MODEL_TYPE.get(model_type, "chatml")
 
 
-@dataclass
-class RenderedTurn:
-    """One turn as pieces (see module docstring). ``head_first`` replaces ``head`` when the turn
-    opens the sample (Llama-2 puts the system block inside the first ``[INST]``)."""
+def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> str:
+    """The template to use: ``name`` when given (``--template``); else ``tokenizer`` when the
+    tokenizer carries a jinja chat template (tokenizer_config.json ``chat_template`` or
+    ``chat_template.jinja``); else :func:`default_template_name` of the model type.
 
-    role: str
-    head: list[Piece]
-    content: str
-    end: list[Piece]
-    tail: list[Piece]
-    head_first: list[Piece] | None = None
-
-
-@dataclass
-class TokTurn:
-    """A rendered turn with every piece tokenised."""
-
-    role: str
-    head: list[int]
-    content: list[int]
-    end: list[int]
-    tail: list[int]
-    head_first: list[int]
-
-
-@dataclass
-class TokConversation:
-    prefix: list[int]
-    turns: list[TokTurn]
-
-
-@dataclass
-class AssembleResult:
-    """One encoded sample plus what truncation did to it (``None`` ids when it was dropped)."""
-
-    input_ids: list[int] | None
-    labels: list[int] | None
-    truncated_prompt: bool = False
-    truncated_answer: bool = False
-    dropped: str | None = None
-
-
-class Template:
-    """Base class: subclasses define :meth:`render_prefix` and :meth:`render_turn`."""
-
-    name = "base"
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise ValueError(f"template {self.name!r}: the tokenizer has no eos_token_id; set eos_token")
-        self._cache: dict[str, list[int]] = {}
-
-    # ---- rendering (subclasses) -------------------------------------------------------------
-    def render_prefix(self, system: str) -> list[Piece]:
-        raise NotImplementedError
-
-    def render_turn(self, role: str, content: str, system: str) -> RenderedTurn:
-        raise NotImplementedError
-
-    @property
-    def end_id(self) -> int:
-        """The id that ends (and is learned at the end of) an assistant answer."""
-        return self.eos_id
-
-    def fingerprint(self) -> str:
-        """Everything that changes the token layout (part of the dataset cache key)."""
-        return f"{self.name}:eos={self.end_id}"
-
-    # ---- shared helpers ---------------------------------------------------------------------
-    @staticmethod
-    def system_text(record: dict[str, Any]) -> str:
-        system = record.get("system") or ""
-        tools = record.get("tools")
-        if tools:
-            listing = json.dumps(tools, ensure_ascii=False, indent=None)
-            system = f"{system}\n\nAvailable tools:\n{listing}" if system else f"Available tools:\n{listing}"
-        return system
-
-    @staticmethod
-    def turn_text(turn: dict[str, Any]) -> str:
-        if turn["role"] == "tool":
-            return "[tool call] " + turn["content"]
-        if turn["role"] == "observation":
-            return "[observation] " + turn["content"]
-        return turn["content"]
-
-    def render(self, record: dict[str, Any]) -> tuple[list[Piece], list[RenderedTurn]]:
-        system = self.system_text(record)
-        turns = [self.render_turn(t["role"], self.turn_text(t), system) for t in record["conversations"]]
-        return self.render_prefix(system), turns
-
-    def texts_of(self, rendered: tuple[list[Piece], list[RenderedTurn]]) -> list[str]:
-        """Every string in a rendered conversation (to tokenise them in one batch)."""
-        prefix, turns = rendered
-        out = [p for p in prefix if isinstance(p, str)]
-        for t in turns:
-            for pieces in (t.head, t.end, t.tail, t.head_first or []):
-                out.extend(p for p in pieces if isinstance(p, str))
-            out.append(t.content)
-        return out
-
-    def tokenize_texts(self, texts: Sequence[str], batch_size: int = 1024) -> None:
-        """Tokenise new strings in batches into the template's text -> ids cache."""
-        if len(self._cache) > _CACHE_LIMIT:
-            # Long-running callers (web demo) build prompts forever; misses are re-tokenised on demand.
-            self._cache.clear()
-        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for start in range(0, len(new), batch_size):
-            chunk = new[start : start + batch_size]
-            ids = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            self._cache.update(zip(chunk, ids))
-
-    def _ids(self, pieces: list[Piece]) -> list[int]:
-        out: list[int] = []
-        for p in pieces:
-            out.extend(self._text_ids(p) if isinstance(p, str) else p)
-        return out
-
-    def _text_ids(self, text: str) -> list[int]:
-        if not text:
-            return []
-        if text not in self._cache:
-            self.tokenize_texts([text])
-        return self._cache[text]
-
-    def tokenize_rendered(self, rendered: tuple[list[Piece], list[RenderedTurn]]) -> TokConversation:
-        prefix, turns = rendered
-        tok_turns = []
-        for t in turns:
-            head = self._ids(t.head)
-            tok_turns.append(
-                TokTurn(
-                    role=t.role,
-                    head=head,
-                    content=self._text_ids(t.content),
-                    end=self._ids(t.end),
-                    tail=self._ids(t.tail),
-                    head_first=self._ids(t.head_first) if t.head_first is not None else head,
-                )
-            )
-        return TokConversation(self._ids(prefix), tok_turns)
-
-    def tokenize_record(self, record: dict[str, Any]) -> TokConversation:
-        return self.tokenize_rendered(self.render(record))
-
-    def clear_cache(self) -> None:
-        """Drop the text -> ids cache (it only grows while a dataset is encoded)."""
-        self._cache.clear()
-
-    # ---- public API -------------------------------------------------------------------------
-    def encode(self, record: dict[str, Any], loss_on: str = "all") -> list[tuple[list[int], list[int]]]:
-        """Encode a training record without truncation.
-
-        Returns one ``(input_ids, labels)`` pair for ``loss_on="all"|"last"`` and one per assistant
-        turn for ``"each"``; labels are unshifted (the model shifts) with -100 where no loss.
-        """
-        record = normalize_record(record)
-        conv = self.tokenize_record(record)
-        out = []
-        for target, learned in sample_plan(conv, loss_on):
-            res = assemble(conv, target, learned)
-            out.append((res.input_ids, res.labels))
-        return out
-
-    def build_prompt(self, record: dict[str, Any], max_src_len: int | None = None) -> list[int]:
-        """Prompt ids ending where the (last) assistant answer starts, for generation.
-
-        A record ending with an assistant turn gives the prompt for that turn; a record ending with
-        ``user``/``observation`` gets an assistant head appended. With ``max_src_len`` the prompt
-        is truncated as in training (oldest rounds first, then the start of the last user text).
-        """
-        record = normalize_record(record, for_generation=True)
-        turns = record["conversations"]
-        if turns[-1]["role"] != "assistant":
-            # A placeholder answer: only its head is used.
-            record = {**record, "conversations": [*turns, {"role": "assistant", "content": "x"}]}
-        conv = self.tokenize_record(record)
-        target = len(conv.turns) - 1
-        fit = _fit_prompt(conv, target, max_src_len)
-        if fit is None:
-            raise ValueError(
-                f"the prompt cannot be cut to max_src_len={max_src_len} tokens (system text too long)"
-            )
-        return _build_prompt(conv, fit[0], target, fit[1])[0]
-
-
-# ---- sample assembly and truncation ---------------------------------------------------------
-
-
-def sample_plan(conv: TokConversation, loss_on: str) -> list[tuple[int, set[int]]]:
-    """``(target assistant turn, learned turn indices)`` per sample for a loss placement."""
-    if loss_on not in LOSS_PLACEMENTS:
-        raise ValueError(f"loss_on must be one of {LOSS_PLACEMENTS}, got {loss_on!r}")
-    assistant = [i for i, t in enumerate(conv.turns) if t.role == "assistant"]
-    if loss_on == "all":
-        return [(assistant[-1], set(assistant))]
-    if loss_on == "last":
-        return [(assistant[-1], {assistant[-1]})]
-    return [(i, {i}) for i in assistant]
-
-
-def _round_starts(conv: TokConversation, upto: int) -> list[int]:
-    return [i for i in range(upto) if conv.turns[i].role == "user"]
-
-
-def _build_prompt(
-    conv: TokConversation, first: int, target: int, cut_user: int = 0, learned: set[int] | None = None
-) -> tuple[list[int], list[int]]:
-    """Prefix + turns[first:target] + the target's head, with labels for learned history turns.
-
-    ``cut_user`` tokens are removed from the start of the last user turn's content.
+    The official Baichuan2 files carry no chat template, so they keep ``baichuan2``; a Llama-3 or
+    SmolLM2 model (model type ``llama``) is spoken to in its own format, not Llama-2's.
     """
-    learned = learned or set()
-    last_user = max((i for i in range(first, target) if conv.turns[i].role == "user"), default=None)
-    ids = list(conv.prefix)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i in range(first, target):
-        t = conv.turns[i]
-        head = t.head_first if i == first else t.head
-        content = t.content[cut_user:] if i == last_user else t.content
-        body = content + t.end
-        ids += head + body + t.tail
-        labels += [IGNORE_INDEX] * len(head)
-        labels += body if i in learned else [IGNORE_INDEX] * len(body)
-        labels += [IGNORE_INDEX] * len(t.tail)
-    t = conv.turns[target]
-    head = t.head_first if target == first else t.head
-    ids += head
-    labels += [IGNORE_INDEX] * len(head)
-    return ids, labels
-
-
-def _fit_prompt(conv: TokConversation, target: int, max_src_len: int | None) -> tuple[int, int, bool] | None:
-    """Choose the first kept turn and the user cut so the prompt fits ``max_src_len``.
-
-    Oldest complete rounds go first, then tokens from the start of the last user text (the end of
-    a question sits next to the answer and matters most). Returns ``(first, cut_user, truncated)``,
-    or None when even that is not enough (the system text alone is too long).
-    """
-    starts = _round_starts(conv, target) or [0]
-    k = 0
-    length = len(_build_prompt(conv, starts[k], target)[0])
-    if max_src_len is None or length <= max_src_len:
-        return starts[0], 0, False
-    while length > max_src_len and k + 1 < len(starts):
-        k += 1
-        length = len(_build_prompt(conv, starts[k], target)[0])
-    cut = 0
-    if length > max_src_len:
-        cut = length - max_src_len
-        if cut > len(conv.turns[starts[-1]].content):
-            return None
-    return starts[k], cut, True
-
-
-def assemble(
-    conv: TokConversation,
-    target: int,
-    learned: set[int],
-    *,
-    max_len: int | None = None,
-    max_src_len: int | None = None,
-    is_skip: bool = False,
-) -> AssembleResult:
-    """Build ``input_ids``/``labels`` for the sample ending at assistant turn ``target``.
-
-    Length handling (the RolePlayProj recipe's ``max_len``/``max_src_len``): the prompt side (all
-    before the target answer) is cut to ``max_src_len`` -- oldest history rounds first, then the
-    start of the last user text -- and the answer is cut (its end ids kept) only when it alone
-    overflows ``max_len``. With ``is_skip`` a sample that would need any cut is dropped instead.
-    """
-    fit = _fit_prompt(conv, target, max_src_len)
-    if fit is None:
-        return AssembleResult(None, None, dropped="prompt longer than max_src_len even after truncation")
-    first, cut_user, cut_prompt = fit
-    if cut_prompt and is_skip:
-        return AssembleResult(None, None, dropped="too long (is_skip)")
-    prompt, labels = _build_prompt(conv, first, target, cut_user, learned)
-    t = conv.turns[target]
-
-    answer = t.content
-    cut_answer = False
-    if max_len is not None and len(prompt) + len(answer) + len(t.end) > max_len:
-        room = max_len - len(prompt) - len(t.end)
-        if is_skip:
-            return AssembleResult(None, None, dropped="too long (is_skip)")
-        if room < 1:
-            return AssembleResult(None, None, dropped="no room for the answer within max_len")
-        answer = answer[:room]
-        cut_answer = True
-    body = answer + t.end
-    ids = prompt + body
-    labels += list(body) if target in learned else [IGNORE_INDEX] * len(body)
-    return AssembleResult(ids, labels, truncated_prompt=cut_prompt, truncated_answer=cut_answer)
+    if name:
+        return name
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    return default_template_name(model_type)
 
 
 # ---- the templates --------------------------------------------------------------------------
@@ -461,11 +180,8 @@ class ChatMLTemplate(Template):
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenizer)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        unk = tokenizer.unk_token_id
-        self._end = (
-            im_end if isinstance(im_end, int) and im_end != unk and im_end is not None else self.eos_id
-        )
+        im_end = single_token_id(tokenizer, "<|im_end|>")
+        self._end = im_end if im_end is not None else self.eos_id
 
     @property
     def end_id(self) -> int:
@@ -479,11 +195,45 @@ class ChatMLTemplate(Template):
         return RenderedTurn(role, [f"<|im_start|>{speaker}\n"], content, [(self._end,)], ["\n"])
 
 
+class Llama3Template(Template):
+    """``<|begin_of_text|>`` then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>``
+    per turn (the system first), texts stripped as in Meta's template."""
+
+    name = "llama3"
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+        eot = single_token_id(tokenizer, "<|eot_id|>")
+        self._end = eot if eot is not None else self.eos_id
+
+    @property
+    def end_id(self) -> int:
+        return self._end
+
+    def render_prefix(self, system: str) -> list[Piece]:
+        if not system:
+            return [self.bos]
+        return [self.bos, "<|start_header_id|>system<|end_header_id|>\n\n" + system.strip(), (self._end,)]
+
+    def render_turn(self, role: str, content: str, system: str) -> RenderedTurn:
+        speaker = {"tool": "assistant", "observation": "ipython"}.get(role, role)
+        head = f"<|start_header_id|>{speaker}<|end_header_id|>\n\n"
+        return RenderedTurn(role, [head], content.strip(), [(self._end,)], [])
+
+
 def get_template(name: str, tokenizer: Any, model_dir: str | Path | None = None) -> Template:
-    """Build a template by name (``baichuan2``, ``llama2``, ``alpaca``, ``chatml``)."""
+    """Build a template by name (one of :data:`TEMPLATE_NAMES`)."""
     if name == "baichuan2":
         return Baichuan2Template(tokenizer, model_dir)
-    classes = {"llama2": Llama2Template, "alpaca": AlpacaTemplate, "chatml": ChatMLTemplate}
+    if name == "tokenizer":
+        return JinjaTemplate(tokenizer)
+    classes = {
+        "llama2": Llama2Template,
+        "llama3": Llama3Template,
+        "alpaca": AlpacaTemplate,
+        "chatml": ChatMLTemplate,
+    }
     if name not in classes:
         raise ValueError(f"unknown template {name!r}; choose one of {list(TEMPLATE_NAMES)}")
     return classes[name](tokenizer)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +87,18 @@ def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
 
 
 def build_generation_config(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationArgs | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: GenerationArgs | None = None,
+    *,
+    stop_ids: Iterable[int] = (),
 ) -> GenerationConfig:
-    """The model's ``generation_config`` with every given setting applied on top, checked."""
+    """The model's ``generation_config`` with every given setting applied on top, checked.
+
+    ``stop_ids`` also end a reply: the chat template's end-of-turn id (``Template.end_id``), which is
+    not always the model's EOS (``<|im_end|>`` on a model whose EOS is ``<|endoftext|>``, ``<|eot_id|>``
+    on a base Llama-3): the answer ends where training taught it to.
+    """
     settings = settings or GenerationArgs()
     config = copy.deepcopy(model.generation_config)
     settings.check(config)
@@ -108,6 +118,10 @@ def build_generation_config(
         config.pad_token_id = tokenizer.pad_token_id
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    extra = [i for i in stop_ids if i not in eos]
+    if extra:
+        config.eos_token_id = [*eos, *extra]
     return config
 
 
