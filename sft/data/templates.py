@@ -81,8 +81,8 @@ def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> 
     """
     if name:
         return name
-    if getattr(tokenizer, "chat_template", None):
-        return "tokenizer"
+    if getattr(tokenizer, "chat_template", None) and getattr(tokenizer, "is_fast", False):
+        return "tokenizer"  # (the jinja template needs character offsets: a fast tokenizer)
     return default_template_name(model_type)
 
 
@@ -130,6 +130,18 @@ class Baichuan2Template(Template):
         if role in ("assistant", "tool"):
             return RenderedTurn(role, [(self.assistant_id,)], content, [(self.eos_id,)], [])
         return RenderedTurn(role, [(self.user_id,)], content, [], [])
+
+    def chat_template(self) -> str | None:
+        user, assistant, eos = self.tokenizer.convert_ids_to_tokens(
+            [self.user_id, self.assistant_id, self.eos_id]
+        )
+        return (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+            f"{{% elif m['role'] == 'assistant' %}}{assistant}{{{{ m['content'] }}}}{eos}"
+            f"{{% elif m['role'] == 'tool' %}}{user}[observation] {{{{ m['content'] }}}}"
+            f"{{% else %}}{user}{{{{ m['content'] }}}}{{% endif %}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{assistant}{{% endif %}}"
+        )
 
 
 class Llama2Template(Template):
@@ -194,6 +206,15 @@ class ChatMLTemplate(Template):
         speaker = {"tool": "assistant"}.get(role, role)
         return RenderedTurn(role, [f"<|im_start|>{speaker}\n"], content, [(self._end,)], ["\n"])
 
+    def chat_template(self) -> str | None:
+        end = self.tokenizer.convert_ids_to_tokens(self._end)
+        return (
+            "{% for m in messages %}{% set role = 'observation' if m['role'] == 'tool' else m['role'] %}"
+            "<|im_start|>{{ role }}{{ '\\n' }}{{ ('[observation] ' if m['role'] == 'tool' else '') + m['content'] }}"
+            f"{end}{{{{ '\\n' }}}}{{% endfor %}}"
+            "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+        )
+
 
 class Llama3Template(Template):
     """``<|begin_of_text|>`` then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>``
@@ -220,6 +241,16 @@ class Llama3Template(Template):
         speaker = {"tool": "assistant", "observation": "ipython"}.get(role, role)
         head = f"<|start_header_id|>{speaker}<|end_header_id|>\n\n"
         return RenderedTurn(role, [head], content.strip(), [(self._end,)], [])
+
+    def chat_template(self) -> str | None:
+        bos = self.tokenizer.convert_ids_to_tokens(self.bos[0]) if self.bos else ""
+        end = self.tokenizer.convert_ids_to_tokens(self._end)
+        return (
+            f"{bos}{{% for m in messages %}}{{% set role = 'ipython' if m['role'] == 'tool' else m['role'] %}}"
+            "<|start_header_id|>{{ role }}<|end_header_id|>{{ '\\n\\n' }}{{ m['content'] | trim }}"
+            f"{end}{{% endfor %}}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\\n\\n' }}{% endif %}"
+        )
 
 
 def get_template(name: str, tokenizer: Any, model_dir: str | Path | None = None) -> Template:
