@@ -22,7 +22,7 @@ What is compared, on probe texts (English, Chinese, code):
    flip under activation rounding, a wrong layout would not come close).
 
 Also reported, not checked: how far the rounding moves the logits from the unrounded source model
-(`rounding_max_abs`) and whether greedy tokens of the source survive the rounding.
+(`rounding_max_abs`) and whether the unrounded source picks the reader's greedy tokens (`source_greedy_equal`).
 """
 
 from __future__ import annotations
@@ -90,12 +90,6 @@ class _Reference:
             hidden = self.model.model(input_ids=input_ids).last_hidden_state
             return (hidden @ self.rounded["lm_head.weight"].T)[0]
         return self.model(input_ids=input_ids).logits[0]
-
-    def greedy(self, ids: list[int], n: int, rounded: bool) -> list[int]:
-        out = list(ids)
-        for _ in range(n):
-            out.append(int(self.logits(out, rounded)[-1].argmax()))
-        return out[len(ids) :]
 
 
 class _TransformersReader:
@@ -176,47 +170,50 @@ def verify_gguf(
     tokenizer = load_tokenizer(model_dir, plan.model_type)
     reference = _Reference(model_dir, plan, out_type)
     file_reader = open_reader(gguf_path, reader)
-    probes, failure = [], None
+    # The reader first (prompt logits, then greedy steps), then the reference along the reader's sequences: a
+    # teacher-forced forward per probe tells whether the reference would have chosen the same tokens (if it picks
+    # the reader's token at every step, its own greedy sequence is the reader's).
+    runs = []
     try:
         for text in PROBE_TEXTS:
             ids = tokenizer(text)["input_ids"]
             reader_ids = file_reader.tokenize(text)  # None: this reader cannot check the tokenizer
-            want = reference.logits(ids, rounded=True)
             got = file_reader.logits(ids)
-            diff = float((got - want).abs().max())
-            rounding = float((want - reference.logits(ids, rounded=False)).abs().max())
-            # Greedy steps by the reader, then the reference's logits along the reader's own sequence.
             seq = list(ids)
             for _ in range(n_greedy):
                 seq.append(int(file_reader.logits(seq)[-1].argmax()))
-            reader_greedy = seq[len(ids) :]
-            ref_greedy = reference.greedy(ids, n_greedy, rounded=True)
-            ref_along = reference.logits(seq, rounded=True)[len(ids) - 1 : -1]
-            chosen = ref_along.gather(1, torch.tensor(reader_greedy)[:, None])[:, 0]
-            greedy_gap = float((ref_along.max(dim=1).values - chosen).max())
-            probe = {
-                "text": text[:24],
-                "n_tokens": len(ids),
-                "tokens_equal": None if reader_ids is None else reader_ids == ids,
-                "max_abs_logit_diff": diff,
-                "rounding_max_abs": rounding,
-                "greedy_equal": reader_greedy == ref_greedy,
-                "greedy_worst_gap": greedy_gap,
-                "source_greedy_survives_rounding": ref_greedy
-                == reference.greedy(ids, n_greedy, rounded=False),
-            }
-            probes.append(probe)
-            if failure is None:
-                if probe["tokens_equal"] is False:
-                    failure = f"tokenizer: {text[:24]!r} -> {reader_ids[:12]} instead of {ids[:12]}"
-                elif diff > tolerance:
-                    failure = f"max |logit diff| {diff:.3g} > {tolerance:g} on {text[:24]!r}"
-                elif reader == "transformers" and not probe["greedy_equal"]:
-                    failure = f"greedy tokens {reader_greedy} != {ref_greedy} on {text[:24]!r}"
-                elif greedy_gap > tolerance:
-                    failure = f"greedy token off the reference's best by {greedy_gap:.3g} on {text[:24]!r}"
+            runs.append((text, ids, reader_ids, got, seq))
     finally:
         file_reader.close()
+    along = {rounded: [reference.logits(run[4], rounded) for run in runs] for rounded in (True, False)}
+
+    probes, failure = [], None
+    for i, (text, ids, reader_ids, got, seq) in enumerate(runs):
+        n, chosen = len(ids), torch.tensor(seq[len(ids) :])
+        want, source = along[True][i], along[False][i]
+        diff = float((got - want[:n]).abs().max())
+        steps = want[n - 1 : -1]  # the reference's logits at each greedy step
+        gap = float((steps.max(dim=1).values - steps.gather(1, chosen[:, None])[:, 0]).max())
+        probe = {
+            "text": text[:24],
+            "n_tokens": n,
+            "tokens_equal": None if reader_ids is None else reader_ids == ids,
+            "max_abs_logit_diff": diff,
+            "rounding_max_abs": float((want - source).abs().max()),
+            "greedy_equal": bool((steps.argmax(dim=1) == chosen).all()),
+            "greedy_worst_gap": gap,
+            "source_greedy_equal": bool((source[n - 1 : -1].argmax(dim=1) == chosen).all()),
+        }
+        probes.append(probe)
+        if failure is None:
+            if probe["tokens_equal"] is False:
+                failure = f"tokenizer: {text[:24]!r} -> {reader_ids[:12]} instead of {ids[:12]}"
+            elif diff > tolerance:
+                failure = f"max |logit diff| {diff:.3g} > {tolerance:g} on {text[:24]!r}"
+            elif reader == "transformers" and not probe["greedy_equal"]:
+                failure = f"greedy tokens differ from the reference's on {text[:24]!r}"
+            elif gap > tolerance:
+                failure = f"a greedy token is {gap:.3g} below the reference's best on {text[:24]!r}"
     result = {
         "reader": reader,
         "passed": failure is None,
