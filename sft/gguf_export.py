@@ -456,12 +456,14 @@ def _write_gguf(
     _add_metadata(writer, plan, out_type, model_dir.name, vocab, chat_jinja, sampling)
     type_counts: dict[str, int] = {}
     n_params = 0
-    # Pass 1: shapes and types only (the header precedes the data). Encoding is deterministic, so pass 2
-    # reproduces exactly the byte counts declared here.
+    # Pass 1: shapes, types and byte counts for the header, which precedes the data (no encoding needed).
+    bytes_per_value = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / Q8_BLOCK}
     for name, tensor, ggml_type in iter_export_tensors(model_dir, plan, out_type):
-        data = _encode(tensor, ggml_type)
+        nbytes = int(tensor.numel() * bytes_per_value[ggml_type])
+        # A non-uint8 dtype tells the writer that the shape is in values, not bytes; raw_dtype sets the type.
+        shape = tuple(tensor.shape)
         writer.add_tensor_info(
-            name, data.shape, data.dtype, data.nbytes, raw_dtype=GGMLQuantizationType[ggml_type]
+            name, shape, np.dtype(np.float32), nbytes, raw_dtype=GGMLQuantizationType[ggml_type]
         )
         type_counts[ggml_type] = type_counts.get(ggml_type, 0) + 1
         n_params += tensor.numel()
@@ -521,6 +523,8 @@ def export_gguf(
     vocab = build_vocab(model_dir, tokenizer, plan.vocab_size)
     chat = choose_chat_format(tokenizer, model_dir, plan.model_type, template)
     sampling = sampling_defaults(model_dir)
+    # Rendered before anything is written: a template it cannot quote is refused up front.
+    modelfile_text = render_modelfile(out_path.name, chat, sampling, model_dir) if modelfile_path else None
     for note in plan.notes:
         logger.info(note)
 
@@ -528,6 +532,9 @@ def export_gguf(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".gguf.tmp", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file should get a normal file's permissions
     try:
         type_counts, n_params = _write_gguf(tmp, model_dir, plan, out_type, vocab, chat.jinja, sampling)
         export_seconds = time.perf_counter() - start
@@ -550,12 +557,11 @@ def export_gguf(
                     f"{verification['failure']}; nothing written"
                 )
         verify_seconds = time.perf_counter() - verify_start
-        if modelfile_path is not None:
-            text = render_modelfile(out_path.name, chat, sampling, model_dir)
-            tmp_modelfile = modelfile_path.with_name(f".{modelfile_path.name}.tmp")
-            tmp_modelfile.write_text(text, encoding="utf-8")
-            os.replace(tmp_modelfile, modelfile_path)
         os.replace(tmp, out_path)
+        if modelfile_path is not None:
+            tmp_modelfile = modelfile_path.with_name(f".{modelfile_path.name}.tmp")
+            tmp_modelfile.write_text(modelfile_text, encoding="utf-8")
+            os.replace(tmp_modelfile, modelfile_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
