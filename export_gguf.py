@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from sft.gguf_errors import ExportCheckError, ExportRefused
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, export, print the JSON report; exit 1 with a one-line reason on refusal or failed check."""
     args = build_parser().parse_args(argv)
     setup_logging()
+    # SIGTERM as an exception, so that the export removes its temporary file on the way out.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         require_local_dir(args.model_dir, "--model_dir")
         report = export_gguf(
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportRefused, ExportCheckError, ValueError) as err:
         logger.error("%s", err)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.to_json())
     return 0
 

@@ -65,33 +65,39 @@ def _load_source(model_dir: Path, plan: ExportPlan) -> torch.nn.Module:
 
 
 class _Reference:
-    """The source model in fp32, and its logits with weights as stored in the file (`rounded=True`) or as saved."""
+    """The source model in fp32, and its logits with weights as stored in the file (`rounded=True`) or as saved.
+
+    Memory: the model plus one copy of its original weights; the rounded weights are computed from that copy when
+    switching, which happens twice per verification (all rounded passes first, then all original ones).
+    """
 
     def __init__(self, model_dir: Path, plan: ExportPlan, out_type: str) -> None:
         self.model = _load_source(model_dir, plan)
-        self.plan = plan
+        self.plan, self.out_type = plan, out_type
         self.original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.rounded = {}
-        for name, param in self.original.items():
-            ggml_type = _ggml_type(name, tuple(param.shape), out_type)
-            if name == "lm_head.weight" and plan.model_type == "baichuan":
-                # The file stores normalize(W) rounded; the reference multiplies by exactly that (see logits()).
-                param = torch.nn.functional.normalize(param, dim=-1)
-            self.rounded[name] = round_trip(param, ggml_type)
+        self.rounded_head: torch.Tensor | None = None
+        if plan.model_type == "baichuan":
+            # The file stores normalize(W) rounded; the reference multiplies by exactly that (see logits()).
+            head = torch.nn.functional.normalize(self.original["lm_head.weight"], dim=-1)
+            self.rounded_head = round_trip(head, _ggml_type("output.weight", tuple(head.shape), out_type))
         self.state = False  # the model holds the original weights
 
     @torch.no_grad()
     def logits(self, ids: list[int], rounded: bool) -> torch.Tensor:
-        if self.state != rounded:  # swap weights only when switching between the two models
-            weights = self.rounded if rounded else self.original
+        if self.state != rounded:
             for name, param in self.model.named_parameters():
-                param.copy_(weights[name])
+                weight = self.original[name]
+                param.copy_(
+                    round_trip(weight, _ggml_type(name, tuple(weight.shape), self.out_type))
+                    if rounded
+                    else weight
+                )
             self.state = rounded
         input_ids = torch.tensor([ids])
-        if self.plan.model_type == "baichuan" and rounded:
-            # The file's head is normalize(W) rounded; the NormHead would normalise it again.
+        if self.rounded_head is not None and rounded:
+            # The NormHead would normalise the file's (already normalised, rounded) head again.
             hidden = self.model.model(input_ids=input_ids).last_hidden_state
-            return (hidden @ self.rounded["lm_head.weight"].T)[0]
+            return (hidden @ self.rounded_head.T)[0]
         return self.model(input_ids=input_ids).logits[0]
 
 
