@@ -239,7 +239,7 @@ def rope_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _tensor_plan(
-    plan: ExportPlan, keys: set[str]
+    plan: ExportPlan, keys: set[str], where: Path
 ) -> list[tuple[str, list[str], Callable[..., torch.Tensor]]]:
     """(gguf name, source keys, function of the source tensors) for every tensor, in llama.cpp's order."""
     h, kv = plan.n_heads, plan.n_kv_heads
@@ -299,19 +299,20 @@ def _tensor_plan(
     missing = sorted(used - keys)
     if missing:
         raise ExportRefused(
-            f"the weights lack {missing[:3]} ({len(missing)} missing); is this a complete model?"
+            f"{where}: the weights lack {missing[:3]} ({len(missing)} missing); is this a complete model?"
         )
     # Buffers some checkpoints carry (rotary inv_freq) are recomputed by every reader; anything else is a weight
     # this exporter would drop.
     extra = sorted(k for k in keys - used if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight")
     if extra:
         raise ExportRefused(
-            f"the weights hold tensors llama.cpp's {plan.arch} has no place for: {extra[:3]} ({len(extra)} in all)"
+            f"{where}: the weights hold tensors llama.cpp's {plan.arch} has no place for: {extra[:3]} "
+            f"({len(extra)} in all)"
         )
     return items
 
 
-def _ggml_type(name: str, shape: tuple[int, ...], out_type: str) -> str:
+def ggml_type_for(shape: tuple[int, ...], out_type: str) -> str:
     """GGML type of one tensor: vectors stay F32 (llama.cpp computes norms in f32), matrices take `out_type`."""
     if len(shape) == 1:
         return "F32"
@@ -352,7 +353,7 @@ def iter_export_tensors(
     """(gguf name, fp32 tensor before encoding, GGML type) for every tensor of the export, one at a time."""
     source = _SafetensorsSource(Path(model_dir))
     cache: dict[str, torch.Tensor] = {}
-    for gguf_name, keys, fn in _tensor_plan(plan, source.keys()):
+    for gguf_name, keys, fn in _tensor_plan(plan, source.keys(), Path(model_dir)):
         # W_pack feeds three tensors: keep the last source tensor read.
         args = []
         for key in keys:
@@ -361,7 +362,7 @@ def iter_export_tensors(
                 cache[key] = source.get(key)
             args.append(cache[key])
         tensor = fn(*args)
-        yield gguf_name, tensor, _ggml_type(gguf_name, tuple(tensor.shape), out_type)
+        yield gguf_name, tensor, ggml_type_for(tuple(tensor.shape), out_type)
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------

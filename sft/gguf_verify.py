@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sft.gguf_export import ExportPlan, _ggml_type, load_tokenizer, round_trip
+from sft.gguf_export import ExportPlan, ggml_type_for, load_tokenizer, round_trip
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class _Reference:
         if plan.model_type == "baichuan":
             # The file stores normalize(W) rounded; the reference multiplies by exactly that (see logits()).
             head = torch.nn.functional.normalize(self.original["lm_head.weight"], dim=-1)
-            self.rounded_head = round_trip(head, _ggml_type("output.weight", tuple(head.shape), out_type))
+            self.rounded_head = round_trip(head, ggml_type_for(tuple(head.shape), out_type))
         self.state = False  # the model holds the original weights
 
     @torch.no_grad()
@@ -88,7 +88,7 @@ class _Reference:
             for name, param in self.model.named_parameters():
                 weight = self.original[name]
                 param.copy_(
-                    round_trip(weight, _ggml_type(name, tuple(weight.shape), self.out_type))
+                    round_trip(weight, ggml_type_for(tuple(weight.shape), self.out_type))
                     if rounded
                     else weight
                 )
