@@ -2,7 +2,8 @@
 
 A model directory's chat template is a Jinja string (`tokenizer.chat_template`); llama.cpp reads it from the GGUF
 file, Ollama needs the same format as a Go template in its `Modelfile`. Jinja cannot be translated to Go in
-general, so four formats are known by name, each written here in both languages:
+general, so four formats are known by name: their Jinja form is the named training template's own
+(`sft.data.templates`, `Template.chat_template()`), their Go form is written here:
 
     chatml     <|im_start|>role\\ntext<|im_end|>\\n                (Qwen, SmolLM2, our chatml template)
     llama2     <s>[INST] <<SYS>>\\nsys\\n<</SYS>>\\n\\nuser [/INST] answer </s>
@@ -25,49 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft.data.template_base import single_token_id
+
 logger = logging.getLogger(__name__)
 
 NAMED_TEMPLATES = ("chatml", "llama2", "llama3", "baichuan2")
-
-# Jinja, rendered by transformers' apply_chat_template and by llama.cpp. {USER}/{ASSISTANT} are filled with the
-# turn-token pieces of the vocabulary for baichuan2.
-_JINJA = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-        "{% endif %}"
-    ),
-    "llama2": (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
-        "{% set loop_messages = messages %}{% endif %}"
-        "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
-        "{% if loop.first and system %}{{ bos_token + '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + "
-        "message['content'] + ' [/INST]' }}{% else %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% endif %}{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-        "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    "baichuan2": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
-        "{% elif message['role'] == 'user' %}{{ '{USER}' + message['content'] }}"
-        "{% else %}{{ '{ASSISTANT}' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '{ASSISTANT}' }}{% endif %}"
-    ),
-}
 
 # Go templates for Ollama (text/template over .System and .Messages with .Role/.Content). The system prompt is
 # rendered from .System only, as Ollama's own templates do; BOS is added by the tokenizer (tokenizer.ggml.add_bos_token),
 # so the first <s> / <|begin_of_text|> of the Jinja form is not in the text.
 _GO = {
     "chatml": (
-        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\n"
+        "{{- if .System }}<|im_start|>system\n{{ .System }}{IM_END}\n{{ end }}\n"
         "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
-        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}{IM_END}\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{IM_END}\n'
         "{{ end }}\n"
         "{{- end }}<|im_start|>assistant\n"
     ),
@@ -78,15 +51,15 @@ _GO = {
         "{{- if $first }}[INST] {{ if $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}\n"
         "{{- else }}{BOS}[INST] {{ end }}{{ .Content }} [/INST]\n"
         "{{- $first = false }}\n"
-        '{{- else if eq .Role "assistant" }} {{ .Content }} {EOS}\n'
+        '{{- else if eq .Role "assistant" }} {{ .Content }}{EOS}\n'
         "{{- end }}\n"
         "{{- end }}"
     ),
     "llama3": (
-        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>\n{{- end }}\n"
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}{EOT}\n{{- end }}\n"
         "{{- range .Messages }}\n"
         '{{- if or (eq .Role "user") (eq .Role "assistant") }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-        "{{ .Content }}<|eot_id|>\n"
+        "{{ .Content }}{EOT}\n"
         "{{- end }}\n"
         "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
@@ -134,6 +107,11 @@ class ChatFormat:
 def _pieces(tokenizer: Any, model_dir: Path) -> dict[str, str]:
     """Text of the special pieces the templates use, from this tokenizer (and baichuan2's turn ids)."""
     pieces = {"BOS": tokenizer.bos_token or "", "EOS": tokenizer.eos_token or ""}
+    # chatml ends a turn with <|im_end|> where the vocabulary has it as one token, else with EOS (as training does).
+    pieces["IM_END"] = "<|im_end|>" if single_token_id(tokenizer, "<|im_end|>") is not None else pieces["EOS"]
+    pieces["EOT"] = (
+        "<|eot_id|>" if single_token_id(tokenizer, "<|eot_id|>") is not None else pieces["EOS"]
+    )  # llama3
     gen_path = model_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
     for key, field in (("USER", "user_token_id"), ("ASSISTANT", "assistant_token_id")):
@@ -155,11 +133,14 @@ def _render(jinja: str, tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 
 def named_jinja(name: str, tokenizer: Any, model_dir: Path) -> str | None:
-    """The Jinja form of a named template for this tokenizer, or None when its special pieces are missing."""
-    pieces = _pieces(tokenizer, model_dir)
-    if name == "baichuan2" and ("USER" not in pieces or "ASSISTANT" not in pieces):
+    """The Jinja form of a named template for this tokenizer (the template's own ``chat_template()``, the one
+    training writes into checkpoints), or None when the model lacks what it needs (baichuan2's turn ids)."""
+    from sft.data.templates import get_template
+
+    try:
+        return get_template(name, tokenizer, model_dir).chat_template()
+    except ValueError:
         return None
-    return _fill(_JINJA[name], pieces)
 
 
 def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | None] | None:
@@ -190,11 +171,10 @@ def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | 
 
 
 def _stops(name: str, pieces: dict[str, str], tokenizer: Any) -> list[str]:
-    vocab = tokenizer.get_vocab()
     if name == "chatml":
-        return ["<|im_end|>"] if "<|im_end|>" in vocab else [pieces["EOS"]]
+        return [pieces["IM_END"]]
     if name == "llama3":
-        return ["<|eot_id|>"]
+        return [pieces["EOT"]]
     if name == "llama2":
         return [pieces["EOS"], "[INST]"]
     return [pieces["EOS"], pieces["USER"]]  # baichuan2: a model that starts the next user turn is done

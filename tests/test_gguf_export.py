@@ -221,14 +221,16 @@ def test_chat_template_recognised_with_default_system(tiny_llama_dir: Path) -> N
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    tokenizer.chat_template = _CHATML_WITH_DEFAULT_SYSTEM
+    # This vocabulary has no <|im_end|> token: chatml ends its turns with EOS, in training and here.
+    tokenizer.chat_template = _CHATML_WITH_DEFAULT_SYSTEM.replace("<|im_end|>", tokenizer.eos_token)
     chat = choose_chat_format(tokenizer, tiny_llama_dir, "llama")
     assert (chat.name, chat.source, chat.default_system) == (
         "chatml",
         "recognised",
         "You are a helpful assistant.",
     )
-    assert chat.jinja == _CHATML_WITH_DEFAULT_SYSTEM  # the model's own template goes into the file
+    assert chat.jinja == tokenizer.chat_template  # the model's own template goes into the file
+    assert chat.stops == [tokenizer.eos_token] and "<|im_end|>" not in chat.go_template
 
     tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     chat = choose_chat_format(tokenizer, tiny_llama_dir, "llama")

@@ -197,9 +197,10 @@ def test_checkpoints_hold_the_adapter_only(single_run):
     assert train_args["max_steps"] == 16
     # The template training used is recorded, and the saved tokenizer carries it as a jinja chat template.
     assert train_args["template"] == "baichuan2"
-    assert "chat_template" in json.loads((ckpt / "tokenizer_config.json").read_text()) or (
-        ckpt / "chat_template.jinja"
-    ).is_file()
+    assert (
+        "chat_template" in json.loads((ckpt / "tokenizer_config.json").read_text())
+        or (ckpt / "chat_template.jinja").is_file()
+    )
 
     weights = load_file(ckpt / "adapter_model.safetensors")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), list(weights)[:5]

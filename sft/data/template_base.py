@@ -118,7 +118,7 @@ class Template:
 
         train.py puts it into the tokenizer it saves with every checkpoint, so a checkpoint and the model
         merged from it carry the format training used: ``tokenizer.apply_chat_template`` renders the same
-        ids. None where piece-wise and whole-text tokenisation could differ (``llama2``, ``alpaca``).
+        ids (``llama2``: the same text; None for ``alpaca``, whose blocks have no agreed jinja form).
         """
         return None
 

@@ -163,6 +163,20 @@ class Llama2Template(Template):
         first: list[Piece] = [self.bos, f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"] if system else head
         return RenderedTurn(role, head, content, [], [], head_first=first)
 
+    def chat_template(self) -> str | None:
+        # Meta's text layout: the same text as the pieces above; with SentencePiece's dummy prefix the ids of the
+        # whole text may differ from the pieces' at a boundary (a leading "▁"), so apply_chat_template is close to,
+        # not always equal to, the training ids.
+        return (
+            "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+            "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
+            "{% set loop_messages = messages %}{% endif %}"
+            "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+            "{% if loop.first and system %}{{ bos_token + '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + "
+            "message['content'] + ' [/INST]' }}{% else %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
+            "{% endif %}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        )
+
 
 class AlpacaTemplate(Template):
     """``### Instruction:`` / ``### Input:`` / ``### Response:`` blocks."""
