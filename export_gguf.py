@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 
+from models import register_models
 from sft.gguf_errors import ExportCheckError, ExportRefused
 from sft.gguf_export import OUT_TYPES, export_gguf
 from sft.ollama_modelfile import NAMED_TEMPLATES
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, export, print the JSON report; exit 1 with a one-line reason on refusal or failed check."""
     args = build_parser().parse_args(argv)
     setup_logging()
+    register_models()
     # SIGTERM as an exception, so that the export removes its temporary file on the way out.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

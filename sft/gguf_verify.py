@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sft.gguf_export import ExportPlan, ggml_type_for, load_tokenizer, round_trip
+from sft.gguf_plan import ExportPlan, ggml_type_for, load_tokenizer, round_trip
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,10 @@ N_GREEDY = 8
 
 
 def _load_source(model_dir: Path, plan: ExportPlan) -> torch.nn.Module:
-    if plan.model_type == "baichuan":
-        from models.baichuan.modeling_baichuan import BaichuanForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        model = BaichuanForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return model.eval()
+    # Our Baichuan2 for model_type baichuan: the entry point has called models.register_models().
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
 class _Reference:
@@ -174,7 +169,7 @@ def verify_gguf(
     max |logit diff| against the rounded reference and the rounding's own effect, token and greedy agreement.
     """
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
-    tokenizer = load_tokenizer(model_dir, plan.model_type)
+    tokenizer = load_tokenizer(model_dir)
     reference = _Reference(model_dir, plan, out_type)
     file_reader = open_reader(gguf_path, reader)
     # The reader first (prompt logits, then greedy steps), then the reference along the reader's sequences: a

@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 import sft.gguf_export as gguf_export
+import sft.gguf_plan as gguf_plan
 from sft.gguf_errors import ExportCheckError, ExportRefused
 from sft.gguf_export import export_gguf
 from sft.gguf_verify import TRANSFORMERS_TOLERANCE
@@ -146,7 +147,7 @@ def test_bf16_and_q8_0_encoding_are_llama_cpp_s() -> None:
     """bf16: nearest-even bits as the gguf package writes them. Q8_0 as llama.cpp's quantize_row_q8_0_ref: per
     block of 32, d = max|x| / 127 (f32), q = roundf(x * (1/d)), stored d as f16; read back as q * f16(d)."""
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
-    ours = gguf_export._encode(x, "BF16")
+    ours = gguf_plan.encode_tensor(x, "BF16")
     theirs = quants.quantize(x.numpy(), GGMLQuantizationType.BF16)
     assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
 
@@ -155,7 +156,7 @@ def test_bf16_and_q8_0_encoding_are_llama_cpp_s() -> None:
     scaled = blocks * (1.0 / d)
     q = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)  # roundf: half away from zero
     expected = (q * d.to(torch.float16).float()).reshape(x.shape)
-    assert torch.equal(gguf_export.round_trip(x, "Q8_0"), expected)
+    assert torch.equal(gguf_plan.round_trip(x, "Q8_0"), expected)
 
 
 def _bpe_llama_dir(tiny_llama_dir: Path, out: Path, *, digits: bool) -> Path:
