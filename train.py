@@ -104,6 +104,10 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     args.template = resolve_template_name(args.template, tokenizer, model_type)
     template = get_template(args.template, tokenizer, model_dir=args.model_name_or_path)
     logger.info("chat template %s (model type %s)", args.template, model_type)
+    if not getattr(tokenizer, "chat_template", None):
+        # Saved with every checkpoint and copied into merged models: apply_chat_template renders the format
+        # training used.
+        tokenizer.chat_template = template.chat_template()
 
     def load(path: str, flag: str):
         try:

@@ -193,7 +193,14 @@ def test_checkpoints_hold_the_adapter_only(single_run):
         "tokenizer.model",
     ):
         assert (ckpt / name).is_file(), name
-    assert json.loads((ckpt / "train_args.json").read_text())["max_steps"] == 16
+    train_args = json.loads((ckpt / "train_args.json").read_text())
+    assert train_args["max_steps"] == 16
+    # The template training used is recorded, and the saved tokenizer carries it as a jinja chat template.
+    assert train_args["template"] == "baichuan2"
+    assert (
+        "chat_template" in json.loads((ckpt / "tokenizer_config.json").read_text())
+        or (ckpt / "chat_template.jinja").is_file()
+    )
 
     weights = load_file(ckpt / "adapter_model.safetensors")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), list(weights)[:5]
