@@ -38,7 +38,9 @@ CPU_RANKS_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 # or a resumed run. On the CPU they agree to rounding (1e-5). On CUDA the run's fp32 matmuls and attention kernels
 # reduce in other orders than the CPU's, and cuBLAS / SDPA may choose other algorithms in a resumed process: about
 # 1e-6 relative per step, which steps at learning rate 1e-2 amplify, so those comparisons hold to 1e-4.
-ON_CUDA = torch.cuda.is_available()
+ON_CUDA = (
+    torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+)  # where train.py runs
 RTOL = 1e-4 if ON_CUDA else 1e-5
 
 # An overfit set: few short conversations, seen several times.
