@@ -134,6 +134,7 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         "rank": get_rank(),
         "world_size": get_world_size(),
         "pad_token_id": tokenizer.pad_token_id,
+        "pin_memory": device.type == "cuda",  # page-locked batches: their copies to the GPU do not block
     }
     train_loader = build_dataloader(
         load(args.train_path, "--train_path"),
@@ -169,7 +170,7 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
     from transformers import get_scheduler
 
     ds_config = build_ds_config(args, world_size=get_world_size())
-    model = load_model_for_training(args, device, zero3=zero_stage(ds_config) == 3)
+    model = load_model_for_training(args, device, ds_config=ds_config)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
 

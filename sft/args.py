@@ -291,6 +291,13 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         )
     if args.attn_implementation == "flash_attention_2" and not cuda_available:
         problems.append("--attn_implementation flash_attention_2 needs a GPU: use sdpa or eager")
+    if args.attn_implementation == "flash_attention_2" and args.precision == "fp32":
+        # flash-attn has fp16/bf16 kernels only; transformers hands it the fp32 activations and it fails at the
+        # first forward.
+        problems.append(
+            "--attn_implementation flash_attention_2 computes in fp16/bf16 only, not with --precision fp32: "
+            "use --precision bf16 (or fp16), or --attn_implementation sdpa to train in fp32"
+        )
     if args.template and args.template not in TEMPLATE_NAMES:
         problems.append(f"--template {args.template} is unknown: choose one of {', '.join(TEMPLATE_NAMES)}")
     if args.packing and args.group_by_length:

@@ -3,6 +3,17 @@
 A value written explicitly in the config must equal what the flags say; otherwise
 :func:`build_ds_config` raises an :class:`~sft.cli.ArgsError` naming the config key, the flag and the
 fix (never silently overwritten). Sections the training loop owns (``scheduler``) must not appear.
+
+Two defaults are added where the config leaves them out (a value written there wins):
+
+- ``optimizer.params.torch_adam: true`` for Adam/AdamW: DeepSpeed then steps torch's AdamW (foreach
+  kernels on CUDA) instead of building its FusedAdam (or, with an offloaded optimizer, DeepSpeedCPUAdam)
+  with nvcc/g++ at the first ``deepspeed.initialize``. An adapter has few parameters, so the fused kernel
+  saves nothing worth a compiler dependency, and a missing or mismatching nvcc would stop the run
+  before step 1.
+- ``data_types.grad_accum_dtype: "fp32"`` under ``--precision bf16`` with ZeRO 1-3: DeepSpeed
+  otherwise accumulates the micro-batch gradients in bf16 (8 significant bits), which loses the small
+  contributions of long accumulation windows.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
 
 # Sections of a DeepSpeed config that must be JSON objects; a scalar there (`"bf16": true`) would otherwise
 # fail deep inside DeepSpeed or here with an AttributeError.
-_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization")
+_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization", "data_types")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -114,6 +125,11 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
     params = optimizer.setdefault("params", {})
     fill(params, "lr", args.learning_rate, "--learning_rate", "optimizer.params.lr")
     fill(params, "weight_decay", args.weight_decay, "--weight_decay", "optimizer.params.weight_decay")
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # no JIT-compiled optimizer op (see the module docstring)
+    if args.precision == "bf16" and stage in (1, 2, 3):
+        # Without ZeRO, DeepSpeed refuses a grad_accum_dtype that differs from the model dtype.
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
     if "scheduler" in config:
         problems.append(

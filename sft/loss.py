@@ -17,6 +17,9 @@ Entry points:
   asked for hidden states only at the positions where some row learns a token (``logits_to_keep``),
   and its output head is fed only the learned (row, position) pairs, so the head's matmul and the
   logits cover exactly the learned tokens: no prompt, padding or other-row positions.
+- ``model_inputs(model, batch, device)``: a collated batch as the forward's keyword arguments, with its
+  sequence boundaries as transformers' FlashAttention kwargs; ``to_device``: host-to-device copies
+  that do not block the host.
 
 Labels use :data:`IGNORE_INDEX` (-100) where nothing is learned, everywhere in the project.
 """
@@ -203,6 +206,51 @@ def z_loss_weight(model: torch.nn.Module) -> float:
     return float(getattr(config, "z_loss_weight", 0.0) or 0.0)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device.
+
+    On CUDA a copy from pageable memory waits for the stream to reach it (a host sync); from page-locked
+    memory it is queued like a kernel. Loader batches are already pinned (``pin_memory`` on CUDA); tensors
+    made on the host here get pinned first (PyTorch's caching host allocator makes that cheap).
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def model_inputs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor | int]:
+    """The forward's keyword arguments for a collated batch, copied to ``device``.
+
+    Besides ``input_ids`` / ``attention_mask`` / ``position_ids``, the batch's sequence boundaries go to the model as
+    transformers' FlashAttention arguments ``cu_seq_lens_q/k`` and ``max_length_q/k``: transformers' FlashAttention
+    path cannot find packed documents in a batch of several rows by itself (it would let them attend to each other),
+    eager and SDPA ignore them, and our Baichuan2 builds its attention layout from them without reading anything
+    back from the device. An attention mask of ones only is dropped here, on the host (the same attention, and the
+    models need not check it on the device). Prompt-learning adapters prepend virtual tokens, so the batch's own
+    positions and boundaries do not describe what the model sees: they get ``input_ids`` and the mask only.
+    """
+    own_layout = uses_position_ids(model)
+    inputs: dict[str, torch.Tensor | int] = {"input_ids": to_device(batch["input_ids"], device)}
+    mask = batch.get("attention_mask")
+    if mask is not None and not (own_layout and bool(mask.all())):  # the host's copy: no device sync
+        inputs["attention_mask"] = to_device(mask, device)
+    if own_layout and batch.get("position_ids") is not None:
+        inputs["position_ids"] = to_device(batch["position_ids"], device)
+    if own_layout and batch.get("cu_seq_lens") is not None:
+        cu_seq_lens, max_length = to_device(batch["cu_seq_lens"], device), int(batch["max_length"])
+        inputs.update(
+            cu_seq_lens_q=cu_seq_lens,
+            cu_seq_lens_k=cu_seq_lens,
+            max_length_q=max_length,
+            max_length_k=max_length,
+        )
+    return inputs
+
+
 def batch_loss_sums(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,20 +259,19 @@ def batch_loss_sums(
     The model computes hidden states only at learned positions (``logits_to_keep``), shifted by the
     virtual tokens a prompt-learning adapter prepends, and its output head only at the learned
     (row, position) pairs (:func:`head_only_on`). ``batch`` holds the data loader's CPU tensors: the
-    indices are found on the host, so this function never waits for the device. In training mode the
-    sum includes the model's z-loss (:func:`z_loss_weight`).
+    indices and targets are found on the host and queued for the device before the forward, so this
+    function never waits for the device. In training mode the sum includes the model's z-loss
+    (:func:`z_loss_weight`).
     """
     labels = batch["labels"]
     positions = learned_positions(labels)  # (K,) on the host
     targets = kept_targets(labels, positions)  # (B, K)
     flat_index = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(-1)  # (N,) learned pairs, host
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-    if batch.get("attention_mask") is not None:
-        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-    if batch.get("position_ids") is not None and uses_position_ids(model):
-        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-    keep = (positions + prepended_positions(model)).to(device, non_blocking=True)
+    inputs = model_inputs(model, batch, device)
+    keep = to_device(positions + prepended_positions(model), device)
+    head_index = to_device(flat_index, device)
+    learned_targets = to_device(targets.flatten()[flat_index], device)  # (N,): copied while the forward runs
     head = unwrap_model(model).get_output_embeddings()
-    with head_only_on(head, flat_index.to(device, non_blocking=True)):
+    with head_only_on(head, head_index):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
-    return flat_loss_sums(logits, targets.flatten()[flat_index], z_loss_weight=z_loss_weight(model))
+    return flat_loss_sums(logits, learned_targets, z_loss_weight=z_loss_weight(model))
