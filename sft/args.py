@@ -23,7 +23,7 @@ from typing import Any
 from sft.checkpoint import resume_dir_problem
 from sft.cli import ArgsError, HelpFormatter, add_arguments, flag, output_path_problem, require_local_dir
 from sft.data.templates import LOSS_PLACEMENTS, TEMPLATE_NAMES
-from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config
+from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path
 from sft.modeling import PRECISIONS, QUANTIZATIONS
 
 PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -143,8 +143,9 @@ class DistributedArgs:
     """DeepSpeed and distributed training."""
 
     ds_config: str = flag(
-        str(DEFAULT_DS_CONFIG),
-        'DeepSpeed JSON config (ds_configs/*.json); its "auto" values are filled from these flags.',
+        DEFAULT_DS_CONFIG,
+        'DeepSpeed JSON config: a path, or a bundled ds_configs/*.json from any directory; its "auto" values '
+        "are filled from these flags.",
         aliases=("--ds_file",),
     )
     local_rank: int = flag(
@@ -325,7 +326,7 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         if problem:
             problems.append(problem)
 
-    if not Path(args.ds_config).is_file():
+    if not ds_config_path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
     else:
         try:

@@ -28,7 +28,16 @@ from sft.cli import ArgsError
 if TYPE_CHECKING:
     from sft.args import TrainArgs
 
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+
+
+def ds_config_path(value: str | os.PathLike) -> Path:
+    """``--ds_config`` as a file: the path as given, else a bundled config of that relative name
+    (``ds_configs/zero3.json`` works from any working directory)."""
+    path = Path(value)
+    bundled = REPO_ROOT / path
+    return bundled if not path.is_file() and not path.is_absolute() and bundled.is_file() else path
 
 
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,7 +66,7 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
     Returns:
         A complete DeepSpeed config dict for ``deepspeed.initialize``.
     """
-    config = load_ds_config(args.ds_config)
+    config = load_ds_config(ds_config_path(args.ds_config))
     name = Path(args.ds_config).name
     if not isinstance(config, dict):
         raise ArgsError(
