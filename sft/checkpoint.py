@@ -202,6 +202,10 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     if is_main_process():
         from safetensors import safe_open
 
+        from sft.file_modes import restore_default_modes
+
+        # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
+        restore_default_modes(path)
         with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
             keys = list(fh.keys())
             empty = [key for key in keys if 0 in fh.get_slice(key).get_shape()]

@@ -292,7 +292,11 @@ def save_merged(
     max_shard_size: str,
 ) -> list[str]:
     """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``."""
+    from sft.file_modes import restore_default_modes
+
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
+    restore_default_modes(out_dir)
     tokenizer.save_pretrained(str(out_dir))
     base_generation = base_dir / "generation_config.json"
     if base_generation.is_file() and not (out_dir / "generation_config.json").is_file():
