@@ -95,12 +95,28 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         _DEVICE = torch.device("cpu")
 
     if not dist.is_initialized():
+        if _DEVICE.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            _skip_shared_memory_op()
         backend = get_accelerator().communication_backend_name()
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes)
         )
     logger.debug("rank %d/%d on %s", get_rank(), get_world_size(), _DEVICE)
     return _DEVICE
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op for a one-rank CPU run.
+
+    DeepSpeed's CPU backend builds that C++ op (``deepspeed_shm_comm``) with the system compiler when the process
+    group starts: about a minute of 2 CPU cores on a fresh machine, before step 1, for an op that only speeds up
+    collectives between ranks on one node. One rank has no collectives to speed up. DeepSpeed builds the op only
+    when its table of compatible ops says so, and keeps that table in one module-level dict, so marking the op
+    incompatible there skips the build; the collectives then go through torch.distributed (gloo) as without it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def get_device() -> torch.device:
