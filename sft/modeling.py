@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sft.attention import use_document_sdpa
 from sft.cli import ArgsError
 
 if TYPE_CHECKING:
@@ -266,6 +267,11 @@ def load_model_for_training(
         # Non-reentrant checkpointing needs no requires_grad hack on the input embeddings.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    if device.type == "cpu" and use_document_sdpa(model):
+        # Several times less attention work on packed rows, and no (T, T) mask (sft/attention.py). CPU only: the
+        # boundaries are read on the host in every layer, a device sync on a GPU (where flash_attention_2 is the
+        # packed-row kernel anyway).
+        logger.info("attention: SDPA one document at a time (packed rows without a T x T mask)")
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
     if partitioned and dtype != torch.float32:

@@ -247,3 +247,46 @@ def test_baichuan_layout_reads_nothing_back_from_the_device(position):
             tiny_config("alibi", num_attention_heads=heads, hidden_size=8 * heads), CPU
         )
         torch.testing.assert_close(slopes, torch.tensor(alibi_slopes(heads)), atol=0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sft.attention: SDPA one document at a time
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, batch: dict) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    nll, tokens = batch_loss_sums(model, batch, CPU)
+    (nll / tokens).backward()
+    return float(nll.detach()), [p.grad.clone() for p in model.parameters()]
+
+
+def test_document_sdpa_equals_masked_sdpa_and_is_what_training_uses(tmp_path_factory):
+    """A packed batch and a right-padded batch: document SDPA gives transformers' masked SDPA's loss and gradients
+    (grouped-query attention, so the kernel's GQA path is used too); packed logits equal the documents' run one by
+    one; the training loader switches a transformers model to it on the CPU."""
+    from models.tiny import build_tiny_llama
+    from sft.args import TrainArgs
+    from sft.attention import DOCUMENT_SDPA, use_document_sdpa
+    from sft.modeling import load_model_for_training
+
+    model_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_gqa"), num_heads=4, num_kv_heads=2)
+    masked = load_base_model(model_dir, "none", torch.float32, attn_implementation="sdpa").train()
+    documents = load_base_model(model_dir, "none", torch.float32, attn_implementation="sdpa").train()
+    assert use_document_sdpa(documents) and documents.config._attn_implementation == DOCUMENT_SDPA
+    docs = _documents(masked.config.vocab_size)
+    packed, rows = _packed_batch(docs)
+    for batch in (packed, _padded_batch(docs)):
+        expected_loss, expected_grads = _loss_and_grads(masked, batch)
+        loss, grads = _loss_and_grads(documents, batch)
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    _check_against_documents(documents.eval(), packed, rows, docs)
+
+    args = TrainArgs(
+        model_name_or_path=str(model_dir), quantization="none", precision="fp32", lora_dropout=0.0
+    )
+    trained = load_model_for_training(args, CPU)
+    assert trained.get_base_model().config._attn_implementation == DOCUMENT_SDPA
+    assert not use_document_sdpa(tiny_model("rope"))  # our Baichuan2 keeps its own packed layout
