@@ -151,17 +151,49 @@ class BaichuanNormHead(nn.Module):
     a 4-bit base keeps this head as a plain parameter (it is also the model's output embedding, which transformers
     skips by default). Under ZeRO-3 the weight is only read inside this module's own forward, where DeepSpeed's
     module hooks have gathered it.
+
+    While the head is frozen (LoRA/QLoRA never train it) the normalised copy is cached instead of being recomputed
+    in every forward (125,696 x 4,096 rows: a full read and write of the weight, and a second weight-sized tensor
+    allocated each step). The cache is a plain attribute, never in the state dict, keyed on everything that can
+    change the result: the parameter object, its storage (`data_ptr`), its in-place version counter (optimizer
+    steps, `load_state_dict`, `copy_`), dtype, device and the output dtype. It is not used while the weight
+    requires grad (it is trained), under ZeRO-3 (the gathered weight is released after each forward: a cache
+    would keep a full copy on every rank), or with `cache_normalized_weight = False`.
     """
+
+    cache_normalized_weight: bool = True
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__()
         self.in_features = hidden_size
         self.out_features = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self._normalized: tuple[tuple, torch.Tensor] | None = None  # (key, normalised weight)
+
+    def linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight of the equivalent linear layer, in `dtype`: `logits = F.linear(h, head.linear_weight(h.dtype))`.
+
+        A fused linear + cross-entropy loss (`sft.loss`) calls this to compute the loss without the logits.
+        """
+        weight = self.weight
+        if (
+            not self.cache_normalized_weight
+            or weight.requires_grad
+            or hasattr(weight, "ds_id")  # a ZeRO-3 partitioned parameter
+            or weight.device.type == "meta"
+        ):
+            self._normalized = None
+            return F.normalize(weight, dim=-1).to(dtype)
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+        if self._normalized is None or self._normalized[0] != key:
+            # Built outside inference mode: a cache made under `torch.inference_mode()` could not be saved for
+            # the backward pass of a later training forward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._normalized = (key, F.normalize(weight, dim=-1).to(dtype))
+        return self._normalized[1]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        norm_weight = F.normalize(self.weight, dim=-1)
-        return F.linear(hidden_states, norm_weight.to(hidden_states.dtype))
+        return F.linear(hidden_states, self.linear_weight(hidden_states.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
