@@ -234,6 +234,13 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
         quant_storage=dtype if (zero3 and four_bit) else None,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if args.liger:
+        from sft.kernels import apply_liger
+
+        try:
+            apply_liger(model)  # before peft: it patches the base model's norm, MLP and attention modules
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     # Non-reentrant checkpointing needs no requires_grad hack on the input embeddings.
     checkpointing_kwargs = {"use_reentrant": False}
     if quantized:
@@ -249,6 +256,13 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
 
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
+    if args.torch_compile:
+        from sft.kernels import compile_decoder_layers
+
+        try:
+            compile_decoder_layers(peft_model)  # after peft: the LoRA layers are part of each compiled graph
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))

@@ -18,6 +18,7 @@ Attention layout, shared by every kernel and built once per forward (`build_atte
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -462,6 +463,9 @@ ATTENTION_KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_at
 class BaichuanAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection `W_pack` (rows: q, then k, then v)."""
 
+    # The RoPE rotation; `apply_liger_kernel` swaps in Liger's Triton kernel on the instance.
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
+
     def __init__(self, config: BaichuanConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -485,7 +489,7 @@ class BaichuanAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, nh, T, hs)
 
         if position_embeddings is not None:  # RoPE; ALiBi lives in the layout's bias
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            query, key = self.rotary_fn(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
             if key.shape[2] != layout.kv_length:
@@ -530,6 +534,20 @@ class BaichuanLayer(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _liger_rms_norm_forward(self: BaichuanRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """BaichuanRMSNorm through Liger's kernel ("llama" casting: fp32 statistics, as ours)."""
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _liger_swiglu_forward(self: BaichuanMLP, x: torch.Tensor) -> torch.Tensor:
+    """BaichuanMLP with silu(gate) * up fused by Liger's kernel."""
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
 class BaichuanPreTrainedModel(PreTrainedModel):
     """Integration attributes shared by the Baichuan2 models (loading, device maps, attention, checkpointing)."""
 
@@ -561,6 +579,37 @@ class BaichuanPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, BaichuanRMSNorm):
             init.ones_(module.weight)
+
+    def apply_liger_kernel(
+        self, *, rope: bool = True, rms_norm: bool = True, swiglu: bool = True
+    ) -> list[str]:
+        """Swap Liger Kernel's Triton RMSNorm, SwiGLU and RoPE into this model's modules (CUDA only).
+
+        What `liger_kernel.transformers.apply_liger_kernel_to_llama(model=...)` does for a Llama instance: each
+        module's `forward` is replaced on the instance, so the weights, the state dict and peft/LoRA layers
+        inside (`gate_proj`, `up_proj`, ...) stay as they are. Liger's fused linear cross-entropy is applied by
+        the training loss (`sft.loss.batch_loss_sums(head_loss="liger")`). Returns the kernels swapped in.
+        """
+        if swiglu and self.config.hidden_act not in ("silu", "swish"):
+            raise ValueError(
+                f"Liger's SwiGLU needs hidden_act silu, this model has {self.config.hidden_act!r}"
+            )
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        for module in self.modules():
+            if rms_norm and isinstance(module, BaichuanRMSNorm):
+                module.forward = types.MethodType(_liger_rms_norm_forward, module)
+            elif swiglu and isinstance(module, BaichuanMLP):
+                module.forward = types.MethodType(_liger_swiglu_forward, module)
+            elif (
+                rope
+                and isinstance(module, BaichuanAttention)
+                and self.config.position_embedding_type == "rope"
+            ):
+                module.rotary_fn = liger_rotary_pos_emb  # same (q, k, cos, sin) call; rotates in fp32 as ours
+        applied = [("rms_norm", rms_norm), ("swiglu", swiglu)]
+        applied.append(("rope", rope and self.config.position_embedding_type == "rope"))
+        return [name for name, on in applied if on]
 
 
 class BaichuanModel(BaichuanPreTrainedModel):
