@@ -97,7 +97,7 @@ class Sizes:
     warmup_steps: int  # untimed steps before each timing
 
 
-GPU_SIZES = Sizes("7b", 4096, 6.0, (("grouped", 16), ("grouped", 32), ("packed", 2)), 2048, (1, 2, 4, 8), 5.0,
+GPU_SIZES = Sizes("7b", 4096, 4.0, (("grouped", 16), ("grouped", 32), ("packed", 2)), 2048, (1, 2, 4, 8), 3.0,
                   (8192, 16384, 32768), 2048, "bf16", 2)  # fmt: skip
 DRY_SIZES = Sizes(
     "tiny", 16, 0.0, (("grouped", 4), ("packed", 2)), 32, (1, 2), 0.0, (32, 64, 128), 128, "fp32", 1

@@ -31,64 +31,68 @@ fi
 TOTAL_S=${TOTAL_S:-450}
 OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
 start=$(date +%s)
 elapsed() { echo $(($(date +%s) - start)); }
 skipped=()
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-# 1. install --------------------------------------------------------------------------------------------------
-if [ "$dry_run" = 1 ]; then
-  PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-  skipped+=("install from .whl/ (dry run)")
-  echo "== dry run: $PYTHON, CPU, tiny sizes"
-else
-  PYTHON=${PYTHON:-python3}
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
-  if ! bash .whl/install_on_device.sh; then
-    echo "gpu_check: installing .whl/ failed: run ../shared/gpu/fetch_wheels.sh liger-kernel==0.8.5 on the CPU machine and pass carry [\".whl\"]" >&2
-    exit 1
+main() {
+  # 1. install --------------------------------------------------------------------------------------------------
+  if [ "$dry_run" = 1 ]; then
+    PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+    skipped+=("install from .whl/ (dry run)")
+    echo "== dry run: $PYTHON, CPU, tiny sizes"
+  else
+    PYTHON=${PYTHON:-python3}
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
+    if ! bash .whl/install_on_device.sh; then
+      echo "gpu_check: installing .whl/ failed: run ../shared/gpu/fetch_wheels.sh liger-kernel==0.8.5 on the CPU machine and pass carry [\".whl\"]" >&2
+      return 1
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    echo "== installed in $(elapsed) s"
   fi
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  echo "== installed in $(elapsed) s"
-fi
 
-# 2. the gpu tests ----------------------------------------------------------------------------------------------
-tests_budget=$((TOTAL_S * 2 / 5))
-timeout "$tests_budget" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 \
-  | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-if [ "$tests_rc" = 124 ]; then
-  skipped+=("the gpu tests after ${tests_budget} s (timed out; see gpu_tests.log for those that ran)")
-fi
-while IFS= read -r line; do skipped+=("test: ${line#SKIPPED }"); done < <(grep '^SKIPPED' "$OUT/gpu_tests.log")
-echo "== gpu tests: exit $tests_rc, $(elapsed) s"
+  # 2. the gpu tests ----------------------------------------------------------------------------------------------
+  tests_budget=$((TOTAL_S * 2 / 5))
+  timeout "$tests_budget" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  if [ "$tests_rc" = 124 ]; then
+    skipped+=("the gpu tests after ${tests_budget} s (timed out; see gpu_tests.log for those that ran)")
+  fi
+  while IFS= read -r line; do skipped+=("test: ${line#SKIPPED }"); done < <(grep '^SKIPPED' "$OUT/gpu_tests.log")
+  echo "== gpu tests: exit $tests_rc, $(elapsed) s"
 
-# 3. the benchmark ----------------------------------------------------------------------------------------------
-bench_budget=$((TOTAL_S - $(elapsed) - 15))
-if [ "$bench_budget" -lt 60 ]; then
-  skipped+=("benchmark (only ${bench_budget} s left)")
-  bench_rc=0
-else
-  bench_flags=(--out "$OUT" --budget_s "$bench_budget")
-  [ "$dry_run" = 1 ] && bench_flags+=(--dry-run)
-  "$PYTHON" benchmarks/bench_gpu.py "${bench_flags[@]}" 2>&1 | tee "$OUT/bench.log"
-  bench_rc=${PIPESTATUS[0]}
-  while IFS= read -r line; do
-    [ "$line" != "skipped: nothing" ] && skipped+=("benchmark: ${line#skipped: }")
-  done < <(grep '^skipped: ' "$OUT/bench.log")
-  rm -f "$OUT/bench.log"  # its table and numbers are in bench_gpu.md/.json, its log in gpu_check.log
-fi
+  # 3. the benchmark ----------------------------------------------------------------------------------------------
+  bench_budget=$((TOTAL_S - $(elapsed) - 15))
+  if [ "$bench_budget" -lt 60 ]; then
+    skipped+=("benchmark (only ${bench_budget} s left)")
+    bench_rc=0
+  else
+    bench_flags=(--out "$OUT" --budget_s "$bench_budget")
+    [ "$dry_run" = 1 ] && bench_flags+=(--dry-run)
+    "$PYTHON" benchmarks/bench_gpu.py "${bench_flags[@]}" 2>&1 | tee "$OUT/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+    while IFS= read -r line; do
+      [ "$line" != "skipped: nothing" ] && skipped+=("benchmark: ${line#skipped: }")
+    done < <(grep '^skipped: ' "$OUT/bench.log")
+    rm -f "$OUT/bench.log"  # its table and numbers are in bench_gpu.md/.json, its log in gpu_check.log
+  fi
 
-# 4. summary ----------------------------------------------------------------------------------------------------
-echo
-echo "== gpu_check done in $(elapsed) s (budget ${TOTAL_S} s): tests exit ${tests_rc}, benchmark exit ${bench_rc}"
-if [ ${#skipped[@]} -eq 0 ]; then
-  echo "skipped: nothing"
-else
-  echo "skipped:"
-  printf '  - %s\n' "${skipped[@]}"
-fi
-[ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
-if [ "$tests_rc" != 0 ] && [ "$tests_rc" != 5 ]; then exit "$tests_rc"; fi  # 5: every test skipped (no GPU)
-exit "$bench_rc"
+  # 4. summary ----------------------------------------------------------------------------------------------------
+  echo
+  echo "== gpu_check done in $(elapsed) s (budget ${TOTAL_S} s): tests exit ${tests_rc}, benchmark exit ${bench_rc}"
+  if [ ${#skipped[@]} -eq 0 ]; then
+    echo "skipped: nothing"
+  else
+    echo "skipped:"
+    printf '  - %s\n' "${skipped[@]}"
+  fi
+  [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+  if [ "$tests_rc" != 0 ] && [ "$tests_rc" != 5 ]; then return "$tests_rc"; fi  # 5: no test collected
+  return "$bench_rc"
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
