@@ -29,7 +29,7 @@ Writes `bench_gpu.md` (the results table) and `bench_gpu.json` under --out; prin
 Every measurement checks the time left (--budget_s) first and is skipped, and listed, when it would not fit.
 
     python benchmarks/bench_gpu.py --out results/            # on a GPU: ~4 minutes on one H200
-    python benchmarks/bench_gpu.py --dry-run --out /tmp/x    # the same code paths, tiny sizes, CPU, ~15 s
+    python benchmarks/bench_gpu.py --dry-run --out /tmp/x    # the same code paths, tiny sizes, CPU, ~15 s of CPU time
     python benchmarks/bench_gpu.py --write_lengths           # regenerate the R lengths from ../shared/data
 """
 
@@ -263,9 +263,8 @@ class Trainer:
     def step(self, variant: str, batch: dict[str, torch.Tensor]) -> None:
         learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # CPU labels: no sync
         if variant == "recipe":
-            self.head.cache_normalized_weight = (
-                False  # the official NormHead renormalises in every training forward
-            )
+            # The official NormHead renormalises its weight in every training forward.
+            self.head.cache_normalized_weight = False
             try:
                 loss = recipe_loss(self.model, batch, self.device)
                 loss.backward()
@@ -357,7 +356,9 @@ def r_batches(
             order = list(range(len(items)))
             random.Random(seed).shuffle(order)
             for k in range(0, len(order) - size + 1, size):
-                yield {**collate([items[i] for i in order[k : k + size]]), "n_samples": size}
+                chosen = [items[i] for i in order[k : k + size]]
+                n_tokens = sum(len(it["input_ids"]) for it in chosen)  # real tokens: the recipe sends no mask
+                yield {**collate(chosen), "n_samples": size, "n_tokens": n_tokens}
 
         return _cycle(recipe_epoch)
     dataset = SFTDataset.from_samples(samples, {})

@@ -16,7 +16,7 @@
 #   du -cb $(git ls-files) .whl | tail -1        # what travels: must stay under 64 MiB (67108864 bytes)
 # Then the device call (the `run` tool):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# Without a GPU, the same steps at tiny sizes on the CPU (no install; the gpu tests skip), ~20 s:
+# Without a GPU, the same steps at tiny sizes on the CPU (no install; the gpu tests skip), ~20 s of CPU time:
 #   bash benchmarks/gpu_check.sh --dry-run          # tests/test_gpu_check.py runs this in CI
 set -uo pipefail
 cd "$(dirname "$0")/.."
