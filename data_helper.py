@@ -5,9 +5,11 @@
     python data_helper.py dialogsum --input ../shared/data/dialogsum/dialogsum.test.jsonl --output data/dialogsum_test.jsonl
     python data_helper.py alpaca --input alpaca_data.json --output data/alpaca.jsonl
     python data_helper.py conversations --input chats.jsonl --output data/chats.jsonl
+    python data_helper.py synthesize --model_path BASE --adapter_dir REVERSE_ADAPTER --input texts.txt --output data/alpaca.jsonl
 
 Every sub-command prints its counts: input records read, kept and skipped (with the reasons), and
-samples written (RoleBench counts questions: each kept question gives up to --max_answers samples).
+samples written (RoleBench counts questions: each kept question gives up to --max_answers samples;
+synthesize counts texts).
 A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
 written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed.
 See docs/DATA.md.
@@ -20,7 +22,16 @@ import logging
 import sys
 from pathlib import Path
 
-from sft.cli import check_output_path
+from models import register_models
+from sft.args import DataArgs
+from sft.cli import (
+    add_arguments,
+    check_output_path,
+    from_namespace,
+    require_local_dir,
+    set_seed,
+    setup_logging,
+)
 from sft.data.converters import (
     DIALOGSUM_PROMPT,
     ROLEBENCH_SYSTEM_TEMPLATE,
@@ -32,6 +43,9 @@ from sft.data.converters import (
     convert_rolebench,
 )
 from sft.data.formats import DataFormatError, write_jsonl_atomic
+from sft.data.synthesize import SynthesisFilters, read_texts, synthesize
+from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 
 logger = logging.getLogger("data_helper")
 
@@ -97,6 +111,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("conversations", help="multi-turn chats with system, tools, tool calls, observations")
     _add_common(p)
+
+    p = sub.add_parser(
+        "synthesize",
+        help="your own texts -> Alpaca (instruction, text) pairs, instructions written by a reverse model",
+        description="Prompt a reverse model (trained on `dolly --reverse` samples) with each text, as in its "
+        "training, and keep the (generated instruction, text) pairs that pass the filters (docs/DATA.md).",
+    )
+    add_arguments(p, ModelLoadArgs)
+    io = p.add_argument_group("texts")
+    io.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="texts: .txt (one a line) or .jsonl/.json (see --text_field)",
+    )
+    io.add_argument("--output", required=True, type=Path, help="output Alpaca JSONL file")
+    io.add_argument("--text_field", default=None, help="JSONL field holding the text (default: text)")
+    io.add_argument(
+        "--skip_invalid",
+        action="store_true",
+        help="count JSONL records without a string text field as skipped instead of stopping with an error",
+    )
+    io.add_argument("--batch_size", type=int, default=8, help="texts generated for together (left-padded)")
+    filters = p.add_argument_group("filters (each drop is counted in the summary)")
+    add_arguments(
+        filters,
+        DataArgs,
+        only=["max_src_len"],
+        defaults_from="the adapter's training --max_src_len, else train.py's",
+        grouped=False,
+    )
+    filters.add_argument(
+        "--max_instruction_len",
+        type=int,
+        default=128,
+        help="drop instructions longer than this (tokens); --max_new_tokens defaults to it + 1",
+    )
+    filters.add_argument(
+        "--max_copy_overlap",
+        type=float,
+        default=0.5,
+        help="drop instructions more than this share of whose word 3-grams occur in the text (1 = off)",
+    )
+    filters.add_argument(
+        "--near_dup_threshold",
+        type=float,
+        default=0.8,
+        help="drop texts whose word 3-gram Jaccard similarity to an earlier text is at least this",
+    )
+    add_arguments(p, GenerationArgs)
+    p.add_argument("--seed", type=int, default=1234, help="random seed (makes sampling repeatable)")
     return parser
 
 
@@ -106,8 +171,66 @@ def _report(name: str, stats: ConvertStats) -> None:
         print(line)
 
 
+def synthesis_filters(args: argparse.Namespace, train_args: dict) -> SynthesisFilters:
+    """The filter flags; --max_src_len defaults to the reverse adapter's training value (its prompts were
+    cut there), else train.py's default."""
+    max_src_len = args.max_src_len
+    if max_src_len is None:
+        max_src_len = train_args.get("max_src_len", DataArgs.max_src_len)
+    return SynthesisFilters(
+        max_src_len=max_src_len,
+        max_instruction_len=args.max_instruction_len,
+        max_copy_overlap=args.max_copy_overlap,
+        near_dup_threshold=args.near_dup_threshold,
+    )
+
+
+def run_synthesize(args: argparse.Namespace) -> None:
+    """Check flags and read the texts before loading the model; generate; filter; write atomically."""
+    problems = [] if args.batch_size >= 1 else [f"--batch_size={args.batch_size} must be >= 1"]
+    problems += synthesis_filters(args, {}).problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    settings = from_namespace(GenerationArgs, args)
+    if settings.max_new_tokens is None:
+        # One token more than the filter allows: an instruction cut by this limit is caught as over-long, and
+        # no time goes into generating past it (a chat model's generation_config may allow thousands).
+        settings.max_new_tokens = args.max_instruction_len + 1
+    settings.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))
+    stats = ConvertStats(unit="texts")
+    texts = read_texts(args.input, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
+
+    register_models()
+    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
+    if loaded.adapter is None and args.template is None:
+        logger.warning(
+            "no --adapter_dir: prompting with the template %s chosen from the model; pass --template as the "
+            "reverse model was trained if that differs",
+            loaded.template_name,
+        )
+    filters = synthesis_filters(args, loaded.adapter.train_args if loaded.adapter else {})
+    set_seed(args.seed)
+    config = build_generation_config(
+        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
+    )
+    logger.info("template %s; %s; generation: %s", loaded.template_name, filters, describe(config))
+    records = synthesize(
+        texts, loaded.model, loaded.tokenizer, loaded.template, config, filters,
+        batch_size=args.batch_size, stats=stats,
+    )  # fmt: skip
+    _report("synthesize", stats)
+    if not records:
+        raise DataFormatError(f"nothing to write to {args.output}: every text was skipped")
+    write_jsonl_atomic(args.output, records)
+    print(f"wrote {len(records)} samples to {args.output}")
+
+
 def run(args: argparse.Namespace) -> None:
     """Convert everything first, then write: an error leaves no output file behind."""
+    if args.source == "synthesize":
+        check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
+        run_synthesize(args)
+        return
     if args.source == "rolebench":
         check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})
     else:
@@ -146,7 +269,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -15,10 +15,14 @@ import logging
 import sys
 
 from models import register_models
+from sft.checkpoint import read_adapter
 from sft.cli import HelpFormatter, require_local_dir, setup_logging
+from sft.gguf_errors import ExportCheckError
+from sft.gguf_export import OUT_TYPES, export_gguf, plan_export
 from sft.inference.loading import resolve_device
 from sft.merge import MERGE_INTO, MergeCheckError, merge_lora
 from sft.modeling import DTYPES, QUANTIZATIONS
+from sft.ollama_modelfile import NAMED_TEMPLATES
 
 logger = logging.getLogger("merge_params")
 
@@ -73,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-3,
         help="Largest allowed |merged - (base+adapter)| logit difference on the probe inputs (fp32).",
     )
+    parser.add_argument(
+        "--gguf",
+        default=None,
+        help="Also export the merged model to this .gguf file for llama.cpp / Ollama, verified, with an Ollama "
+        "Modelfile next to it (as export_gguf.py does; see docs/INFERENCE.md).",
+    )
+    parser.add_argument(
+        "--gguf_type", choices=OUT_TYPES, default="f16", help="Weight type of the --gguf file."
+    )
     return parser
 
 
@@ -84,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")
+        if args.gguf:
+            plan_export(base_dir)  # an architecture the export refuses is refused before the merge
         report = merge_lora(
             base_dir,
             args.model_dir,
@@ -97,11 +112,22 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             tolerance=args.tolerance,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, MergeCheckError) as err:
+        logger.info("merged model written to %s", report.out_dir)
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        if args.gguf:
+            trained = read_adapter(args.model_dir, "--model_dir").template
+            exported = export_gguf(
+                report.out_dir,
+                args.gguf,
+                out_type=args.gguf_type,
+                modelfile=True,
+                template=trained if trained in NAMED_TEMPLATES else None,
+                overwrite=args.overwrite,
+            )
+            print(exported.to_json())
+    except (ValueError, FileNotFoundError, FileExistsError, MergeCheckError, ExportCheckError) as err:
         logger.error("%s", err)
         return 1
-    logger.info("merged model written to %s", report.out_dir)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
 

@@ -104,6 +104,10 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     args.template = resolve_template_name(args.template, tokenizer, model_type)
     template = get_template(args.template, tokenizer, model_dir=args.model_name_or_path)
     logger.info("chat template %s (model type %s)", args.template, model_type)
+    if not getattr(tokenizer, "chat_template", None):
+        # Saved with every checkpoint and copied into merged models: apply_chat_template renders the format
+        # training used.
+        tokenizer.chat_template = template.chat_template()
 
     def load(path: str, flag: str):
         try:
@@ -130,6 +134,7 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         "rank": get_rank(),
         "world_size": get_world_size(),
         "pad_token_id": tokenizer.pad_token_id,
+        "pin_memory": device.type == "cuda",  # page-locked batches: their copies to the GPU do not block
     }
     train_loader = build_dataloader(
         load(args.train_path, "--train_path"),
@@ -165,7 +170,7 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
     from transformers import get_scheduler
 
     ds_config = build_ds_config(args, world_size=get_world_size())
-    model = load_model_for_training(args, device, zero3=zero_stage(ds_config) == 3)
+    model = load_model_for_training(args, device, ds_config=ds_config)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
 

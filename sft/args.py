@@ -23,7 +23,7 @@ from typing import Any
 from sft.checkpoint import resume_dir_problem
 from sft.cli import ArgsError, HelpFormatter, add_arguments, flag, output_path_problem, require_local_dir
 from sft.data.templates import LOSS_PLACEMENTS, TEMPLATE_NAMES
-from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, zero_stage
+from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path, zero_stage
 from sft.kernels import liger_problem
 from sft.modeling import PRECISIONS, QUANTIZATIONS
 
@@ -153,8 +153,9 @@ class DistributedArgs:
     """DeepSpeed and distributed training."""
 
     ds_config: str = flag(
-        str(DEFAULT_DS_CONFIG),
-        'DeepSpeed JSON config (ds_configs/*.json); its "auto" values are filled from these flags.',
+        DEFAULT_DS_CONFIG,
+        'DeepSpeed JSON config: a path, or a bundled ds_configs/*.json from any directory; its "auto" values '
+        "are filled from these flags.",
         aliases=("--ds_file",),
     )
     local_rank: int = flag(
@@ -303,6 +304,13 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         problems.append(liger_problem(cuda_available))
     if args.attn_implementation == "flash_attention_2" and not cuda_available:
         problems.append("--attn_implementation flash_attention_2 needs a GPU: use sdpa or eager")
+    if args.attn_implementation == "flash_attention_2" and args.precision == "fp32":
+        # flash-attn has fp16/bf16 kernels only; transformers hands it the fp32 activations and it fails at the
+        # first forward.
+        problems.append(
+            "--attn_implementation flash_attention_2 computes in fp16/bf16 only, not with --precision fp32: "
+            "use --precision bf16 (or fp16), or --attn_implementation sdpa to train in fp32"
+        )
     if args.template and args.template not in TEMPLATE_NAMES:
         problems.append(f"--template {args.template} is unknown: choose one of {', '.join(TEMPLATE_NAMES)}")
     if args.packing and args.group_by_length:
@@ -330,7 +338,7 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         if problem:
             problems.append(problem)
 
-    if not Path(args.ds_config).is_file():
+    if not ds_config_path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
     else:
         try:

@@ -14,7 +14,8 @@ Launch modes handled by :func:`init_distributed`:
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
 
 The backend is the accelerator's: NCCL on CUDA, gloo on DeepSpeed's CPU
-accelerator (CI runs multi-rank training that way).
+accelerator (CI runs multi-rank training that way; ``DS_ACCELERATOR=cpu`` selects it on a machine with
+GPUs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         timeout_minutes: collective timeout; a rank that waits longer raises instead of hanging forever.
 
     Returns:
-        ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+        ``cuda:LOCAL_RANK`` when CUDA is available (and DeepSpeed's accelerator is CUDA), else ``cpu``.
     """
     global _DEVICE
     if _DEVICE is not None:
@@ -80,7 +81,9 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     local_rank = get_local_rank()
-    if torch.cuda.is_available():
+    # The device follows DeepSpeed's accelerator, so the two never disagree: DS_ACCELERATOR=cpu trains on CPU
+    # ranks on a machine with GPUs (the test suite's multi-rank runs on a 1-GPU machine).
+    if get_accelerator().device_name() == "cuda" and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible; "

@@ -3,6 +3,17 @@
 A value written explicitly in the config must equal what the flags say; otherwise
 :func:`build_ds_config` raises an :class:`~sft.cli.ArgsError` naming the config key, the flag and the
 fix (never silently overwritten). Sections the training loop owns (``scheduler``) must not appear.
+
+Two defaults are added where the config leaves them out (a value written there wins):
+
+- ``optimizer.params.torch_adam: true`` for Adam/AdamW: DeepSpeed then steps torch's AdamW (foreach
+  kernels on CUDA) instead of building its FusedAdam (or, with an offloaded optimizer, DeepSpeedCPUAdam)
+  with nvcc/g++ at the first ``deepspeed.initialize``. An adapter has few parameters, so the fused kernel
+  saves nothing worth a compiler dependency, and a missing or mismatching nvcc would stop the run
+  before step 1.
+- ``data_types.grad_accum_dtype: "fp32"`` under ``--precision bf16`` with ZeRO 1-3: DeepSpeed
+  otherwise accumulates the micro-batch gradients in bf16 (8 significant bits), which loses the small
+  contributions of long accumulation windows.
 """
 
 from __future__ import annotations
@@ -17,7 +28,16 @@ from sft.cli import ArgsError
 if TYPE_CHECKING:
     from sft.args import TrainArgs
 
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+
+
+def ds_config_path(value: str | os.PathLike) -> Path:
+    """``--ds_config`` as a file: the path as given, else a bundled config of that relative name
+    (``ds_configs/zero3.json`` works from any working directory)."""
+    path = Path(value)
+    bundled = REPO_ROOT / path
+    return bundled if not path.is_file() and not path.is_absolute() and bundled.is_file() else path
 
 
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -28,7 +48,7 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
 
 # Sections of a DeepSpeed config that must be JSON objects; a scalar there (`"bf16": true`) would otherwise
 # fail deep inside DeepSpeed or here with an AttributeError.
-_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization")
+_DS_SECTIONS = ("bf16", "fp16", "optimizer", "zero_optimization", "data_types")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -46,7 +66,7 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
     Returns:
         A complete DeepSpeed config dict for ``deepspeed.initialize``.
     """
-    config = load_ds_config(args.ds_config)
+    config = load_ds_config(ds_config_path(args.ds_config))
     name = Path(args.ds_config).name
     if not isinstance(config, dict):
         raise ArgsError(
@@ -114,6 +134,11 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
     params = optimizer.setdefault("params", {})
     fill(params, "lr", args.learning_rate, "--learning_rate", "optimizer.params.lr")
     fill(params, "weight_decay", args.weight_decay, "--weight_decay", "optimizer.params.weight_decay")
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # no JIT-compiled optimizer op (see the module docstring)
+    if args.precision == "bf16" and stage in (1, 2, 3):
+        # Without ZeRO, DeepSpeed refuses a grad_accum_dtype that differs from the model dtype.
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
     if "scheduler" in config:
         problems.append(

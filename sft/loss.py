@@ -21,6 +21,9 @@ Entry points:
   logits cover exactly the learned tokens: no prompt, padding or other-row positions. Where the head
   is a frozen linear map, the loss is computed from its input by :func:`linear_loss_sums` (or Liger
   Kernel's Triton version), so not even the learned tokens' logits are kept for the backward pass.
+- ``model_inputs(model, batch, device)``: a collated batch as the forward's keyword arguments, with its
+  sequence boundaries as transformers' FlashAttention kwargs; ``to_device``: host-to-device copies
+  that do not block the host.
 
 Labels use :data:`IGNORE_INDEX` (-100) where nothing is learned, everywhere in the project.
 """
@@ -298,6 +301,50 @@ def z_loss_weight(model: torch.nn.Module) -> float:
     return float(getattr(config, "z_loss_weight", 0.0) or 0.0)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device.
+
+    On CUDA a copy from pageable memory waits for the stream to reach it (a host sync); from page-locked
+    memory it is queued like a kernel. Loader batches are already pinned (``pin_memory`` on CUDA); tensors
+    made on the host here get pinned first (PyTorch's caching host allocator makes that cheap).
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def model_inputs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor | int]:
+    """The forward's keyword arguments for a collated batch, copied to ``device``.
+
+    Besides ``input_ids`` / ``attention_mask`` / ``position_ids``, the batch's sequence boundaries go to the model as
+    transformers' FlashAttention arguments ``cu_seq_lens_q/k`` and ``max_length_q/k``: transformers' FlashAttention
+    path cannot find packed documents in a batch of several rows by itself (it would let them attend to each other),
+    eager and SDPA ignore them, and our Baichuan2 builds its attention layout from them without reading anything
+    back from the device. The attention mask is dropped here, on the host, where it changes nothing the loss reads
+    (:func:`padding_mask_needed`: ones only, or right padding under SDPA). Prompt-learning adapters prepend virtual tokens, so the batch's own
+    positions and boundaries do not describe what the model sees: they get ``input_ids`` and the mask only.
+    """
+    own_layout = uses_position_ids(model)
+    inputs: dict[str, torch.Tensor | int] = {"input_ids": to_device(batch["input_ids"], device)}
+    if padding_mask_needed(model, batch):  # decided on the host's copy: no device sync
+        inputs["attention_mask"] = to_device(batch["attention_mask"], device)
+    if own_layout and batch.get("position_ids") is not None:
+        inputs["position_ids"] = to_device(batch["position_ids"], device)
+    if own_layout and batch.get("cu_seq_lens") is not None:
+        cu_seq_lens, max_length = to_device(batch["cu_seq_lens"], device), int(batch["max_length"])
+        inputs.update(
+            cu_seq_lens_q=cu_seq_lens,
+            cu_seq_lens_k=cu_seq_lens,
+            max_length_q=max_length,
+            max_length_k=max_length,
+        )
+    return inputs
+
+
 HEAD_LOSSES = ("fused", "liger", "logits")
 
 
@@ -323,21 +370,20 @@ def attention_implementation(model: torch.nn.Module) -> str | None:
 def padding_mask_needed(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
     """Whether ``batch["attention_mask"]`` must be sent to the model; the rule is documented in docs/PERFORMANCE.md.
 
-    It is dropped for right-padded training and evaluation batches (:func:`right_padded_only`) of a
-    model computing attention with SDPA and without prompt-learning adapters: SDPA then runs plain
-    causal attention (``is_causal=True``, no mask), which its FlashAttention backend accepts, while any
-    mask sends it to a slower kernel. FlashAttention-2 keeps the mask (it skips the pads with it), as do
-    virtual-token adapters (their tokens are prepended to the mask).
+    Not when it is ones only (the same attention without it). Not for a right-padded batch
+    (:func:`right_padded_only`) of a model computing attention with SDPA: SDPA then runs plain causal
+    attention (``is_causal=True``, no mask), which its FlashAttention backend accepts, while any mask
+    sends it to a slower kernel. FlashAttention-2 keeps the mask (it skips the pads with it), as do
+    prompt-learning adapters (their virtual tokens are prepended to the mask).
     """
     mask = batch.get("attention_mask")
     if mask is None:
         return False
-    peft_config = _active_peft_config(model)
-    if attention_implementation(model) != "sdpa" or (
-        peft_config is not None and peft_config.is_prompt_learning
-    ):
+    if not uses_position_ids(model):  # prompt learning: the model extends the mask itself
         return True
-    return not right_padded_only(mask, batch.get("position_ids"))
+    if bool(mask.all()):
+        return False
+    return attention_implementation(model) != "sdpa" or not right_padded_only(mask, batch.get("position_ids"))
 
 
 @contextmanager
@@ -397,10 +443,11 @@ def batch_loss_sums(
 
     The model computes hidden states only at learned positions (``logits_to_keep``), shifted by the
     virtual tokens a prompt-learning adapter prepends, and its output head only at the learned
-    (row, position) pairs. ``batch`` holds the data loader's CPU tensors: the indices are found on the
-    host, so this function never waits for the device. In training mode the sum includes the model's
-    z-loss (:func:`z_loss_weight`). A right-padded batch is sent without its attention mask where that
-    is exact and faster (:func:`padding_mask_needed`).
+    (row, position) pairs. ``batch`` holds the data loader's CPU tensors: the indices and targets are
+    found on the host and queued for the device before the forward, so this function never waits for
+    the device. In training mode the sum includes the model's z-loss (:func:`z_loss_weight`). A
+    right-padded batch is sent without its attention mask where that is exact and faster
+    (:func:`padding_mask_needed`).
 
     Args:
         head_loss: ``"fused"``: where the head is a frozen linear map (:func:`frozen_linear_head`), the
@@ -415,24 +462,20 @@ def batch_loss_sums(
     positions = learned_positions(labels)  # (K,) on the host
     targets = kept_targets(labels, positions)  # (B, K)
     flat_index = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(-1)  # (N,) learned pairs, host
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-    if padding_mask_needed(model, batch):
-        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-    if batch.get("position_ids") is not None and uses_position_ids(model):
-        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-    keep = (positions + prepended_positions(model)).to(device, non_blocking=True)
-    flat_targets = targets.flatten()[flat_index]
-    flat_index = flat_index.to(device, non_blocking=True)
+    inputs = model_inputs(model, batch, device)
+    keep = to_device(positions + prepended_positions(model), device)
+    head_index = to_device(flat_index, device)
+    learned_targets = to_device(targets.flatten()[flat_index], device)  # (N,): copied while the forward runs
     head = unwrap_model(model).get_output_embeddings()
     head_weight = frozen_linear_head(model, head) if head_loss != "logits" else None
     if head_weight is None:
-        with head_only_on(head, flat_index):
+        with head_only_on(head, head_index):
             logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
-        return flat_loss_sums(logits, flat_targets, z_loss_weight=z_loss_weight(model))
+        return flat_loss_sums(logits, learned_targets, z_loss_weight=z_loss_weight(model))
 
-    with head_inputs_only(head, flat_index):
+    with head_inputs_only(head, head_index):
         hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, H): no logits computed
     weight = head_weight(hidden.dtype)
     if head_loss == "liger":
-        return liger_linear_loss_sums(hidden, weight, flat_targets, z_loss_weight=z_loss_weight(model))
-    return linear_loss_sums(hidden, weight, flat_targets, z_loss_weight=z_loss_weight(model))
+        return liger_linear_loss_sums(hidden, weight, learned_targets, z_loss_weight=z_loss_weight(model))
+    return linear_loss_sums(hidden, weight, learned_targets, z_loss_weight=z_loss_weight(model))

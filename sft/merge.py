@@ -295,9 +295,11 @@ def save_merged(
     """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``."""
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out_dir))
-    base_generation = base_dir / "generation_config.json"
-    if base_generation.is_file() and not (out_dir / "generation_config.json").is_file():
-        shutil.copy2(base_generation, out_dir / "generation_config.json")
+    # Files the base has and the save does not write: its generation settings, and the SentencePiece model that
+    # transformers' fast tokenizers do not save (llama.cpp's GGUF export needs it; the vocabulary never changes).
+    for name in ("generation_config.json", "tokenizer.model"):
+        if (base_dir / name).is_file() and not (out_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
     _copy_remote_code(base_dir, out_dir, model.config)
     return sorted(p.name for p in out_dir.iterdir())
 

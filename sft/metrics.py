@@ -23,6 +23,13 @@ class Metrics:
     def __init__(self, log_dir: str, device: torch.device, start_step: int) -> None:
         self.device = device
         self.writer = None
+        if device.type == "cuda":
+            # Created once set-up is over: train/gpu_mem_gb then reports the peak of training (evaluation
+            # included), not that of loading the model, which is logged here once.
+            logger.info(
+                "peak GPU memory while setting up: %.2f GB", torch.cuda.max_memory_allocated(device) / 2**30
+            )
+            torch.cuda.reset_peak_memory_stats(device)
         if is_main_process():
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,8 +65,8 @@ class Metrics:
         if grad_norm is not None:
             self.scalar("train/grad_norm", float(grad_norm), step)
         self.scalar("train/tokens_per_sec", tokens_per_sec, step)
-        if torch.cuda.is_available():
-            self.scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+        if self.device.type == "cuda":  # the peak since training started
+            self.scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, step)
         if progress_bar is not None:
             progress_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
         logger.debug(

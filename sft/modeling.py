@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -137,7 +137,7 @@ def load_base_model(
         "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",
         path,
         type(model).__name__,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(parameter_count(p) for p in model.parameters()) / 1e6,
         quantization,
         dtype,
     )
@@ -208,22 +208,36 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
     raise ValueError(f"unknown --peft {args.peft!r}")
 
 
-def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: bool = False) -> PeftModel:
+def load_model_for_training(
+    args: TrainArgs, device: torch.device, *, ds_config: dict[str, Any] | None = None
+) -> PeftModel:
     """Base model (quantised per ``--quantization``) with a fresh trainable peft adapter.
+
+    Under ZeRO-3 (``ds_config`` of stage 3) an unquantised base is built inside DeepSpeed's ``zero.Init``
+    through transformers' DeepSpeed integration: each parameter is partitioned as it is created and rank 0
+    streams the checkpoint in one layer at a time, so no rank ever holds the whole model (a 13B bf16 base
+    fits two 24 GB cards). A 4-bit base cannot be built that way (transformers 5.23 skips ``zero.Init`` for
+    quantised models: bitsandbytes quantises whole tensors at load), so each rank loads the whole 4-bit
+    model onto its GPU and ``deepspeed.initialize`` partitions it afterwards; its 4-bit weights are stored
+    in the compute dtype so that ZeRO can partition them.
 
     Args:
         args: validated training arguments.
         device: this rank's device; quantised weights are placed there at load time.
-        zero3: the run uses ZeRO-3, so 4-bit weights are stored in the compute dtype (partitionable).
+        ds_config: the filled DeepSpeed config of the run (:func:`sft.ds_config.build_ds_config`).
 
     Returns:
         A ``PeftModel`` whose only trainable parameters are the adapter's.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
+
+    from sft.ds_config import zero_stage
 
     dtype = torch_dtype(args.precision)
     quantized = args.quantization != "none"
     four_bit = args.quantization in ("nf4", "fp4")
+    zero3 = ds_config is not None and zero_stage(ds_config) == 3
+    _use_zero3_init(ds_config if zero3 and not quantized else None)
     model = load_base_model(
         args.model_name_or_path,
         args.quantization,
@@ -233,6 +247,14 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
         double_quant=args.double_quant,
         quant_storage=dtype if (zero3 and four_bit) else None,
     )
+    partitioned = is_partitioned(model)
+    if partitioned:
+        local = sum(p.ds_tensor.numel() for p in model.parameters())
+        logger.info(
+            "ZeRO-3: the base model was partitioned at load; this rank holds %d of its %d parameters",
+            local,
+            sum(parameter_count(p) for p in model.parameters()),
+        )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if args.liger:
         from sft.kernels import apply_liger
@@ -241,18 +263,15 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
             apply_liger(model)  # before peft: it patches the base model's norm, MLP and attention modules
         except ValueError as err:
             raise ArgsError([str(err)]) from err
-    # Non-reentrant checkpointing needs no requires_grad hack on the input embeddings.
-    checkpointing_kwargs = {"use_reentrant": False}
-    if quantized:
-        # Freezes the base, upcasts the unquantised layers (norms) to fp32 for stability and turns on
-        # gradient checkpointing when asked. The DeepSpeed engine casts them to --precision afterwards.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
-    elif args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    # Freeze the base (peft freezes it too; explicit for prompt learning). Unlike peft's
+    # prepare_model_for_kbit_training, the unquantised weights of a 4-bit base (embeddings, head, norms)
+    # are not upcast to fp32: the DeepSpeed engine casts every parameter to --precision at initialize, so
+    # the upcast would only add a transient fp32 copy (4 GB for Llama-70B's embeddings and head) to the
+    # load peak.
+    model.requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no requires_grad hack on the input embeddings.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
@@ -263,10 +282,41 @@ def load_model_for_training(args: TrainArgs, device: torch.device, *, zero3: boo
             compile_decoder_layers(peft_model)  # after peft: the LoRA layers are part of each compiled graph
         except ValueError as err:
             raise ArgsError([str(err)]) from err
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
+    if partitioned and dtype != torch.float32:
+        # DeepSpeed casts the parameters of a model that zero.Init built to the training precision only when it
+        # created them; the adapter came later (peft keeps it in fp32), so it is cast here, as the engine does
+        # for a model loaded whole. The optimizer keeps its fp32 master copy.
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
+    trainable = sum(parameter_count(p) for p in peft_model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in peft_model.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
     return peft_model
+
+
+# transformers finds the ZeRO-3 config through a weak reference (integrations.deepspeed): the object must live as
+# long as the model it partitions, i.e. the rest of the training process.
+_ZERO3_CONFIG: object | None = None
+
+
+def _use_zero3_init(ds_config: dict[str, Any] | None) -> None:
+    """Make transformers' ``from_pretrained`` build models inside ``deepspeed.zero.Init`` with ``ds_config``
+    (a ZeRO-3 config), or, with None, load them whole again."""
+    global _ZERO3_CONFIG
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _ZERO3_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config is not None else None
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """True when ZeRO-3 has partitioned the parameters of ``model`` (``zero.Init`` or an engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def parameter_count(parameter: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 partitioned it (its local tensor is then empty)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
 
 
 def keep_4bit_weights_unpacked(model: nn.Module) -> int:

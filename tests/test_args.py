@@ -144,6 +144,15 @@ def test_gpu_only_options_rejected_on_cpu(paths):
     validate_args(_args(paths, "--quantization", "int8", "--precision", "fp16"), cuda_available=True)
 
 
+def test_flash_attention_needs_a_half_precision(paths):
+    """flash-attn has no fp32 kernels: transformers' Llama would fail at the first forward."""
+    args = _args(paths, "--attn_implementation", "flash_attention_2", "--precision", "fp32")
+    with pytest.raises(ArgsError, match="use --precision bf16") as info:
+        validate_args(args, cuda_available=True)
+    assert len(info.value.problems) == 1 and "--attn_implementation sdpa" in str(info.value)
+    validate_args(_args(paths, "--attn_implementation", "flash_attention_2"), cuda_available=True)  # bf16
+
+
 def test_resume_path_must_be_a_checkpoint(paths, tmp_path):
     with pytest.raises(ArgsError, match="no training_state"):
         validate_args(_args(paths, "--resume_from_checkpoint", str(tmp_path)), cuda_available=False)
@@ -181,6 +190,28 @@ def test_bundled_configs_fill_completely(paths, name):
     config = build_ds_config(args, world_size=2)
     assert "auto" not in json.dumps(config)
     assert config["bf16"]["enabled"] is True
+    # torch's AdamW (nothing for DeepSpeed to compile, offloaded or not) and fp32 gradient accumulation under bf16.
+    assert config["optimizer"]["params"]["torch_adam"] is True
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_ds_config_defaults_yield_to_the_config(paths, tmp_path):
+    """torch_adam and grad_accum_dtype are defaults: a config that sets them keeps its values; fp32 runs and
+    ZeRO-0 (where DeepSpeed refuses a different accumulation dtype) get no grad_accum_dtype."""
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = False
+    config["data_types"] = {"grad_accum_dtype": "bf16"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(config))
+    filled = build_ds_config(_args(paths, "--ds_config", str(path)), world_size=1)
+    assert filled["optimizer"]["params"]["torch_adam"] is False
+    assert filled["data_types"] == {"grad_accum_dtype": "bf16"}
+    filled = build_ds_config(_args(paths, "--precision", "fp32"), world_size=1)
+    assert "data_types" not in filled and filled["optimizer"]["params"]["torch_adam"] is True
+    config = {"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    path.write_text(json.dumps(config))
+    filled = build_ds_config(_args(paths, "--ds_config", str(path)), world_size=1)  # no ZeRO section: stage 0
+    assert "data_types" not in filled and "torch_adam" not in filled["optimizer"]["params"]
 
 
 def test_ds_config_disagreement_is_an_error(paths, tmp_path):

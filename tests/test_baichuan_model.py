@@ -488,7 +488,7 @@ def test_qlora_4bit_nf4_with_peft(tmp_path: Path) -> None:
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=quantization, dtype=torch.float32
+        tmp_path, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
     )
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.W_pack, bnb.nn.Linear4bit) and isinstance(
@@ -560,7 +560,8 @@ def test_norm_head_under_zero3(position: str) -> None:
     """Under ZeRO-3 the NormHead weight is gathered by its own module's hooks: same logits and lm_head gradient."""
     pytest.importorskip("deepspeed")
     repo_root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    # CPU even where a GPU is visible: the reference and the inputs live on the CPU.
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", ZERO3_SCRIPT, position],
         cwd=repo_root,

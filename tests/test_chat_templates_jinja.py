@@ -498,3 +498,44 @@ def test_template_that_drops_tools_is_named(toks, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "tool calls ('get_weather'" in messages[0]
     assert "tool definitions" in messages[1] and "--template chatml" in messages[1]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_named_template_carries_an_equal_jinja(name, model_dirs):
+    """The jinja a named template writes into a tokenizer (checkpoints, merged models) renders the same ids."""
+    tok = AutoTokenizer.from_pretrained(str(model_dirs["smollm2" if name == "chatml" else "llama30"]))
+    tok.chat_template = None
+    named = get_template(name, tok)
+    tok.chat_template = named.chat_template()
+    assert resolve_template_name(None, tok, "llama") == "tokenizer"
+    jinja = get_template("tokenizer", tok)
+    for record in (WITH_SYSTEM, NO_SYSTEM):
+        messages, _ = hf_messages(record)
+        history = {**record, "conversations": record["conversations"][:-1]}
+        expected = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"]
+        assert named.build_prompt(history) == jinja.build_prompt(history) == expected
+        for loss_on in ("all", "each"):
+            for (ids, labels), (j_ids, j_labels) in zip(
+                named.encode(record, loss_on), jinja.encode(record, loss_on)
+            ):
+                tail = len(j_ids) - len(ids)  # chatml's "\n" after the last answer: unlearned, kept by jinja
+                assert j_ids[: len(ids)] == ids and j_labels[: len(labels)] == labels
+                assert tail == (1 if name == "chatml" else 0) and set(j_labels[len(labels) :]) <= {
+                    IGNORE_INDEX
+                }
+
+
+def test_baichuan2_carries_an_equal_jinja(tiny_baichuan_dir: Path):
+    from sft.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_baichuan_dir)
+    named = get_template("baichuan2", tok, tiny_baichuan_dir)
+    tok.chat_template = named.chat_template()
+    assert resolve_template_name(None, tok, "baichuan") == "baichuan2"  # slow tokenizer: the named template
+    messages, _ = hf_messages(WITH_SYSTEM)
+    ((ids, _),) = named.encode(WITH_SYSTEM)
+    assert tok.apply_chat_template(messages, tokenize=True)["input_ids"] == ids
+    history = {**WITH_SYSTEM, "conversations": WITH_SYSTEM["conversations"][:-1]}
+    assert tok.apply_chat_template(messages[:-1], add_generation_prompt=True)[
+        "input_ids"
+    ] == named.build_prompt(history)

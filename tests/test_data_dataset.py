@@ -221,7 +221,15 @@ def test_packed_rows_restart_positions(small_files, baichuan):
     rows = loader.dataset.rows
     seen = 0
     for batch in loader:
-        assert set(batch) == {"input_ids", "labels", "position_ids"}  # no mask: documents from positions
+        # No mask: documents from positions, and their boundaries over the flattened batch.
+        assert set(batch) == {"input_ids", "labels", "position_ids", "cu_seq_lens", "max_length"}
+        width = batch["input_ids"].shape[1]
+        boundaries = [
+            r * width + s for r, pos in enumerate(batch["position_ids"]) for s in (pos == 0).nonzero()
+        ]
+        assert batch["cu_seq_lens"].tolist() == [*boundaries, batch["input_ids"].numel()]
+        assert batch["cu_seq_lens"].dtype == torch.int32
+        assert int(batch["max_length"]) == int(batch["cu_seq_lens"].diff().max())
         for row_ids, row_labels, row_pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
             starts = (row_pos == 0).nonzero().flatten().tolist()
             samples = rows[seen]

@@ -26,7 +26,6 @@ from sft.kernels import liger_problem
 from sft.loss import IGNORE_INDEX, batch_loss_sums, token_loss_sums
 from sft.modeling import load_base_model
 from tests.test_train_single import (
-    REPO_ROOT,
     checkpoint_state,
     run,
     scalars,
@@ -42,16 +41,6 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda", 0)
-
-
-def _ds_config(tmp_path: Path) -> Path:
-    """ds_configs/zero2.json with DeepSpeed's torch AdamW: its fused CUDA Adam would be compiled (ninja + nvcc)
-    on a fresh machine first, a minute of a short lease; the optimizer is not what these tests check."""
-    config = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
-    config["optimizer"]["params"]["torch_adam"] = True
-    path = tmp_path / "zero2_torch_adam.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 def _checkpoint_at(output_dir: Path, step: int) -> Path:
@@ -71,7 +60,6 @@ def test_qlora_bf16_under_deepspeed_resume_merge_and_greedy(tiny_baichuan_dir: P
             tiny_baichuan_dir, data_dir, out,
             "--precision", "bf16", "--quantization", "nf4", "--gradient_accumulation_steps", "2",
             "--max_steps", "12", "--save_model_step", "6", "--lora_dropout", "0",
-            "--ds_config", str(_ds_config(tmp_path)),
         ),
     ]  # fmt: skip
     run(command)

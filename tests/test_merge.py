@@ -277,3 +277,36 @@ def test_refuses_output_below_a_file_before_merging(tiny_baichuan_dir, baichuan_
     blocker.write_text("x")
     with pytest.raises(ValueError, match=f"cannot be created: {re.escape(str(blocker))} is a file"):
         merge_lora(tiny_baichuan_dir, baichuan_adapter, blocker / "merged")
+
+
+def test_merge_with_gguf_export(tiny_llama_dir, tiny_baichuan_alibi_dir, tmp_path, capsys):
+    """--gguf: the merged model is also exported (verified by transformers' GGUF reader) with a Modelfile; an
+    architecture the export refuses is refused before the merge, with nothing written."""
+    import merge_params
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    train_args = json.loads((adapter / "train_args.json").read_text())
+    (adapter / "train_args.json").write_text(json.dumps({**train_args, "template": "chatml"}))
+    gguf = tmp_path / "gguf" / "model.gguf"
+    argv = ["--model_dir", str(adapter), "--save_model_dir", str(tmp_path / "merged"), "--dtype", "fp32"]
+    code = merge_params.main(
+        ["--ori_model_dir", str(tiny_llama_dir), *argv, "--gguf", str(gguf), "--gguf_type", "q8_0"]
+    )
+    assert code == 0 and gguf.is_file() and (tmp_path / "merged" / "config.json").is_file()
+    report = json.loads(capsys.readouterr().out.split("\n}\n", 1)[1])
+    assert report["out_type"] == "q8_0" and report["verification"]["passed"]
+    assert all(p["greedy_equal"] for p in report["verification"]["probes"])
+    assert "<|im_start|>" in (gguf.parent / "Modelfile").read_text()  # the template the adapter trained with
+
+    alibi_adapter = make_adapter(tiny_baichuan_alibi_dir, tmp_path / "alibi_adapter")
+    out = tmp_path / "alibi_merged"
+    argv = [
+        "--model_dir",
+        str(alibi_adapter),
+        "--save_model_dir",
+        str(out),
+        "--gguf",
+        str(tmp_path / "a.gguf"),
+    ]
+    code = merge_params.main(["--ori_model_dir", str(tiny_baichuan_alibi_dir), *argv])
+    assert code == 1 and "ALiBi" in capsys.readouterr().err and not out.exists()

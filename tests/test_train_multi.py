@@ -1,16 +1,19 @@
-"""train.py with several ranks on CPU (DeepSpeed's CPU accelerator, gloo), real 4-bit bases.
+"""train.py with several ranks on CPU (DeepSpeed's CPU accelerator, gloo), also on a machine with GPUs.
 
-- ``deepspeed --num_gpus 2`` with ZeRO-2 on a tiny Baichuan2 (ALiBi): the loss falls, and the
-  perplexity the two ranks report equals a one-process hand computation (same tokens, nothing
+- ``deepspeed --num_gpus 2`` with ZeRO-2 on a tiny Baichuan2 (ALiBi) with an NF4 base: the loss falls,
+  and the perplexity the two ranks report equals a one-process hand computation (same tokens, nothing
   counted twice).
 - Two single-process "nodes" started by torchrun on 127.0.0.1 train together with ZeRO-3 on a tiny
-  Llama with an NF4 base: the saved adapter holds the real gathered weights, the reported
-  perplexity equals a hand computation and improves, and the loss falls.
+  Llama with an unquantised base: each rank holds half of the base from the moment it is loaded
+  (``zero.Init``), the saved adapter holds the real gathered weights, the reported perplexity equals a
+  hand computation and improves, and the loss falls. (A 4-bit base under ZeRO-3 is loaded whole and
+  partitioned by the engine: tests/test_train_single.py::test_resume_under_zero3_with_a_4bit_base.)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.test_train_single import (
+    CPU_RANKS_ENV,
     REPO_ROOT,
     checkpoint_state,
     hand_perplexity,
@@ -50,7 +54,7 @@ def test_two_ranks_zero2_deepspeed_launcher(tiny_baichuan_alibi_dir, tmp_path):
             "--ds_config", "ds_configs/zero2.json", "--gradient_accumulation_steps", "1",
             "--max_steps", "12", "--save_model_step", "0", "--precision", "fp32",
         ),
-    ])  # fmt: skip
+    ], env=CPU_RANKS_ENV)  # fmt: skip
     losses = [v for _, v in scalars(out)["train/loss"]]
     assert len(losses) == 12 and losses[-1] < 0.75 * losses[0], losses
     ckpt = out / "epoch-2-step-12"
@@ -65,15 +69,15 @@ def test_two_ranks_zero2_deepspeed_launcher(tiny_baichuan_alibi_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_torchrun_zero3_4bit(tiny_llama_dir, tmp_path):
+def test_two_nodes_torchrun_zero3_partitioned_at_load(tiny_llama_dir, tmp_path):
     data_dir, out = tmp_path / "data", tmp_path / "out"
     write_overfit_data(data_dir)
     port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **CPU_RANKS_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     flags = train_command(
         tiny_llama_dir, data_dir, out,
         "--ds_config", "ds_configs/zero3.json", "--gradient_accumulation_steps", "1",
-        "--max_steps", "6", "--save_model_step", "3", "--precision", "fp32", "--quantization", "nf4",
+        "--max_steps", "6", "--save_model_step", "3", "--precision", "fp32", "--quantization", "none",
     )  # fmt: skip
     nodes = []
     for rank in (0, 1):
@@ -89,13 +93,18 @@ def test_two_nodes_torchrun_zero3_4bit(tiny_llama_dir, tmp_path):
     logs = [node.communicate(timeout=240)[0] for node in nodes]
     for node, log in zip(nodes, logs):
         assert node.returncode == 0, log[-6000:]
+    # Rank 0 logs what it holds once the base is loaded, before the engine exists: half of it.
+    held = re.search(r"this rank holds (\d+) of its (\d+) parameters", logs[0])
+    assert held, logs[0][-3000:]
+    local, total = int(held[1]), int(held[2])
+    assert total > 400_000 and local == pytest.approx(total / 2, rel=0.01), (local, total)
 
     ckpt = out / "epoch-1-step-6"
     weights = load_file(ckpt / "adapter_model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values())
     assert all(weights[k].abs().max() > 0 for k in weights if ".lora_B." in k)  # gathered, trained values
     reported = checkpoint_state(ckpt)["eval"]
-    expected, tokens = hand_perplexity(tiny_llama_dir, ckpt, data_dir / "test.jsonl", "nf4")
+    expected, tokens = hand_perplexity(tiny_llama_dir, ckpt, data_dir / "test.jsonl", "none")
     assert reported["tokens"] == tokens
     assert reported["ppl"] == pytest.approx(expected, rel=1e-5)
     first_eval = checkpoint_state(out / "epoch-1-step-3")["eval"]["ppl"]

@@ -13,6 +13,10 @@ Attention layout, shared by every kernel and built once per forward (`build_atte
   wherever a position is not the previous one plus one; attention never crosses a document boundary.
 - ALiBi biases are `slope * (key_position - query_position)` with positions from `position_ids` (or, for cached keys,
   from the padding mask the way `generate()` numbers them), so left padding and packing get the right distances.
+- *Boundaries from the host*: a training forward may pass transformers' FlashAttention arguments `cu_seq_lens_q` and
+  `max_length_q` (the sequences of the flattened batch, as sft's collators compute them on the CPU). Document
+  boundaries and FlashAttention's varlen arguments then come from them, and building the layout reads nothing back
+  from the device (no host sync); a padding mask passed with them is taken to hold padding.
 """
 
 from __future__ import annotations
@@ -129,6 +133,21 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return starts.cumsum(-1)
 
 
+def document_ids_from_boundaries(
+    cu_seq_lens: torch.Tensor, batch_size: int, length: int
+) -> torch.Tensor | None:
+    """`document_ids` from the sequence starts over the flattened (B * T) batch, with no host sync.
+
+    Returns None when there is one sequence per row, which the number of boundaries (a shape) tells.
+    """
+    if cu_seq_lens.numel() - 1 == batch_size:
+        return None
+    starts = torch.zeros(batch_size * length, dtype=torch.long, device=cu_seq_lens.device)
+    starts.scatter_(0, cu_seq_lens[:-1].long(), 1)  # a scatter with a device index: queued, never read back
+    # Ids grow across rows; only equality within a row matters.
+    return starts.cumsum(0).view(batch_size, length)
+
+
 class BaichuanMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
 
@@ -212,7 +231,8 @@ class AttentionLayout:
     For "sdpa"/"eager": `mask` is None (plain causal attention, `is_causal` tells SDPA whether to apply it), a bool
     tensor (B|1, 1, T, K) with True = attend (RoPE), or an additive float tensor (B|1, nh, T, K) holding the ALiBi
     bias and the masked positions (ALiBi).
-    For "flash_attention_2": the unpadded token indices and cumulative sequence lengths of `flash_attn_varlen_func`.
+    For "flash_attention_2": the unpadded token indices (None: every token) and cumulative sequence lengths of
+    `flash_attn_varlen_func`.
     """
 
     implementation: str
@@ -234,8 +254,16 @@ def build_attention_layout(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     past_length: int,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> AttentionLayout:
-    """Translate padding mask, packing and cache length into the layout of `config._attn_implementation`."""
+    """Translate padding mask, packing and cache length into the layout of `config._attn_implementation`.
+
+    `cu_seq_lens` / `max_length` (int32 sequence starts over the flattened batch followed by B * T, and the longest
+    sequence, on the model's device) are the host-built boundaries of a forward without cache: with them no device
+    value is read back here. Without them the boundaries are found from `position_ids`, and a padding mask of ones
+    only is dropped (two host syncs).
+    """
     implementation = config._attn_implementation or "sdpa"
     if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
         raise ValueError(
@@ -245,6 +273,7 @@ def build_attention_layout(
     batch_size, q_length = inputs_embeds.shape[:2]
     kv_length = past_length + q_length
     device = inputs_embeds.device
+    host_boundaries = cu_seq_lens is not None and past_length == 0
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length:
             raise ValueError(
@@ -252,13 +281,31 @@ def build_attention_layout(
                 f"{tuple(attention_mask.shape)}. Pass the padding mask (1 = real token), not a 4-D mask."
             )
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-        if bool(attention_mask.all()):  # no padding at all: drop the mask, keeps SDPA on its fastest path
+        # No padding at all: drop the mask, keeps SDPA on its fastest path (host-built boundaries come without one).
+        if not host_boundaries and bool(attention_mask.all()):
             attention_mask = None
     # Packed documents only exist in a prefill/training forward (no cached keys).
-    documents = document_ids(position_ids) if past_length == 0 else None
+    if past_length > 0:
+        documents = None
+    elif host_boundaries:
+        documents = document_ids_from_boundaries(cu_seq_lens, batch_size, q_length)
+    else:
+        documents = document_ids(position_ids)
     alibi = config.position_embedding_type == "alibi"
 
     if implementation == "flash_attention_2":
+        if host_boundaries and attention_mask is None:
+            # Every token takes part and the caller's boundaries are the varlen sequences: nothing to compute here.
+            slopes = _flash_alibi_slopes(config, device)
+            return AttentionLayout(
+                implementation,
+                kv_length,
+                cu_seqlens_q=cu_seq_lens,
+                cu_seqlens_k=cu_seq_lens,
+                max_seqlen_q=max_length,
+                max_seqlen_k=max_length,
+                alibi_slopes=slopes,
+            )
         return _flash_layout(
             config, batch_size, q_length, past_length, attention_mask, position_ids, documents
         )
@@ -305,6 +352,24 @@ def build_attention_layout(
     return AttentionLayout(implementation, kv_length, mask=bias)
 
 
+def _flash_alibi_slopes(config: BaichuanConfig, device: torch.device) -> torch.Tensor | None:
+    """fp32 ALiBi slopes for `flash_attn_varlen_func` (None for RoPE), the values of `alibi_slopes`.
+
+    Computed on the device from `arange`: a tensor made from a Python list would be a copy from pageable host memory,
+    which waits for the GPU to catch up.
+    """
+    if config.position_embedding_type != "alibi":
+        return None
+    num_heads = config.num_attention_heads
+    closest = 2 ** math.floor(math.log2(num_heads))
+    # log2 of the slopes: -8 i / closest for i = 1..closest, then the odd multiples of -8 / (2 closest).
+    exponents = torch.arange(1, closest + 1, dtype=torch.float32, device=device) * (-8.0 / closest)
+    if closest < num_heads:
+        odd = torch.arange(1, 2 * (num_heads - closest), 2, dtype=torch.float32, device=device)
+        exponents = torch.cat([exponents, odd * (-8.0 / (2 * closest))])
+    return torch.exp2(exponents)
+
+
 def _flash_layout(
     config: BaichuanConfig,
     batch_size: int,
@@ -317,9 +382,7 @@ def _flash_layout(
     """Unpadded indices + cu_seqlens for `flash_attn_varlen_func` (padding removed, packed documents split)."""
     device = position_ids.device
     kv_length = past_length + q_length
-    slopes = None
-    if config.position_embedding_type == "alibi":
-        slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32, device=device)
+    slopes = _flash_alibi_slopes(config, device)
 
     def cumulative(lengths: torch.Tensor) -> torch.Tensor:
         return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -435,9 +498,10 @@ def flash_attention_2(
         )
         query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
 
-    def unpad(states: torch.Tensor, length: int, indices: torch.Tensor) -> torch.Tensor:
-        # (B, nh, L, hs) -> (B * L, nh, hs) -> the real tokens only
-        return states.transpose(1, 2).reshape(batch_size * length, num_heads, head_dim)[indices]
+    def unpad(states: torch.Tensor, length: int, indices: torch.Tensor | None) -> torch.Tensor:
+        # (B, nh, L, hs) -> (B * L, nh, hs) -> the real tokens only (all of them without indices)
+        flat = states.transpose(1, 2).reshape(batch_size * length, num_heads, head_dim)
+        return flat if indices is None else flat[indices]
 
     output = flash_attn_varlen_func(
         unpad(query, q_length, layout.query_indices),
@@ -452,9 +516,11 @@ def flash_attention_2(
         causal=True,  # bottom-right aligned: queries are the last tokens of their sequence's keys
         alibi_slopes=layout.alibi_slopes,
     )
-    padded = output.new_zeros(batch_size * q_length, num_heads, head_dim)
-    padded[layout.query_indices] = output
-    return padded.view(batch_size, q_length, num_heads, head_dim).to(input_dtype)
+    if layout.query_indices is not None:
+        padded = output.new_zeros(batch_size * q_length, num_heads, head_dim)
+        padded[layout.query_indices] = output
+        output = padded
+    return output.view(batch_size, q_length, num_heads, head_dim).to(input_dtype)
 
 
 ATTENTION_KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention_2}
@@ -635,8 +701,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """Run the decoder. Other keyword arguments passed by `generate()`/Trainer (e.g. `output_attentions=False`)
-        are accepted and ignored."""
+        """Run the decoder. `cu_seq_lens_q` / `max_length_q` (transformers' FlashAttention kwargs) give the host-built
+        sequence boundaries of a forward without cache (see `build_attention_layout`); other keyword arguments passed
+        by `generate()`/Trainer (e.g. `output_attentions=False`) are accepted and ignored."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if kwargs.get("output_attentions"):
@@ -657,7 +724,15 @@ class BaichuanModel(BaichuanPreTrainedModel):
         elif position_ids.dim() == 1:
             position_ids = position_ids[None]
 
-        layout = build_attention_layout(self.config, inputs_embeds, attention_mask, position_ids, past_length)
+        layout = build_attention_layout(
+            self.config,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_length,
+            cu_seq_lens=kwargs.get("cu_seq_lens_q"),
+            max_length=kwargs.get("max_length_q"),
+        )
         position_embeddings = None
         if self.config.position_embedding_type == "rope":
             position_embeddings = rope_cos_sin(

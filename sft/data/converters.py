@@ -112,7 +112,7 @@ def strip_role_address(question: str) -> tuple[str, bool]:
     return question, False
 
 
-def _clean_text(text: str) -> str:
+def clean_text(text: str) -> str:
     """Normalise line endings and strip stray outer whitespace; inner newlines are kept (they
     separate an instruction from its input in the general split)."""
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
@@ -219,7 +219,7 @@ def _rolebench_record(
     if not isinstance(obj, dict):
         raise DataFormatError(f"expected a JSON object, got {type(obj).__name__}", source=source, line=line)
     role = _need_str(obj, "role", source, line)
-    question = _clean_text(_need_str(obj, "question", source, line))
+    question = clean_text(_need_str(obj, "question", source, line))
     answers = obj.get("generated")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise DataFormatError("field 'generated' must be a list of strings", source=source, line=line)
@@ -245,7 +245,7 @@ def _rolebench_record(
     if not question:
         stats.skipped["empty question"] += 1
         return []
-    answers = [_clean_text(a) for a in answers]
+    answers = [clean_text(a) for a in answers]
     if not all(answers):
         stats.notes["empty answers dropped"] += sum(1 for a in answers if not a)
         answers = [a for a in answers if a]
@@ -279,6 +279,20 @@ def _rolebench_record(
 # ---------------------------------------------------------------------------------------------
 
 
+def reverse_prompt(response: str, context: str = "") -> str:
+    """The user turn of an instruction back-translation sample: :data:`DOLLY_REVERSE_PROMPT` around a
+    response (and its reference text when there is one), both already cleaned by :func:`clean_text`.
+
+    ``convert_dolly(reverse=True)`` builds its training samples with it, and ``data_helper.py synthesize``
+    prompts the trained reverse model with it, so both see exactly the same text.
+    """
+    return DOLLY_REVERSE_PROMPT.format(
+        context_note=" using the reference text below" if context else "",
+        context_block=f"### Reference text:\n{context}\n\n" if context else "",
+        response=response,
+    )
+
+
 def convert_dolly(
     path: str | Path, *, reverse: bool = False, skip_invalid: bool = False
 ) -> tuple[list[dict[str, Any]], ConvertStats]:
@@ -297,9 +311,9 @@ def convert_dolly(
                 raise DataFormatError(
                     f"expected a JSON object, got {type(obj).__name__}", source=str(path), line=lineno
                 )
-            instruction = _clean_text(_need_str(obj, "instruction", str(path), lineno))
-            context = _clean_text(_need_str(obj, "context", str(path), lineno, optional=True))
-            response = _clean_text(_need_str(obj, "response", str(path), lineno))
+            instruction = clean_text(_need_str(obj, "instruction", str(path), lineno))
+            context = clean_text(_need_str(obj, "context", str(path), lineno, optional=True))
+            response = clean_text(_need_str(obj, "response", str(path), lineno))
             category = obj.get("category")
         except DataFormatError as err:
             _handle(err, stats, skip_invalid)
@@ -308,11 +322,7 @@ def convert_dolly(
             stats.skipped["empty instruction or response"] += 1
             continue
         if reverse:
-            user = DOLLY_REVERSE_PROMPT.format(
-                context_note=" using the reference text below" if context else "",
-                context_block=f"### Reference text:\n{context}\n\n" if context else "",
-                response=response,
-            )
+            user = reverse_prompt(response, context)
             answer = instruction
         else:
             user = (
@@ -356,16 +366,15 @@ def convert_dialogsum(
                 raise DataFormatError(
                     f"expected a JSON object, got {type(obj).__name__}", source=src, line=lineno
                 )
-            dialogue = _clean_text(_need_str(obj, "dialogue", src, lineno))
+            dialogue = clean_text(_need_str(obj, "dialogue", src, lineno))
             if "summary" in obj:
-                references = [_clean_text(_need_str(obj, "summary", src, lineno))]
+                references = [clean_text(_need_str(obj, "summary", src, lineno))]
             else:
                 keys = sorted(k for k in obj if k.startswith("summary") and k[7:].isdigit())
                 if not keys:
                     raise DataFormatError("no 'summary' or 'summary1..N' field", source=src, line=lineno)
                 references = [
-                    _clean_text(_need_str(obj, k, src, lineno))
-                    for k in sorted(keys, key=lambda k: int(k[7:]))
+                    clean_text(_need_str(obj, k, src, lineno)) for k in sorted(keys, key=lambda k: int(k[7:]))
                 ]
         except DataFormatError as err:
             _handle(err, stats, skip_invalid)

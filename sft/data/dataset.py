@@ -10,6 +10,9 @@
   number of batches; the order is fixed by ``seed`` and the epoch.
 * :func:`build_eval_dataloader` shards without duplicates and pads short shards with dummy batches
   (labels all -100) so that every rank runs the same number of forwards (ZeRO-3 needs that).
+* Every batch also carries its sequence boundaries over the flattened ``(B * T)`` tokens,
+  ``cu_seq_lens`` (int32) and ``max_length`` (:func:`sequence_boundaries`): FlashAttention's varlen
+  arguments, computed here on the host so that no forward derives them from device tensors.
 
 Masks always come from positions, never from token values: pad ids may equal EOS (Llama) or unk
 (Baichuan), and the learned EOS must keep its label.
@@ -17,6 +20,9 @@ Masks always come from positions, never from token values: pad ids may equal EOS
 Packed rows are only separated when the model sees ``attention_mask=None`` *and* no cache: call the
 model with ``use_cache=False`` in training (transformers' masking_utils skips its packed-sequence
 detection when a ``past_key_values`` object exists, and Llama creates one when ``use_cache`` is on).
+That detection serves eager and SDPA attention for any number of rows; transformers' FlashAttention
+path only finds packed documents in a batch of *one* row, unless it is given the boundaries
+(``cu_seq_lens_q/k``, ``max_length_q/k``): :func:`sft.loss.model_inputs` passes them from the batch.
 """
 
 from __future__ import annotations
@@ -432,12 +438,14 @@ class PaddedCollator:
         lengths = torch.tensor([len(it["input_ids"]) for it in items])
         width = _round_up(int(lengths.max()), self.multiple_of)
         positions = torch.arange(width, dtype=torch.long)
-        return {
-            "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
-            "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
-            "attention_mask": (positions[None, :] < lengths[:, None]).long(),  # (B, T), 1 = real token
-            "position_ids": positions.expand(len(items), width).clone(),
-        }
+        return _with_boundaries(
+            {
+                "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
+                "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
+                "attention_mask": (positions[None, :] < lengths[:, None]).long(),  # (B, T), 1 = real token
+                "position_ids": positions.expand(len(items), width).clone(),
+            }
+        )
 
 
 class PackedCollator:
@@ -459,11 +467,38 @@ class PackedCollator:
         for row, it in enumerate(items):
             k = len(it["input_ids"])
             position_ids[row, k:] = torch.arange(width - k)  # the padding document starts at position 0
-        return {
-            "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
-            "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
-            "position_ids": position_ids,
-        }
+        return _with_boundaries(
+            {
+                "input_ids": _right_pad([it["input_ids"] for it in items], width, self.pad_token_id),
+                "labels": _right_pad([it["labels"] for it in items], width, IGNORE_INDEX),
+                "position_ids": position_ids,
+            }
+        )
+
+
+def sequence_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Where the sequences of a ``(B, T)`` batch start, over its flattened ``B * T`` tokens.
+
+    A sequence starts at every row start and wherever a position is not the previous one plus one: a packed
+    document, or the padding after the last one (which the packed collator numbers from 0). A padded batch
+    is one sequence per row; its ``attention_mask`` marks the padding.
+
+    Returns:
+        ``(cu_seq_lens, max_length)``: the start offsets followed by ``B * T`` (int32, FlashAttention's
+        ``cu_seqlens``), and the longest sequence. The same split transformers derives from the positions of
+        a one-row packed batch (``prepare_fa_kwargs_from_position_ids``).
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    offsets = starts.flatten().nonzero().squeeze(-1)
+    cu_seq_lens = torch.cat([offsets, torch.tensor([position_ids.numel()])]).to(torch.int32)
+    return cu_seq_lens, int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+
+
+def _with_boundaries(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``cu_seq_lens`` and ``max_length`` (a 0-d LongTensor) from the batch's ``position_ids``."""
+    cu_seq_lens, max_length = sequence_boundaries(batch["position_ids"])
+    return {**batch, "cu_seq_lens": cu_seq_lens, "max_length": torch.tensor(max_length)}
 
 
 def dummy_batch(pad_token_id: int, *, packed: bool, width: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
@@ -479,7 +514,7 @@ def dummy_batch(pad_token_id: int, *, packed: bool, width: int = PAD_MULTIPLE) -
     }
     if not packed:
         batch["attention_mask"] = torch.ones((1, width), dtype=torch.long)
-    return batch
+    return _with_boundaries(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,13 +667,16 @@ def build_dataloader(
     world_size: int,
     pad_token_id: int,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Training DataLoader of dicts of LongTensors: ``input_ids``, ``labels``, ``position_ids`` and, for
-    padded batches, ``attention_mask``.
+    """Training DataLoader of dicts of LongTensors: ``input_ids``, ``labels``, ``position_ids``, the
+    sequence boundaries ``cu_seq_lens`` (int32) and ``max_length``, and, for padded batches,
+    ``attention_mask``.
 
     Batches come from a :class:`ShardedBatchSampler` (``loader.batch_sampler`` has
     ``set_epoch``/``skip_batches``). With ``packing`` the batch items are rows of up to ``max_len``
-    tokens. Evaluation uses :func:`build_eval_dataloader`.
+    tokens. ``pin_memory`` (on CUDA) puts the batches in page-locked memory, so that their copies to
+    the GPU run asynchronously. Evaluation uses :func:`build_eval_dataloader`.
     """
     if packing and group_by_length:
         raise ValueError("group_by_length has no effect with packing (rows are all ~max_len); turn one off")
@@ -654,7 +692,7 @@ def build_dataloader(
         world_size=world_size,
         drop_last=drop_last,
     )
-    return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory)
 
 
 def _check_pad(pad_token_id: int | None) -> None:
@@ -673,15 +711,17 @@ def build_eval_dataloader(
     pad_token_id: int,
     packing: bool = False,
     max_len: int | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Eval DataLoader: every sample counted exactly once over all ranks, same batch count on every
-    rank (short shards get dummy batches whose labels are all -100)."""
+    rank (short shards get dummy batches whose labels are all -100); batches as in
+    :func:`build_dataloader`."""
     if packing and max_len is None:
         raise ValueError("packing needs max_len (the row size)")
     _check_pad(pad_token_id)
     items, collate = _items_and_collate(dataset, packing, max_len or 0, pad_token_id)
     sampler = EvalBatchSampler(len(items), batch_size=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory)
 
 
 def _items_and_collate(dataset: SFTDataset, packing: bool, max_len: int, pad_token_id: int):
@@ -710,4 +750,5 @@ __all__ = [
     "dummy_batch",
     "load_sft_dataset",
     "pack_first_fit_decreasing",
+    "sequence_boundaries",
 ]

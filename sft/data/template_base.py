@@ -113,6 +113,15 @@ class Template:
         """The id that ends (and is learned at the end of) an assistant answer."""
         return self.eos_id
 
+    def chat_template(self) -> str | None:
+        """A jinja chat template that renders this template's prompts, for tokenizers without their own.
+
+        train.py puts it into the tokenizer it saves with every checkpoint, so a checkpoint and the model
+        merged from it carry the format training used: ``tokenizer.apply_chat_template`` renders the same
+        ids (``llama2``: the same text; None for ``alpaca``, whose blocks have no agreed jinja form).
+        """
+        return None
+
     def fingerprint(self) -> str:
         """Everything that changes the token layout (part of the dataset cache key)."""
         return f"{self.name}:eos={self.end_id}"

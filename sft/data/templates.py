@@ -81,8 +81,8 @@ def resolve_template_name(name: str | None, tokenizer: Any, model_type: str) -> 
     """
     if name:
         return name
-    if getattr(tokenizer, "chat_template", None):
-        return "tokenizer"
+    if getattr(tokenizer, "chat_template", None) and getattr(tokenizer, "is_fast", False):
+        return "tokenizer"  # (the jinja template needs character offsets: a fast tokenizer)
     return default_template_name(model_type)
 
 
@@ -131,6 +131,18 @@ class Baichuan2Template(Template):
             return RenderedTurn(role, [(self.assistant_id,)], content, [(self.eos_id,)], [])
         return RenderedTurn(role, [(self.user_id,)], content, [], [])
 
+    def chat_template(self) -> str | None:
+        user, assistant, eos = self.tokenizer.convert_ids_to_tokens(
+            [self.user_id, self.assistant_id, self.eos_id]
+        )
+        return (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+            f"{{% elif m['role'] == 'assistant' %}}{assistant}{{{{ m['content'] }}}}{eos}"
+            f"{{% elif m['role'] == 'tool' %}}{user}[observation] {{{{ m['content'] }}}}"
+            f"{{% else %}}{user}{{{{ m['content'] }}}}{{% endif %}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{assistant}{{% endif %}}"
+        )
+
 
 class Llama2Template(Template):
     """``<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] answer </s>`` per round."""
@@ -150,6 +162,20 @@ class Llama2Template(Template):
         head: list[Piece] = [self.bos, "[INST]"]
         first: list[Piece] = [self.bos, f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"] if system else head
         return RenderedTurn(role, head, content, [], [], head_first=first)
+
+    def chat_template(self) -> str | None:
+        # Meta's text layout: the same text as the pieces above; with SentencePiece's dummy prefix the ids of the
+        # whole text may differ from the pieces' at a boundary (a leading "▁"), so apply_chat_template is close to,
+        # not always equal to, the training ids.
+        return (
+            "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+            "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
+            "{% set loop_messages = messages %}{% endif %}"
+            "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+            "{% if loop.first and system %}{{ bos_token + '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + "
+            "message['content'] + ' [/INST]' }}{% else %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
+            "{% endif %}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        )
 
 
 class AlpacaTemplate(Template):
@@ -194,6 +220,15 @@ class ChatMLTemplate(Template):
         speaker = {"tool": "assistant"}.get(role, role)
         return RenderedTurn(role, [f"<|im_start|>{speaker}\n"], content, [(self._end,)], ["\n"])
 
+    def chat_template(self) -> str | None:
+        end = self.tokenizer.convert_ids_to_tokens(self._end)
+        return (
+            "{% for m in messages %}{% set role = 'observation' if m['role'] == 'tool' else m['role'] %}"
+            "<|im_start|>{{ role }}{{ '\\n' }}{{ ('[observation] ' if m['role'] == 'tool' else '') + m['content'] }}"
+            f"{end}{{{{ '\\n' }}}}{{% endfor %}}"
+            "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+        )
+
 
 class Llama3Template(Template):
     """``<|begin_of_text|>`` then ``<|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>``
@@ -220,6 +255,16 @@ class Llama3Template(Template):
         speaker = {"tool": "assistant", "observation": "ipython"}.get(role, role)
         head = f"<|start_header_id|>{speaker}<|end_header_id|>\n\n"
         return RenderedTurn(role, [head], content.strip(), [(self._end,)], [])
+
+    def chat_template(self) -> str | None:
+        bos = self.tokenizer.convert_ids_to_tokens(self.bos[0]) if self.bos else ""
+        end = self.tokenizer.convert_ids_to_tokens(self._end)
+        return (
+            f"{bos}{{% for m in messages %}}{{% set role = 'ipython' if m['role'] == 'tool' else m['role'] %}}"
+            "<|start_header_id|>{{ role }}<|end_header_id|>{{ '\\n\\n' }}{{ m['content'] | trim }}"
+            f"{end}{{% endfor %}}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\\n\\n' }}{% endif %}"
+        )
 
 
 def get_template(name: str, tokenizer: Any, model_dir: str | Path | None = None) -> Template:
