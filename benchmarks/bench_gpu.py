@@ -344,7 +344,7 @@ def _cycle(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
 
 
 def r_batches(
-    variant_config: tuple[str, int], samples, pad_id: int, max_len: int, seed: int
+    variant_config: tuple[str, int], samples, pad_id: int, max_len: int, seed: int, pin_memory: bool = False
 ) -> Iterator[dict]:
     """R batches: the recipe's (random order, micro-batch 2, padded, no mask) or ours (sft.data.dataset)."""
     kind, size = variant_config
@@ -373,6 +373,7 @@ def r_batches(
         rank=0,
         world_size=1,
         pad_token_id=pad_id,
+        pin_memory=pin_memory,  # as train.py on CUDA: host-to-device copies that do not block
     )
 
     def ours_epoch() -> Iterator[dict]:
@@ -418,7 +419,7 @@ def run_r(trainer: Trainer, variants: list[str], sizes: Sizes, vocab: int, deadl
             if not deadline.allows(name, sizes.r_target_s * 2.5 + 5):
                 continue
             try:
-                batches = r_batches(config, samples, 0, sizes.max_len, 0)
+                batches = r_batches(config, samples, 0, sizes.max_len, 0, trainer.device.type == "cuda")
                 results[f"{variant}/{config[0]}-{config[1]}"] = trainer.measure(
                     variant, batches, sizes.r_target_s
                 )
