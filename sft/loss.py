@@ -30,7 +30,7 @@ Labels use :data:`IGNORE_INDEX` (-100) where nothing is learned, everywhere in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -325,8 +325,9 @@ def model_inputs(
     path cannot find packed documents in a batch of several rows by itself (it would let them attend to each other),
     eager and SDPA ignore them, and our Baichuan2 builds its attention layout from them without reading anything
     back from the device. The attention mask is dropped here, on the host, where it changes nothing the loss reads
-    (:func:`padding_mask_needed`: ones only, or right padding under SDPA). Prompt-learning adapters prepend virtual tokens, so the batch's own
-    positions and boundaries do not describe what the model sees: they get ``input_ids`` and the mask only.
+    (:func:`padding_mask_needed`: ones only, or right padding under SDPA). Prompt-learning adapters prepend virtual
+    tokens, so the batch's own positions and boundaries do not describe what the model sees: they get ``input_ids``
+    and the mask only.
     """
     own_layout = uses_position_ids(model)
     inputs: dict[str, torch.Tensor | int] = {"input_ids": to_device(batch["input_ids"], device)}
@@ -410,7 +411,9 @@ def head_inputs_only(head: torch.nn.Module, flat_index: torch.Tensor) -> Iterato
             head.forward = previous
 
 
-def frozen_linear_head(model: torch.nn.Module, head: torch.nn.Module):
+def frozen_linear_head(
+    model: torch.nn.Module, head: torch.nn.Module
+) -> Callable[[torch.dtype], torch.Tensor] | None:
     """``dtype -> weight`` of the output head as a frozen linear map, or None where the loss needs the logits.
 
     A head qualifies when it is a plain ``nn.Linear`` without bias, or declares ``linear_weight(dtype)``
