@@ -17,6 +17,7 @@ CARRY_LIMIT = 64 * 2**20  # the device tool's limit on the working tree plus car
 WHEELS = 60.2 * 2**20
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
