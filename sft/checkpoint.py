@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from sft.distributed import barrier, get_rank, get_world_size, is_main_process
+from sft.file_modes import restore_default_modes
 
 logger = logging.getLogger(__name__)
 
@@ -512,6 +513,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     with _gathered(trainable):
         model.save_pretrained(str(path), safe_serialization=True, is_main_process=is_main_process())
     if is_main_process():
+        # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
+        restore_default_modes(path)
         shapes = adapter_tensor_shapes(path)
         empty = [key for key, shape in shapes.items() if 0 in shape]
         if not shapes or empty:

