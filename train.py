@@ -231,7 +231,7 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         # The last micro-batch closes the accumulation window, also when an epoch ends early.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        nll_sum, _ = batch_loss_sums(engine, batch, device)
+        nll_sum, _ = batch_loss_sums(engine, batch, device, head_loss="liger" if args.liger else "fused")
         engine.backward(nll_sum * scale)
         metrics.nll += nll_sum.detach().double()
     engine.step()

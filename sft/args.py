@@ -23,7 +23,8 @@ from typing import Any
 from sft.checkpoint import resume_dir_problem
 from sft.cli import ArgsError, HelpFormatter, add_arguments, flag, output_path_problem, require_local_dir
 from sft.data.templates import LOSS_PLACEMENTS, TEMPLATE_NAMES
-from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path
+from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path, zero_stage
+from sft.kernels import liger_problem
 from sft.modeling import PRECISIONS, QUANTIZATIONS
 
 PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -60,6 +61,15 @@ class ModelArgs:
     )
     gradient_checkpointing: bool = flag(
         False, "Recompute activations in the backward pass: much less memory, ~30% slower."
+    )
+    liger: bool = flag(
+        False,
+        "Experimental: Liger Kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA GPU, "
+        "pip install liger-kernel); Llama-family models and Baichuan2.",
+    )
+    torch_compile: bool = flag(
+        False,
+        "Experimental: torch.compile each decoder layer (first steps slower while it compiles); not with ZeRO-3.",
     )
 
 
@@ -290,6 +300,8 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         problems.append(
             "--no-double_quant only applies to 4-bit bases: drop it or pass --quantization nf4/fp4"
         )
+    if args.liger and liger_problem(cuda_available):
+        problems.append(liger_problem(cuda_available))
     if args.attn_implementation == "flash_attention_2" and not cuda_available:
         problems.append("--attn_implementation flash_attention_2 needs a GPU: use sdpa or eager")
     if args.attn_implementation == "flash_attention_2" and args.precision == "fp32":
@@ -331,7 +343,12 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
     else:
         try:
             # Launchers set WORLD_SIZE before we start: an explicit train_batch_size is checked against it.
-            build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            ds_config = build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            if args.torch_compile and zero_stage(ds_config) == 3:
+                problems.append(
+                    "--torch_compile cannot be combined with ZeRO-3 (its parameter gathering hooks break the "
+                    "compiled graphs): use ds_configs/zero2.json or drop --torch_compile"
+                )
         except ArgsError as err:
             problems.extend(err.problems)
         except json.JSONDecodeError as err:

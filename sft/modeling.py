@@ -256,6 +256,13 @@ def load_model_for_training(
             sum(parameter_count(p) for p in model.parameters()),
         )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if args.liger:
+        from sft.kernels import apply_liger
+
+        try:
+            apply_liger(model)  # before peft: it patches the base model's norm, MLP and attention modules
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     # Freeze the base (peft freezes it too; explicit for prompt learning). Unlike peft's
     # prepare_model_for_kbit_training, the unquantised weights of a 4-bit base (embeddings, head, norms)
     # are not upcast to fp32: the DeepSpeed engine casts every parameter to --precision at initialize, so
@@ -268,6 +275,13 @@ def load_model_for_training(
 
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
+    if args.torch_compile:
+        from sft.kernels import compile_decoder_layers
+
+        try:
+            compile_decoder_layers(peft_model)  # after peft: the LoRA layers are part of each compiled graph
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     if partitioned and dtype != torch.float32:
         # DeepSpeed casts the parameters of a model that zero.Init built to the training precision only when it
         # created them; the adapter came later (peft keeps it in fp32), so it is cast here, as the engine does
