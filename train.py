@@ -56,6 +56,7 @@ from sft.distributed import (
 )
 from sft.ds_config import build_ds_config, zero_stage
 from sft.evaluation import evaluate_perplexity
+from sft.lora_variants import optimizer_param_groups
 from sft.loss import IGNORE_INDEX, batch_loss_sums
 from sft.metrics import Metrics
 from sft.modeling import load_model_for_training, load_tokenizer
@@ -181,7 +182,8 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        # One group per learning rate (LoRA+); the schedule scales every group by the same factor.
+        model_parameters=optimizer_param_groups(model, args.loraplus_lr_ratio, args.learning_rate),
         config=ds_config,
         lr_scheduler=make_scheduler,
     )

@@ -25,6 +25,7 @@ from sft.cli import ArgsError, HelpFormatter, add_arguments, flag, output_path_p
 from sft.data.templates import LOSS_PLACEMENTS, TEMPLATE_NAMES
 from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path, zero_stage
 from sft.kernels import liger_problem
+from sft.lora_variants import LORA_INITS, changes_base_weights
 from sft.modeling import PRECISIONS, QUANTIZATIONS
 
 PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -88,6 +89,24 @@ class AdapterArgs:
         "Llama: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).",
     )
     num_virtual_tokens: int = flag(20, "Virtual tokens for --peft prompt_tuning / p_tuning / prefix_tuning.")
+    use_dora: bool = flag(
+        False,
+        "DoRA: LoRA on the direction of each weight plus a trained magnitude vector per output row "
+        "(peft use_dora; each forward also reads the whole base weight for its norm: slower steps).",
+    )
+    use_rslora: bool = flag(
+        False, "rsLoRA: scale the update by lora_alpha / sqrt(lora_dim) instead of lora_alpha / lora_dim."
+    )
+    lora_init: str = flag(
+        "default",
+        "LoRA initialisation: default (B=0), gaussian (A ~ N(0, 1/r), B=0), pissa (principal singular "
+        "components of W, subtracted from the base) or olora (QR of W, subtracted from the base); pissa and "
+        "olora need --quantization none and are saved as plain LoRA relative to the original base.",
+        choices=LORA_INITS,
+    )
+    pissa_niter: int = flag(
+        16, "--lora_init pissa: iterations of the randomised SVD (peft pissa_niter_N); 0 = exact SVD (slow)."
+    )
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -145,6 +164,16 @@ class OptimArgs:
         0.03, "Fraction of the optimizer steps spent warming the learning rate up from 0."
     )
     lr_scheduler: str = flag("cosine", "Learning-rate schedule after warm-up.", choices=LR_SCHEDULERS)
+    loraplus_lr_ratio: float = flag(
+        0.0,
+        "LoRA+: train the LoRA B matrices at --learning_rate times this ratio (the paper suggests 16); "
+        "0 = off.",
+    )
+    neftune_alpha: float = flag(
+        0.0,
+        "NEFTune: add uniform noise scaled by alpha / sqrt(seq_len * hidden) to the input embeddings "
+        "while training (the paper uses 5-15); 0 = off.",
+    )
     seed: int = flag(1234, "Random seed (data order, adapter initialisation, dropout).")
 
 
@@ -338,13 +367,14 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         if problem:
             problems.append(problem)
 
+    stage = None  # the ZeRO stage, once the DeepSpeed config is known to be usable
     if not ds_config_path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
     else:
         try:
             # Launchers set WORLD_SIZE before we start: an explicit train_batch_size is checked against it.
-            ds_config = build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-            if args.torch_compile and zero_stage(ds_config) == 3:
+            stage = zero_stage(build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+            if args.torch_compile and stage == 3:
                 problems.append(
                     "--torch_compile cannot be combined with ZeRO-3 (its parameter gathering hooks break the "
                     "compiled graphs): use ds_configs/zero2.json or drop --torch_compile"
@@ -360,8 +390,59 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
                 f"--ds_config={args.ds_config} is not UTF-8 text ({err.reason}): pass a JSON file"
             )
 
+    problems.extend(lora_variant_problems(args, cuda_available=cuda_available, stage=stage))
+
     if problems:
         raise ArgsError(problems)
+
+
+def lora_variant_problems(args: TrainArgs, *, cuda_available: bool, stage: int | None) -> list[str]:
+    """The checks of the LoRA-variant and NEFTune flags (part of :func:`validate_args`).
+
+    Args:
+        args: the parsed arguments.
+        cuda_available: whether training runs on GPUs.
+        stage: the ZeRO stage of ``--ds_config`` (None when the config is unusable).
+    """
+    problems: list[str] = []
+    if args.peft != "lora":
+        lora_only = [
+            name
+            for name, is_set in (
+                ("--use_dora", args.use_dora),
+                ("--use_rslora", args.use_rslora),
+                (f"--lora_init {args.lora_init}", args.lora_init != "default"),
+                (f"--loraplus_lr_ratio {args.loraplus_lr_ratio}", args.loraplus_lr_ratio != 0),
+            )
+            if is_set
+        ]
+        if lora_only:
+            problems.append(
+                f"{', '.join(lora_only)} only apply to --peft lora (got --peft {args.peft}): drop them"
+            )
+    if changes_base_weights(args.lora_init) and args.quantization != "none":
+        problems.append(
+            f"--lora_init {args.lora_init} cannot train on a --quantization {args.quantization} base: it subtracts "
+            "the initial adapter from the base weights, and a quantised base would have to be quantised again "
+            "after that (peft refuses PiSSA on bitsandbytes weights; for OLoRA it re-quantises, so the trained "
+            "model differs from the original base + adapter by a whole quantisation error that no merge or "
+            "inference can reproduce); pass --quantization none, or --lora_init default/gaussian for QLoRA"
+        )
+    four_bit = args.quantization in ("nf4", "fp4")
+    if args.use_dora and four_bit and stage == 3 and not cuda_available:
+        problems.append(
+            "--use_dora with a 4-bit base under ZeRO-3 does not run on the CPU: peft's CPU dequantisation for "
+            "DoRA replaces the weight object that ZeRO-3 partitions; use ds_configs/zero2.json, or a GPU"
+        )
+    if args.loraplus_lr_ratio < 0:
+        problems.append(
+            f"--loraplus_lr_ratio={args.loraplus_lr_ratio} must be >= 0 (0 = off; LoRA+ uses ~16)"
+        )
+    if args.neftune_alpha < 0:
+        problems.append(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off; NEFTune uses 5-15)")
+    if args.pissa_niter < 0:
+        problems.append(f"--pissa_niter={args.pissa_niter} must be >= 0 (0 = exact SVD)")
+    return problems
 
 
 if __name__ == "__main__":

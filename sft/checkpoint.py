@@ -40,6 +40,7 @@ from torch import nn
 
 from sft.distributed import barrier, get_rank, get_world_size, is_main_process
 from sft.file_modes import restore_default_modes
+from sft.lora_variants import initial_adapter, to_plain_lora
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,10 @@ class AdapterInfo:
         return str(self.path / TRAIN_ARGS) if self.train_args else f"{self.path} (no {TRAIN_ARGS})"
 
 
+# peft's init_lora_weights values that change the base weights at load time (peft_model.py warns about them).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
 def read_adapter(adapter_dir: str | Path, flag: str = "--adapter_dir") -> AdapterInfo:
     """Read and check an adapter directory; a one-line error naming ``flag`` when it is not a usable one.
 
@@ -313,6 +318,14 @@ def read_adapter(adapter_dir: str | Path, flag: str = "--adapter_dir") -> Adapte
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ValueError(
             f"{config_file} is not a peft adapter config (no 'peft_type'): copy the checkpoint again"
+        )
+    init = str(config.get("init_lora_weights", "")).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{config_file} has init_lora_weights={init}: the adapter is relative to a base from which peft "
+            "subtracts the initial adapter at load time, which a quantised or merged base cannot reproduce; "
+            "convert it to plain LoRA with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+            "(train.py saves converted adapters)"
         )
     if weights.is_file():
         adapter_tensor_shapes(path)
@@ -432,7 +445,18 @@ def check_adapter_fits_base(base_dir: str | Path, info: AdapterInfo, *, base_fla
 # ---------------------------------------------------------------------------------------------
 
 # Flags whose change makes a checkpoint's training state unloadable (adapter shapes, optimizer layout) ...
-RESUME_MUST_MATCH = ("peft", "lora_dim", "lora_target", "num_virtual_tokens", "precision")
+RESUME_MUST_MATCH = (
+    "peft",
+    "lora_dim",
+    "lora_target",
+    "num_virtual_tokens",
+    "precision",
+    "use_dora",  # the magnitude vectors are trained parameters
+    "use_rslora",  # the trained factors mean another update under another scaling
+    "lora_init",  # PiSSA/OLoRA rebuild the residual base the trained factors belong to
+    "pissa_niter",
+    "loraplus_lr_ratio",  # the optimizer's parameter groups
+)
 # ... and flags whose change makes the resume inexact (data order and position, accumulation windows).
 RESUME_SHOULD_MATCH = (
     "train_path",
@@ -445,6 +469,7 @@ RESUME_SHOULD_MATCH = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "seed",
+    "neftune_alpha",
 )
 
 
@@ -472,6 +497,8 @@ def check_resume_args(checkpoint_dir: str | Path, args: dict[str, Any]) -> None:
         ]
 
     conflicts = differing(RESUME_MUST_MATCH)
+    if saved.get("lora_init") == "pissa" and saved.get("pissa_niter", 0) > 0:
+        conflicts += differing(("seed",))  # the randomised SVD, and so the residual base, follows the seed
     if conflicts:
         raise CheckpointError(
             f"checkpoint {path} was trained with other flags ({'; '.join(conflicts)}): pass the same "
@@ -513,6 +540,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     with _gathered(trainable):
         model.save_pretrained(str(path), safe_serialization=True, is_main_process=is_main_process())
     if is_main_process():
+        initial = initial_adapter(model)
+        if initial is not None:
+            _save_as_plain_lora(Path(path), initial)
         # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
         restore_default_modes(path)
         shapes = adapter_tensor_shapes(path)
@@ -521,6 +551,22 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
             raise RuntimeError(
                 f"adapter saved to {path} is empty or has empty tensors {empty}: the ZeRO-3 gather failed"
             )
+
+
+def _save_as_plain_lora(path: Path, initial: dict[str, torch.Tensor]) -> None:
+    """Rewrite a saved PiSSA/OLoRA adapter as plain LoRA relative to the original base (in place).
+
+    Training computes with a residual base (the initial adapter subtracted from it); the rank-2r adapter
+    of :func:`sft.lora_variants.to_plain_lora` gives the same weights on the original base, so inference,
+    merge and other tools load the checkpoint like any LoRA adapter. Resuming does not read this file:
+    the training state holds the trained factors, and the residual base is rebuilt by the same init.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
+    tensors, config = to_plain_lora(load_file(str(weights)), initial, read_json(config_file))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager

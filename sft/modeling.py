@@ -5,7 +5,8 @@ Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py an
 - :func:`load_tokenizer` -- AutoTokenizer from a local directory, with a pad token.
 - :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
 - :func:`find_lora_targets` -- every linear layer except the output head.
-- :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up.
+- :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up (LoRA variants from
+  :mod:`sft.lora_variants`, NEFTune from :mod:`sft.neftune`).
 - :func:`keep_4bit_weights_unpacked` -- 4-bit layers compute the same way in training, evaluation,
   inference and merge checks.
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from sft.cli import ArgsError
+from sft.lora_variants import changes_base_weights, peft_init_lora_weights, remember_initial_adapter
+from sft.neftune import add_neftune_hook
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -186,7 +189,16 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
                     f"its linear layers are {','.join(find_lora_targets(model))}"
                 ]
             )
-        logger.info("LoRA on %s (r=%d, alpha=%d)", ",".join(targets), args.lora_dim, args.lora_alpha)
+        init = peft_init_lora_weights(args.lora_init, args.pissa_niter)
+        logger.info(
+            "LoRA on %s (r=%d, alpha=%d%s%s, init=%s)",
+            ",".join(targets),
+            args.lora_dim,
+            args.lora_alpha,
+            ", DoRA" if args.use_dora else "",
+            ", rsLoRA" if args.use_rslora else "",
+            "default" if init is True else init,
+        )
         return LoraConfig(
             r=args.lora_dim,
             lora_alpha=args.lora_alpha,
@@ -194,6 +206,9 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
             target_modules=targets,
             bias="none",
             task_type=TaskType.CAUSAL_LM,
+            use_dora=args.use_dora,
+            use_rslora=args.use_rslora,
+            init_lora_weights=init,
         )
     if args.peft == "prompt_tuning":
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
@@ -227,7 +242,9 @@ def load_model_for_training(
         ds_config: the filled DeepSpeed config of the run (:func:`sft.ds_config.build_ds_config`).
 
     Returns:
-        A ``PeftModel`` whose only trainable parameters are the adapter's.
+        A ``PeftModel`` whose only trainable parameters are the adapter's. With ``--lora_init pissa|olora``
+        it carries its initial adapter (:func:`sft.lora_variants.remember_initial_adapter`), with
+        ``--neftune_alpha`` a NEFTune hook on its input embeddings.
     """
     from peft import get_peft_model
 
@@ -237,12 +254,16 @@ def load_model_for_training(
     quantized = args.quantization != "none"
     four_bit = args.quantization in ("nf4", "fp4")
     zero3 = ds_config is not None and zero_stage(ds_config) == 3
-    _use_zero3_init(ds_config if zero3 and not quantized else None)
+    base_init = args.peft == "lora" and changes_base_weights(args.lora_init)
+    # PiSSA/OLoRA factorise whole weights when the adapter is created: such a base is loaded whole.
+    _use_zero3_init(ds_config if zero3 and not quantized and not base_init else None)
     model = load_base_model(
         args.model_name_or_path,
         args.quantization,
         dtype,
-        device_map={"": device} if quantized else None,
+        # PiSSA/OLoRA factorise every target weight where it lies: on the GPU, not the CPU (ZeRO-3 keeps
+        # the CPU, so that one rank never holds the whole model on its device).
+        device_map={"": device} if quantized or (base_init and not zero3) else None,
         attn_implementation=args.attn_implementation,
         double_quant=args.double_quant,
         quant_storage=dtype if (zero3 and four_bit) else None,
@@ -275,6 +296,12 @@ def load_model_for_training(
 
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
+    if base_init:
+        # Checkpoints convert the adapter to plain LoRA relative to the original base with these.
+        remember_initial_adapter(peft_model)
+    if args.neftune_alpha > 0:
+        add_neftune_hook(peft_model, args.neftune_alpha)
+        logger.info("NEFTune on the input embeddings (alpha=%g), in training mode only", args.neftune_alpha)
     if args.torch_compile:
         from sft.kernels import compile_decoder_layers
 
