@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sft.cli import UserError
 from sft.distributed import barrier, get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ STATE_TAG = "state"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the adapter's tensor names
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used (damaged, incomplete or foreign files); the message names it."""
 
 

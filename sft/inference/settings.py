@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sft.cli import flag
+from sft.cli import ArgsError, flag
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +43,7 @@ class GenerationArgs:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def check(self, defaults: GenerationConfig) -> None:
-        """Refuse impossible settings with a ValueError naming the flag.
+        """Refuse impossible settings with an :class:`ArgsError` naming the flag.
 
         Sampling parameters without sampling (they would be silently ignored) and out-of-range values.
         ``defaults`` is the model's generation config (:func:`read_generation_config` before loading,
@@ -54,10 +54,12 @@ class GenerationArgs:
         if not effective_sample:
             given = [f"--{name}" for name, value in sampling.items() if value is not None]
             if given:
-                raise ValueError(
-                    f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
-                    f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
-                    "add --do_sample or drop them"
+                raise ArgsError(
+                    [
+                        f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
+                        f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
+                        "add --do_sample or drop them"
+                    ]
                 )
         checks = [
             ("max_new_tokens", lambda v: v > 0, "must be > 0"),
@@ -70,7 +72,7 @@ class GenerationArgs:
         for name, ok, why in checks:
             value = getattr(self, name)
             if value is not None and not ok(value):
-                raise ValueError(f"--{name}={value} {why}")
+                raise ArgsError([f"--{name}={value} {why}"])
 
 
 def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
