@@ -9,7 +9,8 @@
 Every sub-command prints its counts: input records read, kept and skipped (with the reasons), and
 samples written (RoleBench counts questions: each kept question gives up to --max_answers samples).
 A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
-written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed.
+written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed;
+rolebench's train.jsonl and test.jsonl are replaced together, so a killed run leaves the old pair or the new one.
 See docs/DATA.md.
 """
 
@@ -20,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sft.cli import check_output_path
+from sft.cli import ArgumentParser, check_output_path, run_entry_point
 from sft.data.converters import (
     DIALOGSUM_PROMPT,
     ROLEBENCH_SYSTEM_TEMPLATE,
@@ -31,7 +32,7 @@ from sft.data.converters import (
     convert_dolly,
     convert_rolebench,
 )
-from sft.data.formats import DataFormatError, write_jsonl_atomic
+from sft.data.formats import DataFormatError, write_jsonl_atomic, write_jsonl_dir_atomic
 
 logger = logging.getLogger("data_helper")
 
@@ -48,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser, *, io: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="data_helper.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})
     else:
         check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
-    outputs: list[tuple[Path, list]] = []
+    outputs: dict[Path, list] = {}
     if args.source == "rolebench":
         for split in args.splits:
             records, stats = convert_rolebench(
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
                 skip_invalid=args.skip_invalid,
             )
             _report(f"rolebench {split}", stats)
-            outputs.append((args.out_dir / f"{split}.jsonl", records))
+            outputs[args.out_dir / f"{split}.jsonl"] = records
     else:
         if args.source == "dolly":
             records, stats = convert_dolly(args.input, reverse=args.reverse, skip_invalid=args.skip_invalid)
@@ -136,24 +137,21 @@ def run(args: argparse.Namespace) -> None:
         else:
             records, stats = convert_conversations(args.input, skip_invalid=args.skip_invalid)
         _report(args.source, stats)
-        outputs.append((args.output, records))
-    for path, records in outputs:
+        outputs[args.output] = records
+    for path, records in outputs.items():
         if not records:
             raise DataFormatError(f"nothing to write to {path}: every record was skipped")
-    for path, records in outputs:
-        write_jsonl_atomic(path, records)
+    if args.source == "rolebench":
+        write_jsonl_dir_atomic(args.out_dir, {path.name: records for path, records in outputs.items()})
+    else:
+        write_jsonl_atomic(args.output, outputs[args.output])
+    for path, records in outputs.items():
         print(f"wrote {len(records)} samples to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataFormatError, ValueError, OSError) as err:  # OSError: e.g. no space left, permission denied
-        logger.error("%s", err)
-        return 1
-    return 0
+    """Entry point; returns the exit status (README.md, "When things go wrong")."""
+    return run_entry_point(lambda args: run(build_parser().parse_args(args)), argv, logger=logger)
 
 
 if __name__ == "__main__":
