@@ -4,6 +4,8 @@ Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py an
 
 - :func:`load_tokenizer` -- AutoTokenizer from a local directory, with a pad token.
 - :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
+  Both raise :class:`sft.model_files.ModelFileError`, one line naming the file, when a file of the
+  directory is damaged (a truncated download, a corrupt tokenizer.model).
 - :func:`find_lora_targets` -- every linear layer except the output head.
 - :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up.
 - :func:`keep_4bit_weights_unpacked` -- 4-bit layers compute the same way in training, evaluation,
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from sft.cli import ArgsError
+from sft.model_files import ModelFileError, tokenizer_files_problem, weight_files_problem
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -58,7 +61,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := tokenizer_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
@@ -132,7 +141,13 @@ def load_base_model(
         kwargs["quantization_config"] = bnb_config
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := weight_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     logger.info(
         "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",
         path,
