@@ -85,6 +85,19 @@ def remove_created(directories: list[Path]) -> None:
             return
 
 
+def plain_file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: 0666 minus the umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:  # no /proc (not Linux): read the umask by setting it, and back at once
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_file_atomic(
     path: str | os.PathLike, write: Callable[[IO[str]], T], *, encoding: str = "utf-8"
 ) -> T:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sft.atomic import pause_point, replacing_dir
+from sft.atomic import plain_file_mode, replacing_dir
 from sft.checkpoint import AdapterInfo, check_adapter_fits_base, read_adapter, training_quantization
 from sft.cli import UserError, output_path_problem
 from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
@@ -296,13 +296,21 @@ def save_merged(
     base_dir: Path,
     max_shard_size: str,
 ) -> list[str]:
-    """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``."""
+    """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``.
+
+    Every file gets the permissions of a plain new file (the umask): transformers writes the weights through
+    a private temporary file (0600), and a merged model is often loaded by another user or a serving process.
+    """
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out_dir))
     base_generation = base_dir / "generation_config.json"
     if base_generation.is_file() and not (out_dir / "generation_config.json").is_file():
         shutil.copy2(base_generation, out_dir / "generation_config.json")
     _copy_remote_code(base_dir, out_dir, model.config)
+    mode = plain_file_mode()
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(mode)
     return sorted(p.name for p in out_dir.iterdir())
 
 
@@ -346,7 +354,6 @@ def save_verified(
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # make room for the reloaded copy
-    pause_point("merge_saved")
     reloaded = load_base_model(staging, "none", torch.float32, device_map={"": device}).eval()
     saved_diff = max_abs_diff(probe_logits(reloaded, probes), expected)
     del reloaded
@@ -394,6 +401,8 @@ def merge_lora(
     Raises:
         FileNotFoundError / FileExistsError / ValueError: refused before anything is loaded or written.
         MergeCheckError: the merged model failed the logits check (nothing is written).
+        DirectoryBusyError: another merge is writing ``out_dir`` now.
+        OSError: e.g. a full disk while saving (``out_dir`` keeps its previous model).
     """
     device = torch.device(device)
     plan = plan_merge(
