@@ -10,7 +10,7 @@ checkpoint) and ``predict.py`` / ``web_demo.py`` / ``data_helper.py synthesize``
 generation settings), and ``--help`` and docs/TRAINING.md's flag tables come from the same help texts.
 
 :func:`run_entry_point` is every script's error handling: a failure the user can fix ends the run with one
-log line naming the file, line or flag and the fix, and the exit status of :data:`EXIT_STATUSES`; the
+log line naming the file, line or flag and the fix, and one of the exit statuses ``EXIT_*`` below; the
 traceback only with ``--debug`` (or, for an unexpected error, in a file the line names).
 """
 

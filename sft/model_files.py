@@ -104,13 +104,14 @@ def weight_files_problem(model_dir: str | os.PathLike) -> str | None:
 def tokenizer_files_problem(model_dir: str | os.PathLike) -> str | None:
     """The first damaged tokenizer file of ``model_dir``, as a one-line message; None if none is found.
 
-    ``tokenizer.model`` is checked as a SentencePiece model only where there is no ``tokenizer.json``: a fast
-    tokenizer does not read it (and Llama-3's ``tokenizer.model`` is not SentencePiece at all).
+    ``config.json`` is checked too (AutoTokenizer reads it to find the tokenizer class). ``tokenizer.model``
+    is checked as a SentencePiece model only where there is no ``tokenizer.json``: a fast tokenizer does not
+    read it (and Llama-3's ``tokenizer.model`` is not SentencePiece at all).
     """
     root = Path(model_dir)
     if not root.is_dir():
         return None
-    for name in TOKENIZER_JSON_FILES:
+    for name in (*CONFIG_FILES, *TOKENIZER_JSON_FILES):
         path = root / name
         if path.is_file() and (problem := _json_problem(path)):
             return problem

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sft.cli import ArgsError, flag
+from sft.model_files import ModelFileError, weight_files_problem
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -83,9 +84,14 @@ def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
     """
     from transformers import AutoConfig, GenerationConfig
 
-    if (Path(model_path) / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(str(model_path))
-    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+    try:
+        if (Path(model_path) / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(str(model_path))
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+    except Exception as err:
+        if problem := weight_files_problem(model_path):  # a damaged config file: name it and the fix
+            raise ModelFileError(problem) from err
+        raise
 
 
 def build_generation_config(
