@@ -215,10 +215,11 @@ CASES = [
     Case("data_helper/output-is-a-file", "data_helper",
          lambda w: ["rolebench", "--data_dir", write_rolebench(w.root / "rb"), "--out_dir", w.file("taken", "x")],
          1, r"--out_dir=.*taken is a file: pass a directory"),
+    # Into a new directory: it must not stay behind, empty.
     Case("data_helper/full-disk", "data_helper",
          lambda w: ["conversations", "--input", w.jsonl("big.jsonl", *[GOOD] * 300),
-                    "--output", str(w.full_disk({"out.jsonl": "old\n"}) / "out.jsonl")],
-         1, r"no space left on the device while writing .*disk/out\.jsonl: free some space"),
+                    "--output", str(w.full_disk({"old.jsonl": "old\n"}) / "new" / "out.jsonl")],
+         1, r"no space left on the device while writing .*disk/new/out\.jsonl: free some space"),
     # The new train.jsonl fits, test.jsonl does not: the old pair must stay (never a new train beside an old test).
     Case("data_helper/full-disk-rolebench-pair", "data_helper",
          lambda w: ["rolebench", "--data_dir", write_rolebench(w.root / "rb", test_questions=60),
