@@ -31,7 +31,6 @@ from tqdm import tqdm
 from models import register_models
 from sft.args import TrainArgs, parse_args, validate_args
 from sft.checkpoint import (
-    CheckpointError,
     TrainProgress,
     best_checkpoint,
     check_resume_args,
@@ -42,7 +41,7 @@ from sft.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from sft.cli import ArgsError, set_seed, setup_logging
+from sft.cli import run_entry_point, set_seed, setup_logging
 from sft.data.formats import DataFormatError
 from sft.distributed import (
     all_reduce_min,
@@ -63,6 +62,7 @@ from sft.modeling import load_model_for_training, load_tokenizer
 from sft.stopping import GracefulStop, TrainingStopped
 
 logger = logging.getLogger("train")
+RESUME_HINT = "run the same command with --resume_from_checkpoint latest to continue from the newest complete checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,32 +375,13 @@ def main(argv: list[str] | None = None) -> TrainProgress:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry point: run :func:`main`; a user error becomes one log line and an exit status.
+    """Command-line entry point: :func:`main` under sft.cli's error handling.
 
-    Bad flags exit with 2 (as argparse does), bad data, a damaged checkpoint or an unusable path with 1,
-    each message naming the flag or file and the fix; Ctrl-C with 130 and a hint how to continue.
+    A user error (bad flags: exit status 2; bad data, a damaged checkpoint or model, an unusable path, a full
+    disk: 1) ends with one log line naming the flag or file and the fix; a SIGTERM or Ctrl-C that saved a
+    checkpoint with 128 + the signal and a hint how to continue (README.md, "When things go wrong").
     """
-    try:
-        main(argv)
-    except ArgsError as err:
-        logger.error("%s", err)
-        return 2
-    except (DataFormatError, CheckpointError, OSError) as err:
-        logger.error("%s", err)
-        logger.debug("traceback", exc_info=True)
-        destroy()
-        return 1
-    except TrainingStopped as stopped:
-        logger.warning("%s; continue with --resume_from_checkpoint latest", stopped)
-        destroy()
-        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
-    except KeyboardInterrupt:
-        logger.error(
-            "interrupted: run the same command with --resume_from_checkpoint latest to continue "
-            "from the newest complete checkpoint"
-        )
-        return 130
-    return 0
+    return run_entry_point(main, argv, logger=logger, cleanup=destroy, interrupt_hint=RESUME_HINT)
 
 
 if __name__ == "__main__":

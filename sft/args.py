@@ -231,9 +231,9 @@ class TrainArgs(OutputArgs, DistributedArgs, OptimArgs, DataArgs, AdapterArgs, M
 
 def build_parser() -> Any:
     """argparse parser generated from :class:`TrainArgs`: one flag per field, one section per group."""
-    import argparse
+    from sft.cli import ArgumentParser  # one-line errors for bad flags (exit status 2)
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="QLoRA/LoRA supervised fine-tuning under DeepSpeed (see docs/TRAINING.md).",
         formatter_class=HelpFormatter,
     )

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sft.atomic import restore_default_modes
+from sft.cli import UserError
 from sft.distributed import barrier, get_rank, get_world_size, is_main_process
-from sft.file_modes import restore_default_modes
 from sft.lora_variants import initial_adapter, to_plain_lora
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ STATE_TAG = "state"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the adapter's tensor names
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used (damaged, incomplete or foreign files); the message names it."""
 
 
@@ -543,8 +544,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
         initial = initial_adapter(model)
         if initial is not None:
             _save_as_plain_lora(Path(path), initial)
-        # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
-        restore_default_modes(path)
+        restore_default_modes(path, "*.safetensors")  # safetensors writes 0600: readable like the JSON files
         shapes = adapter_tensor_shapes(path)
         empty = [key for key, shape in shapes.items() if 0 in shape]
         if not shapes or empty:

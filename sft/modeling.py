@@ -4,6 +4,8 @@ Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py an
 
 - :func:`load_tokenizer` -- AutoTokenizer from a local directory, with a pad token.
 - :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
+  Both raise :class:`sft.model_files.ModelFileError`, one line naming the file, when a file of the
+  directory is damaged (a truncated download, a corrupt tokenizer.model).
 - :func:`find_lora_targets` -- every linear layer except the output head.
 - :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up (LoRA variants from
   :mod:`sft.lora_variants`, NEFTune from :mod:`sft.neftune`).
@@ -26,6 +28,7 @@ from torch import nn
 
 from sft.cli import ArgsError
 from sft.lora_variants import changes_base_weights, peft_init_lora_weights, remember_initial_adapter
+from sft.model_files import ModelFileError, tokenizer_files_problem, weight_files_problem
 from sft.neftune import add_neftune_hook
 
 if TYPE_CHECKING:
@@ -61,7 +64,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := tokenizer_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
@@ -135,7 +144,13 @@ def load_base_model(
         kwargs["quantization_config"] = bnb_config
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := weight_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     logger.info(
         "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",
         path,

@@ -41,8 +41,13 @@ class GracefulStop:
 
 
 class TrainingStopped(Exception):
-    """Raised after the checkpoint a GracefulStop asked for is saved."""
+    """Raised after the checkpoint a GracefulStop asked for is saved; the process exits with 128 + the signal
+    (the shell's convention for "ended by this signal")."""
 
     def __init__(self, signum: int, checkpoint: str) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; continue with "
+            "--resume_from_checkpoint latest"
+        )
         self.signum = signum
+        self.exit_status = 128 + signum
