@@ -423,12 +423,12 @@ def close(metrics: Metrics, progress_bar) -> None:
 # main
 # --------------------------------------------------------------------------------------------------
 def checked_on_rank0(check: Callable[[], None]) -> None:
-    """Run ``check`` on rank 0 and raise its CheckpointError on every rank, so none waits in a collective."""
+    """Run ``check`` on rank 0 and raise its error on every rank, so that none waits in a collective."""
     problem = None
     if is_main_process():
         try:
             check()
-        except CheckpointError as err:
+        except (CheckpointError, OSError) as err:  # what cli() reports as one line
             problem = err
     problem = broadcast_object(problem)
     if problem is not None:
