@@ -4,7 +4,9 @@ Schedulers send SIGTERM before they preempt or time out a job, and Ctrl-C is SIG
 keeps its progress and ``--resume_from_checkpoint latest`` continues it exactly. The training loop reads
 :attr:`GracefulStop.signum`, summed over ranks, once per optimizer step before the step's first forward
 pass, so every rank stops at the same step: a signal that arrives during step N (or its evaluation and
-save) stops the run with a checkpoint of step N. A second signal stops at once.
+save) stops the run with a checkpoint of step N. A second signal stops at once, unless it comes within
+:data:`SAME_REQUEST_SECONDS` of the first: the deepspeed launcher passes a SIGINT/SIGTERM it receives on
+to its ranks as SIGTERM, so a rank that got the original signal too sees two at once.
 
 :class:`NonFiniteGuard` counts the optimizer steps whose update was skipped for a non-finite loss or
 gradient norm (DeepSpeed skips them on every rank); ``--max_bad_steps`` of them in a row stop the run.
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 logger = logging.getLogger(__name__)
+
+SAME_REQUEST_SECONDS = 2.0
 
 
 class GracefulStop:
@@ -23,6 +28,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -36,8 +42,10 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum:
+            if time.monotonic() - self._first_at < SAME_REQUEST_SECONDS:
+                return  # the same stop, passed on by a launcher
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         logger.warning(
             "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once)",
             signal.Signals(signum).name,

@@ -190,10 +190,10 @@ def reference(tiny_baichuan_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_the_step_it_came_in(reference, tmp_path):
-    """SIGTERM during step 8: checkpoint of step 8 (not 9), not evaluated and not claiming an old
-    evaluation, then `latest` continues exactly."""
+    """SIGTERM during step 8 (twice at once, as from a scheduler and the deepspeed launcher passing it on):
+    checkpoint of step 8 (not 9), not evaluated and not claiming an old evaluation; `latest` continues exactly."""
     model, data, out = reference["model"], reference["data"], tmp_path / "out"
-    run = train_here(model, data, out, *REFERENCE_FLAGS, faults="sigterm@8")
+    run = train_here(model, data, out, *REFERENCE_FLAGS, faults="sigterm@8,sigterm@8")
     assert run.code == 143, run.log[-3000:]
     saved = checkpoints(out)
     assert sorted(saved) == [5, 6, 8]
