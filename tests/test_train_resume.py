@@ -452,12 +452,13 @@ def test_a_full_disk_is_one_clear_error_and_never_a_checkpoint(reference, small_
     assert_same_as_reference(out, reference["out"], after_step=6)
 
 
-def test_a_gpu_asked_for_but_missing_stops_the_run(reference, monkeypatch):
+def test_a_gpu_asked_for_but_missing_stops_the_run(tiny_baichuan_dir, tmp_path, monkeypatch):
     """CUDA_VISIBLE_DEVICES=0 without a usable GPU: exit 1 with the fix, instead of hours on the CPU."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is usable here")
+    write_overfit_data(tmp_path / "data")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    run = train_here(reference["model"], reference["data"], reference["out"].parent / "cpu", *REFERENCE_FLAGS)
+    run = train_here(tiny_baichuan_dir, tmp_path / "data", tmp_path / "out", *REFERENCE_FLAGS)
     assert run.code == 1
     assert len(run.errors) == 1, run.errors
     assert run.errors[0].startswith("CUDA_VISIBLE_DEVICES=0 asks for GPU(s), but this PyTorch")
