@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,11 +240,15 @@ def train_step(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         for b in micro_batches
     )
-    # One reduction per step carries the token counts and the stop requests of all ranks.
-    counts = all_reduce_sum(torch.tensor([learned, inputs, stop.signum], dtype=torch.int64, device=device))
+    # One reduction per step carries the token counts and the stop requests of all ranks (how many got a
+    # SIGINT, how many a SIGTERM: a rank that got none stops with them).
+    requests = [stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM]
+    counts = all_reduce_sum(torch.tensor([learned, inputs, *requests], dtype=torch.int64, device=device))
     # The step's one host sync (never per micro-batch): a signal that came during the previous step, its
     # evaluation or its save is seen here, before this step changes anything.
-    if counts[2].item():
+    sigints, sigterms = counts[2:].tolist()
+    if sigints or sigterms:
+        stop.join(signal.SIGTERM if sigterms else signal.SIGINT)
         return None
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
 

@@ -51,6 +51,11 @@ class GracefulStop:
             signal.Signals(signum).name,
         )
 
+    def join(self, signum: int) -> None:
+        """Stop with the other ranks: one of them received ``signum`` (this one may have received none)."""
+        if not self.signum:
+            self.signum, self._first_at = signum, time.monotonic()
+
 
 class TrainingStopped(Exception):
     """Raised after the checkpoint a GracefulStop asked for is saved."""

@@ -104,8 +104,11 @@ def test_two_ranks_sigterm_on_one_rank_before_an_epoch_end_resumes_exactly(two_r
     6, 10 and 12 of the uninterrupted run."""
     model, data, out = two_rank_run["model"], two_rank_run["data"], tmp_path / "out"
     proc = launch_two_ranks(model, data, out, *TWO_RANK_FLAGS, faults="nan@2:r1,sigterm@eval5:r0")
-    assert proc.returncode == 143, proc.stdout[-4000:] + proc.stderr[-8000:]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 143, log[-12000:]
     assert sorted(checkpoints(out)) == [5]
+    stopped = f"WARNING train: stopped by SIGTERM after saving {out / 'epoch-1-step-5'}"
+    assert log.count(stopped) == 2 and "Traceback" not in log, log[-12000:]  # both ranks, cleanly
     proc = launch_two_ranks(
         model, data, out, *TWO_RANK_FLAGS, "--resume_from_checkpoint", "latest", faults=""
     )
