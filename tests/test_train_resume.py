@@ -208,11 +208,13 @@ def test_sigterm_mid_epoch_checkpoints_the_step_it_came_in(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_during_the_evaluation_before_an_epoch_end(reference, tmp_path):
-    """The reported failure: SIGTERM during step 5's evaluation, step 6 ends the epoch. The run stops before
-    step 6 with step 5's complete checkpoint; resuming reproduces the rest, epoch-end evaluation included."""
+@pytest.mark.parametrize("during", ["eval", "save"])
+def test_sigterm_during_the_evaluation_or_save_before_an_epoch_end(reference, tmp_path, during):
+    """The reported failure: SIGTERM during step 5's evaluation or save, step 6 ends the epoch. The run stops
+    before step 6 with step 5's complete checkpoint; resuming reproduces the rest, epoch-end evaluation
+    included."""
     model, data, out = reference["model"], reference["data"], tmp_path / "out"
-    run = train_here(model, data, out, *REFERENCE_FLAGS, faults="sigterm@eval5")
+    run = train_here(model, data, out, *REFERENCE_FLAGS, faults=f"sigterm@{during}5")
     assert run.code == 143, run.log[-3000:]
     assert sorted(checkpoints(out)) == [5]
     assert state(checkpoints(out)[5])["eval"] == state(checkpoints(reference["out"])[5])["eval"]
