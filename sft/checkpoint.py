@@ -142,16 +142,13 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(2)) if match else -1
 
 
-_step = checkpoint_step
-
-
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir`` (those with a trainer_state.json), oldest step first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [
-        (_step(path), path)
+        (checkpoint_step(path), path)
         for path in root.iterdir()
         if CHECKPOINT_PATTERN.match(path.name) and path.is_dir() and (path / TRAINER_STATE).is_file()
     ]
@@ -1060,7 +1057,7 @@ def load_checkpoint(engine: Any, checkpoint_dir: str | Path) -> tuple[TrainProgr
         checkpoint was written by a different number of ranks.
     """
     path = Path(checkpoint_dir)
-    older = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
+    older = [p for p in list_checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
     fix = (
         f"resume from the one before it (--resume_from_checkpoint {older[-1]}) or delete {path}"
         if older
