@@ -936,8 +936,10 @@ def _save_failed(error: BaseException | None, path: Path, output_dir: Path) -> N
     if not int(failed.item()):
         return
     free = _free_bytes(path)
-    codes = {getattr(e, "errno", None) for e in _exception_chain(error)}
-    if errno.ENOSPC in codes or (error is not None and free < 64 * 2**20):
+    codes = {e.errno for e in _exception_chain(error) if getattr(e, "errno", None)}
+    # torch.save and safetensors report a full disk without an errno ("unexpected pos ..."): then the
+    # free space tells.
+    if errno.ENOSPC in codes or (error is not None and not codes and free < 64 * 2**20):
         reason = f"the disk is full ({_mib(free)} free)"
     elif errno.EDQUOT in codes:
         reason = "the disk quota is exceeded"
