@@ -175,6 +175,11 @@ class OptimArgs:
         "while training (the paper uses 5-15); 0 = off.",
     )
     seed: int = flag(1234, "Random seed (data order, adapter initialisation, dropout).")
+    max_bad_steps: int = flag(
+        10,
+        "Stop after this many optimizer steps in a row with a non-finite loss or gradient norm (each one's "
+        "update is skipped on every rank); 0 = never stop.",
+    )
 
 
 @dataclass
@@ -302,6 +307,10 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
     if args.save_model_step < 0:
         problems.append(
             f"--save_model_step={args.save_model_step} must be >= 0 (0 = save at epoch ends only)"
+        )
+    if args.max_bad_steps < 0:
+        problems.append(
+            f"--max_bad_steps={args.max_bad_steps} must be >= 0 (0 = never stop on non-finite steps)"
         )
     if args.save_total_limit < 0:
         problems.append(f"--save_total_limit={args.save_total_limit} must be >= 0 (0 = keep all checkpoints)")

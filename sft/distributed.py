@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sft.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 _DEVICE: torch.device | None = None
@@ -39,6 +41,32 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class DeviceError(UserError, RuntimeError):
+    """The devices asked for cannot be used; the message names the setting and the fix."""
+
+
+def check_cuda_request() -> None:
+    """Refuse to fall back to the CPU silently when ``CUDA_VISIBLE_DEVICES`` asks for GPUs none of which works.
+
+    Without a usable GPU the run would go on on the CPU, hours where minutes were expected. An unset or
+    empty ``CUDA_VISIBLE_DEVICES`` (or ``-1``) asks for the CPU. The deepspeed launcher sets the variable
+    itself for every rank (also on CPU-only machines, where its ids name CPU sockets), so a rank it
+    started is not checked.
+    """
+    requested = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if requested in ("", "-1") or "CROSS_RANK" in os.environ or torch.cuda.is_available():
+        return
+    why = (
+        f"this PyTorch ({torch.__version__}) was built without CUDA"
+        if torch.version.cuda is None
+        else f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check the driver"
+    )
+    raise DeviceError(
+        f"CUDA_VISIBLE_DEVICES={requested} asks for GPU(s), but {why}; training would fall back to the CPU. "
+        "Fix the GPU set-up, or unset CUDA_VISIBLE_DEVICES (or set it empty) to train on the CPU on purpose"
+    )
 
 
 def launched_by_launcher() -> bool:
