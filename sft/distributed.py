@@ -77,7 +77,7 @@ def launched_by_launcher() -> bool:
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
     """Join (or create) the process group and return this process's device.
 
-    Idempotent: a second call returns the device chosen by the first.
+    Idempotent: a second call returns the device chosen by the first (after :func:`destroy`, it joins anew).
 
     Args:
         timeout_minutes: collective timeout; a rank that waits longer raises instead of hanging forever.
@@ -86,7 +86,7 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         ``cuda:LOCAL_RANK`` when CUDA is available (and DeepSpeed's accelerator is CUDA), else ``cpu``.
     """
     global _DEVICE
-    if _DEVICE is not None:
+    if _DEVICE is not None and dist.is_initialized():
         return _DEVICE
 
     if not launched_by_launcher():

@@ -18,9 +18,11 @@ the entry point has called ``models.register_models()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -261,17 +263,25 @@ def load_model_for_training(
         it carries its initial adapter (:func:`sft.lora_variants.remember_initial_adapter`), with
         ``--neftune_alpha`` a NEFTune hook on its input embeddings.
     """
-    from peft import get_peft_model
-
     from sft.ds_config import zero_stage
 
     dtype = torch_dtype(args.precision)
     quantized = args.quantization != "none"
-    four_bit = args.quantization in ("nf4", "fp4")
     zero3 = ds_config is not None and zero_stage(ds_config) == 3
     base_init = args.peft == "lora" and changes_base_weights(args.lora_init)
     # PiSSA/OLoRA factorise whole weights when the adapter is created: such a base is loaded whole.
-    _use_zero3_init(ds_config if zero3 and not quantized and not base_init else None)
+    with _zero3_init(ds_config if zero3 and not quantized and not base_init else None):
+        return _build_model_for_training(args, device, dtype=dtype, zero3=zero3, base_init=base_init)
+
+
+def _build_model_for_training(
+    args: TrainArgs, device: torch.device, *, dtype: torch.dtype, zero3: bool, base_init: bool
+) -> PeftModel:
+    """The body of :func:`load_model_for_training` (inside ``zero.Init`` where it applies)."""
+    from peft import get_peft_model
+
+    quantized = args.quantization != "none"
+    four_bit = args.quantization in ("nf4", "fp4")
     model = load_base_model(
         args.model_name_or_path,
         args.quantization,
@@ -337,18 +347,23 @@ def load_model_for_training(
     return peft_model
 
 
-# transformers finds the ZeRO-3 config through a weak reference (integrations.deepspeed): the object must live as
-# long as the model it partitions, i.e. the rest of the training process.
-_ZERO3_CONFIG: object | None = None
-
-
-def _use_zero3_init(ds_config: dict[str, Any] | None) -> None:
-    """Make transformers' ``from_pretrained`` build models inside ``deepspeed.zero.Init`` with ``ds_config``
-    (a ZeRO-3 config), or, with None, load them whole again."""
-    global _ZERO3_CONFIG
+@contextlib.contextmanager
+def _zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """While active, transformers' ``from_pretrained`` (and peft) build models inside ``deepspeed.zero.Init``
+    with ``ds_config`` (a ZeRO-3 config); None does nothing. transformers holds the config by a weak
+    reference: it is dropped on exit, so later loads in the process (evaluation, merge, tests) load whole
+    again. Nothing the training needs reads it after the load (transformers reads it again only to
+    synchronise ranks in ``generate``)."""
+    if ds_config is None:
+        yield
+        return
     from transformers.integrations import HfDeepSpeedConfig
 
-    _ZERO3_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config is not None else None
+    config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del config
 
 
 def is_partitioned(model: nn.Module) -> bool:

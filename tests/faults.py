@@ -84,7 +84,7 @@ def injected(spec: str) -> Iterator[None]:
             return output * float("nan")
         return None
 
-    def batch_loss_sums(model, batch, device):
+    def batch_loss_sums(model, batch, device, **kwargs):
         state["engine"] = model
         head = model.module.get_output_embeddings()
         if id(head) not in state["hooked"]:
@@ -96,7 +96,7 @@ def injected(spec: str) -> Iterator[None]:
             for fault in faults:
                 if fault.action in SIGNALS and fault.due("step", step):
                     _send(fault)
-        return real_loss(model, batch, device)
+        return real_loss(model, batch, device, **kwargs)
 
     def evaluate_perplexity(model, dataloader, **kwargs):
         for fault in faults:

@@ -28,6 +28,7 @@ import torch
 from tests.test_merge import make_adapter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 HUB_ID = "baichuan-inc/Baichuan2-7B-Chat"
 GOOD = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}
 PROMPT = {"conversations": [{"role": "user", "content": "Tell me a story."}]}
@@ -95,6 +96,20 @@ class Workspace:
             weights.write_bytes(weights.read_bytes()[:-100])
         else:
             (path / "adapter_config.json").write_text('{"peft_type": "LORA",', encoding="utf-8")
+        return str(path)
+
+    def foreign_checkpoint(self) -> str:
+        """A complete-looking checkpoint of another run: the shared adapter, recorded as trained on the tiny Llama."""
+        from sft.checkpoint import BASE_MODEL, STATE_DIR, TRAIN_ARGS, TRAINER_STATE, base_model_identity
+
+        path = self.root / "other_run" / "epoch-1-step-2"
+        shutil.copytree(self.adapter, path)
+        (path / TRAIN_ARGS).unlink()  # flags are not what this case is about
+        (path / STATE_DIR).mkdir()
+        (path / TRAINER_STATE).write_text(
+            json.dumps({"step": 2, "epoch": 0, "batches_in_epoch": 2, "eval": {}})
+        )
+        (path / BASE_MODEL).write_text(json.dumps(base_model_identity(self.llama)))
         return str(path)
 
     def full_disk(self, files: dict[str, str] | None = None, *, size: str = "64k", leave: int = 0) -> Path:
@@ -345,6 +360,15 @@ CASES = [
          1, r"model\.safetensors is truncated", creates=TRAIN_OUT),
     Case("train/corrupt-tokenizer-model", "train", lambda w: train_argv(w, model=w.damaged_model("tokenizer")),
          1, r"tokenizer\.model is damaged", creates=TRAIN_OUT),
+    # A checkpoint of another base model (here: recorded for the tiny Llama) is refused before any model loads.
+    Case("train/resume-from-another-models-checkpoint", "train",
+         lambda w: train_argv(w, "--resume_from_checkpoint", w.foreign_checkpoint()),
+         1, r"was trained on the base model .*tiny_llama.*is a different model", creates=TRAIN_OUT),
+    # GPUs asked for (CUDA_VISIBLE_DEVICES) but none usable: stop instead of training on the CPU for hours.
+    Case("train/cuda-visible-devices-without-a-gpu", "train", lambda w: train_argv(w),
+         1, r"CUDA_VISIBLE_DEVICES=0 asks for GPU\(s\), but .*unset CUDA_VISIBLE_DEVICES",
+         subprocess=True, env={"CUDA_VISIBLE_DEVICES": "0"},
+         skip=lambda: "a GPU is usable here" if torch.cuda.is_available() else None),
     # ---- web_demo.py ----
     Case("web_demo/truncated-model-safetensors", "web_demo", lambda w: demo_argv(w, w.damaged_model("weights")),
          1, r"model\.safetensors is truncated"),
@@ -383,11 +407,14 @@ def shared_inputs(tiny_baichuan_dir, tiny_llama_dir, tmp_path_factory) -> tuple[
 def workspace(shared_inputs, tmp_path, monkeypatch):
     finalizers: list = []
     # In-process train.py sets up a one-rank process group and its environment: keep both to this test.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    saved_env = dict(os.environ)
+    for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     yield Workspace(tmp_path / "ws", *shared_inputs, finalizers)
     for finalize in reversed(finalizers):
         finalize()
+    os.environ.clear()
+    os.environ.update(saved_env)  # also drops what init_distributed set (absent before: monkeypatch keeps it)
 
 
 def run_script(case: Case, argv: list[str], capsys) -> tuple[int, str]:

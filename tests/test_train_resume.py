@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -432,19 +433,29 @@ def test_a_full_disk_is_one_clear_error_and_never_a_checkpoint(reference, small_
     assert f"the last complete checkpoint is {out / 'epoch-1-step-6'}" in run.errors[0]
 
     ballast = small_disk / "ballast"
-    with pytest.raises(OSError), ballast.open("wb", buffering=0) as fh:
-        while True:
-            fh.write(b"\0" * 4096)
+
+    def fill_the_disk() -> None:
+        with pytest.raises(OSError), ballast.open("ab", buffering=0) as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+
+    fill_the_disk()
     run = train_here(model, data, out, *REFERENCE_FLAGS, "--resume_from_checkpoint", "latest")
     assert run.code == 1, run.log[-3000:]
     assert len(run.errors) == 1, run.errors
-    assert run.errors[0].startswith(f"--output_dir {out} has 0.0 MiB free, but a checkpoint like ")
+    assert re.match(
+        rf"--output_dir {re.escape(str(out))} has 0\.\d MiB free, but a checkpoint like ", run.errors[0]
+    )
     assert "free space on that disk or pass another --output_dir" in run.errors[0]
     assert "sft.modeling: loaded" not in run.log
 
     capfd.readouterr()
+    fill_the_disk()  # what the failed run left (its cleaned-up leftovers) is taken too
     with pytest.raises(OSError, match=f"cannot write TensorBoard events to {small_disk / 'runs'}"):
-        Metrics(str(small_disk / "runs"), torch.device("cpu"), 0)
+        # Creating the file may still succeed on a full tmpfs; writing its events cannot.
+        metrics = Metrics(str(small_disk / "runs"), torch.device("cpu"), 0)
+        metrics.scalar("train/loss", 1.0, 1)
+        metrics.close()
     assert "Traceback" not in capfd.readouterr().err  # nothing printed by the writer's thread
     assert "Traceback" not in "".join(str(r.exc_info) for r in run.records if r.exc_info)
 

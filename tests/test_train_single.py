@@ -104,8 +104,8 @@ def run(
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # what an in-process run of train.py in this session may have left set
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(
