@@ -11,7 +11,8 @@ Every sub-command prints its counts: input records read, kept and skipped (with 
 samples written (RoleBench counts questions: each kept question gives up to --max_answers samples;
 synthesize counts texts).
 A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
-written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed.
+written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed;
+rolebench's train.jsonl and test.jsonl are replaced together, so a killed run leaves the old pair or the new one.
 See docs/DATA.md.
 """
 
@@ -25,12 +26,14 @@ from pathlib import Path
 from models import register_models
 from sft.args import DataArgs
 from sft.cli import (
+    ArgsError,
+    ArgumentParser,
     add_arguments,
     check_output_path,
     from_namespace,
     require_local_dir,
+    run_entry_point,
     set_seed,
-    setup_logging,
 )
 from sft.data.converters import (
     DIALOGSUM_PROMPT,
@@ -42,7 +45,7 @@ from sft.data.converters import (
     convert_dolly,
     convert_rolebench,
 )
-from sft.data.formats import DataFormatError, write_jsonl_atomic
+from sft.data.formats import DataFormatError, write_jsonl_atomic, write_jsonl_dir_atomic
 from sft.data.synthesize import SynthesisFilters, read_texts, synthesize
 from sft.inference.loading import ModelLoadArgs, load_from_flags
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
@@ -62,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, *, io: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="data_helper.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -187,10 +190,11 @@ def synthesis_filters(args: argparse.Namespace, train_args: dict) -> SynthesisFi
 
 def run_synthesize(args: argparse.Namespace) -> None:
     """Check flags and read the texts before loading the model; generate; filter; write atomically."""
+    register_models()
     problems = [] if args.batch_size >= 1 else [f"--batch_size={args.batch_size} must be >= 1"]
     problems += synthesis_filters(args, {}).problems()
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ArgsError(problems)
     settings = from_namespace(GenerationArgs, args)
     if settings.max_new_tokens is None:
         # One token more than the filter allows: an instruction cut by this limit is caught as over-long, and
@@ -200,7 +204,6 @@ def run_synthesize(args: argparse.Namespace) -> None:
     stats = ConvertStats(unit="texts")
     texts = read_texts(args.input, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
 
-    register_models()
     loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     if loaded.adapter is None and args.template is None:
         logger.warning(
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> None:
         check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})
     else:
         check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
-    outputs: list[tuple[Path, list]] = []
+    outputs: dict[Path, list] = {}
     if args.source == "rolebench":
         for split in args.splits:
             records, stats = convert_rolebench(
@@ -248,7 +251,7 @@ def run(args: argparse.Namespace) -> None:
                 skip_invalid=args.skip_invalid,
             )
             _report(f"rolebench {split}", stats)
-            outputs.append((args.out_dir / f"{split}.jsonl", records))
+            outputs[args.out_dir / f"{split}.jsonl"] = records
     else:
         if args.source == "dolly":
             records, stats = convert_dolly(args.input, reverse=args.reverse, skip_invalid=args.skip_invalid)
@@ -259,24 +262,21 @@ def run(args: argparse.Namespace) -> None:
         else:
             records, stats = convert_conversations(args.input, skip_invalid=args.skip_invalid)
         _report(args.source, stats)
-        outputs.append((args.output, records))
-    for path, records in outputs:
+        outputs[args.output] = records
+    for path, records in outputs.items():
         if not records:
             raise DataFormatError(f"nothing to write to {path}: every record was skipped")
-    for path, records in outputs:
-        write_jsonl_atomic(path, records)
+    if args.source == "rolebench":
+        write_jsonl_dir_atomic(args.out_dir, {path.name: records for path, records in outputs.items()})
+    else:
+        write_jsonl_atomic(args.output, outputs[args.output])
+    for path, records in outputs.items():
         print(f"wrote {len(records)} samples to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataFormatError, ValueError, OSError) as err:  # OSError: e.g. no space left, permission denied
-        logger.error("%s", err)
-        return 1
-    return 0
+    """Entry point; returns the exit status (README.md, "When things go wrong")."""
+    return run_entry_point(lambda args: run(build_parser().parse_args(args)), argv, logger=logger)
 
 
 if __name__ == "__main__":

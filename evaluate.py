@@ -20,7 +20,16 @@ from typing import Any
 from models import register_models
 from sft.args import DataArgs, OptimArgs
 from sft.checkpoint import TRAIN_ARGS, read_train_args
-from sft.cli import HelpFormatter, add_arguments, from_namespace, setup_logging
+from sft.cli import (
+    ArgsError,
+    ArgumentParser,
+    HelpFormatter,
+    add_arguments,
+    check_output_path,
+    from_namespace,
+    run_entry_point,
+    setup_logging,
+)
 from sft.inference.loading import ModelLoadArgs
 from sft.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
 
@@ -34,7 +43,7 @@ FROM_TRAINING = "the adapter's train_args.json, else train.py's default"
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rouge`` and ``ppl`` subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="ROUGE on predictions and perplexity of model+adapter (see docs/INFERENCE.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +194,7 @@ def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> Non
     if settings["per_device_eval_batch_size"] < 1:
         problems.append(f"{flag('per_device_eval_batch_size')} must be >= 1")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ArgsError(problems)
 
 
 def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,25 +246,26 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+def run(argv: list[str]) -> None:
+    """Parse the flags, compute, print; write --output_json (atomically) when asked."""
+    from sft.atomic import write_file_atomic
+
     args = build_parser().parse_args(argv)
     setup_logging()
     register_models()
-    from sft.data.formats import DataFormatError
-
-    try:
-        out = run_rouge(args) if args.command == "rouge" else run_ppl(args)
-    except (ValueError, FileNotFoundError, ImportError, DataFormatError) as err:
-        logger.error("%s", err)
-        return 1
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(
-            json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        check_output_path(args.output_json, "--output_json", kind="file")
+    out = run_rouge(args) if args.command == "rouge" else run_ppl(args)
+    if args.output_json:
+        write_file_atomic(
+            args.output_json, lambda fh: fh.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
         )
         logger.info("wrote %s", args.output_json)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (README.md, "When things go wrong")."""
+    return run_entry_point(run, argv, logger=logger)
 
 
 if __name__ == "__main__":

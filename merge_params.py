@@ -16,11 +16,10 @@ import sys
 
 from models import register_models
 from sft.checkpoint import read_adapter
-from sft.cli import HelpFormatter, require_local_dir, setup_logging
-from sft.gguf_errors import ExportCheckError
+from sft.cli import ArgumentParser, HelpFormatter, require_local_dir, run_entry_point, setup_logging
 from sft.gguf_export import OUT_TYPES, export_gguf, plan_export
 from sft.inference.loading import resolve_device
-from sft.merge import MERGE_INTO, MergeCheckError, merge_lora
+from sft.merge import MERGE_INTO, merge_lora
 from sft.modeling import DTYPES, QUANTIZATIONS
 from sft.ollama_modelfile import NAMED_TEMPLATES
 
@@ -29,7 +28,7 @@ logger = logging.getLogger("merge_params")
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (the RolePlayProj recipe's names for the three directories)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Merge a LoRA adapter into its base model (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
@@ -89,46 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse flags, merge, print the report; exit 1 with a one-line reason on refusal or failed check."""
+def run(argv: list[str]) -> None:
+    """Parse flags, merge, print the report."""
     args = build_parser().parse_args(argv)
     setup_logging()
     register_models()
-
-    try:
-        base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")
-        if args.gguf:
-            plan_export(base_dir)  # an architecture the export refuses is refused before the merge
-        report = merge_lora(
-            base_dir,
-            args.model_dir,
-            args.save_model_dir,
-            merge_into=args.merge_into,
-            quantization=args.quantization,
-            double_quant=args.double_quant,
-            dtype=DTYPES[args.dtype],
-            device=resolve_device(args.device),
-            max_shard_size=args.max_shard_size,
+    base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")
+    if args.gguf:
+        plan_export(base_dir)  # an architecture the export refuses is refused before the merge
+    report = merge_lora(
+        base_dir,
+        args.model_dir,
+        args.save_model_dir,
+        merge_into=args.merge_into,
+        quantization=args.quantization,
+        double_quant=args.double_quant,
+        dtype=DTYPES[args.dtype],
+        device=resolve_device(args.device),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        tolerance=args.tolerance,
+    )
+    logger.info("merged model written to %s", report.out_dir)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    if args.gguf:
+        trained = read_adapter(args.model_dir, "--model_dir").template
+        exported = export_gguf(
+            report.out_dir,
+            args.gguf,
+            out_type=args.gguf_type,
+            modelfile=True,
+            template=trained if trained in NAMED_TEMPLATES else None,
             overwrite=args.overwrite,
-            tolerance=args.tolerance,
         )
-        logger.info("merged model written to %s", report.out_dir)
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-        if args.gguf:
-            trained = read_adapter(args.model_dir, "--model_dir").template
-            exported = export_gguf(
-                report.out_dir,
-                args.gguf,
-                out_type=args.gguf_type,
-                modelfile=True,
-                template=trained if trained in NAMED_TEMPLATES else None,
-                overwrite=args.overwrite,
-            )
-            print(exported.to_json())
-    except (ValueError, FileNotFoundError, FileExistsError, MergeCheckError, ExportCheckError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
+        print(exported.to_json())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; a refusal or a failed check exits 1 with a one-line reason (README.md, "When things go
+    wrong")."""
+    return run_entry_point(run, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ from tqdm import tqdm
 from models import register_models
 from sft.args import DataArgs
 from sft.cli import (
+    ArgsError,
+    ArgumentParser,
     HelpFormatter,
     add_arguments,
     check_output_path,
     from_namespace,
     require_local_dir,
+    run_entry_point,
     set_seed,
     setup_logging,
 )
@@ -41,7 +44,7 @@ CHAT_HELP = "Type a message and press Enter; 'clear' starts a new conversation, 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags. Generation flags default to the model's generation_config.json."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Batch generation over a JSONL file, or an interactive chat (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
@@ -109,7 +112,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.max_src_len is not None and args.max_src_len < 1:
         problems.append(f"--max_src_len={args.max_src_len} must be >= 1")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ArgsError(problems)
     if not args.chat:
         check_output_path(
             args.output_path, "--output_path", kind="file", inputs={"--data_path": args.data_path}
@@ -230,26 +233,24 @@ def chat_loop(args: argparse.Namespace, model: Any, tokenizer: Any, template: An
             history = kept[:-1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+def run(argv: list[str]) -> None:
+    """Parse and check the flags, load, then answer the file or chat."""
     args = build_parser().parse_args(argv)
     setup_logging()
     register_models()
-    from sft.data.formats import DataFormatError
+    validate(args)
+    records = None if args.chat else read_records(args.data_path)
+    set_seed(args.seed)
+    model, tokenizer, template, config = load(args)
+    if records is None:
+        chat_loop(args, model, tokenizer, template, config)
+    else:
+        predict_file(args, records, model, tokenizer, template, config)
 
-    try:
-        validate(args)
-        records = None if args.chat else read_records(args.data_path)
-        set_seed(args.seed)
-        model, tokenizer, template, config = load(args)
-        if records is None:
-            chat_loop(args, model, tokenizer, template, config)
-        else:
-            predict_file(args, records, model, tokenizer, template, config)
-    except (ValueError, DataFormatError, OSError) as err:  # OSError: e.g. a full disk while writing
-        logger.error("%s", err)
-        return 1
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (README.md, "When things go wrong")."""
+    return run_entry_point(run, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ evaluation and checkpoints at save steps and epoch ends), the final save. See do
 Who owns what: DeepSpeed owns precision, gradient accumulation, clipping and the optimizer step
 (sft.ds_config fills its config from the flags); sft.distributed owns rank logic; sft.loss the loss;
 sft.evaluation perplexity; sft.checkpoint the checkpoint directory (saving and resuming);
-sft.metrics the TensorBoard window; sft.stopping SIGTERM/Ctrl-C.
+sft.metrics the TensorBoard window; sft.stopping SIGTERM/Ctrl-C and the non-finite guard.
+
+Exact resume: the global RNG that dropout draws from is advanced by training forwards only; creating a
+DataLoader iterator and evaluating run on a forked RNG. So the RNG state saved with a checkpoint is the one
+the next step starts from, whether the checkpoint was evaluated or not, mid-epoch or at an epoch end.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -34,7 +40,12 @@ from sft.checkpoint import (
     CheckpointError,
     TrainProgress,
     best_checkpoint,
+    check_free_space,
     check_resume_args,
+    check_resume_base,
+    checkpoint_step,
+    directory_bytes,
+    estimated_checkpoint_bytes,
     list_checkpoints,
     load_checkpoint,
     resolve_resume_dir,
@@ -42,12 +53,13 @@ from sft.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from sft.cli import ArgsError, set_seed, setup_logging
+from sft.cli import run_entry_point, set_seed, setup_logging
 from sft.data.formats import DataFormatError
 from sft.distributed import (
     all_reduce_min,
     all_reduce_sum,
     broadcast_object,
+    check_cuda_request,
     destroy,
     get_rank,
     get_world_size,
@@ -56,12 +68,14 @@ from sft.distributed import (
 )
 from sft.ds_config import build_ds_config, zero_stage
 from sft.evaluation import evaluate_perplexity
+from sft.lora_variants import optimizer_param_groups
 from sft.loss import IGNORE_INDEX, batch_loss_sums
 from sft.metrics import Metrics
 from sft.modeling import load_model_for_training, load_tokenizer
-from sft.stopping import GracefulStop, TrainingStopped
+from sft.stopping import GracefulStop, NonFiniteGuard, TrainingDiverged, TrainingStopped
 
 logger = logging.getLogger("train")
+RESUME_HINT = "run the same command with --resume_from_checkpoint latest to continue from the newest complete checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +195,8 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        # One group per learning rate (LoRA+); the schedule scales every group by the same factor.
+        model_parameters=optimizer_param_groups(model, args.loraplus_lr_ratio, args.learning_rate),
         config=ds_config,
         lr_scheduler=make_scheduler,
     )
@@ -202,6 +217,14 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
 # --------------------------------------------------------------------------------------------------
 # 4. the loop
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    applied: bool  # False: DeepSpeed skipped the update on every rank (non-finite loss or gradient norm)
+    nonfinite_loss_ranks: list[int]  # ranks whose loss was inf/NaN; only looked up for a skipped step
+
+
 def train_step(
     args: TrainArgs,
     engine,
@@ -209,14 +232,14 @@ def train_step(
     device: torch.device,
     metrics: Metrics,
     stop: GracefulStop,
-) -> bool:
+) -> StepResult | None:
     """One optimizer step over ``micro_batches`` (up to --gradient_accumulation_steps of them).
 
     The loss is the mean NLL over every learned token of the step, on all ranks. DeepSpeed divides
     each micro-batch loss by the accumulation steps and averages gradients over ranks, so each
     micro-batch contributes nll_sum * world_size * accumulation / global_learned_tokens.
-    Returns whether any rank was asked to stop: the ranks agree through the same reduction, so they all
-    save the same checkpoint together.
+    Returns None, before any forward pass, when a rank was asked to stop: the ranks agree through the
+    reduction every step makes anyway, so they all stop at the same step.
     """
     # Token counts come from the CPU labels: counting them costs no device sync.
     learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -224,31 +247,51 @@ def train_step(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         for b in micro_batches
     )
-    # One reduction per step carries the token counts and the stop requests of all ranks.
-    counts = all_reduce_sum(torch.tensor([learned, inputs, stop.signum], dtype=torch.int64, device=device))
+    # One reduction per step carries the token counts and the stop requests of all ranks (how many got a
+    # SIGINT, how many a SIGTERM: a rank that got none stops with them).
+    requests = [stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM]
+    counts = all_reduce_sum(torch.tensor([learned, inputs, *requests], dtype=torch.int64, device=device))
+    # The step's one host sync (never per micro-batch): a signal that came during the previous step, its
+    # evaluation or its save is seen here, before this step changes anything.
+    sigints, sigterms = counts[2:].tolist()
+    if sigints or sigterms:
+        stop.join(signal.SIGTERM if sigterms else signal.SIGINT)
+        return None
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
 
+    step_nll = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         # The last micro-batch closes the accumulation window, also when an epoch ends early.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        nll_sum, _ = batch_loss_sums(engine, batch, device)
-        engine.backward(nll_sum * scale)
-        metrics.nll += nll_sum.detach().double()
+        nll_sum, _ = batch_loss_sums(engine, batch, device, head_loss="liger" if args.liger else "fused")
+        # 0 for a finite loss, NaN for an inf/NaN one (NaN times anything, 0 included, is NaN): a non-finite
+        # loss then makes every gradient of the step NaN, and DeepSpeed's overflow check -- the global
+        # gradient norm, reduced over ranks -- skips the update on every rank. No sync, no extra collective.
+        poison = nll_sum.detach() - nll_sum.detach()
+        engine.backward(nll_sum * (scale + poison))
+        step_nll += nll_sum.detach().double()
     engine.step()
-    metrics.counts += counts[:2]
-    metrics.steps += 1
-    # A host sync, once per optimizer step (never per micro-batch); DeepSpeed's step syncs for clipping anyway.
-    return bool(counts[2])
+    applied = engine.was_step_applied()  # a host bool: DeepSpeed's step already synced for its norm
+    metrics.record_step(step_nll, counts[:2], applied)
+    if applied:
+        return StepResult(applied=True, nonfinite_loss_ranks=[])
+    # Only after a skipped step, which every rank saw: which ranks had the non-finite loss, for the log.
+    flags = torch.zeros(get_world_size(), dtype=torch.int32, device=device)
+    flags[get_rank()] = int(not torch.isfinite(step_nll).item())
+    ranks = [rank for rank, bad in enumerate(all_reduce_sum(flags).tolist()) if bad]
+    return StepResult(applied=False, nonfinite_loss_ranks=ranks)
 
 
 def evaluate_and_save(
     args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics
-) -> None:
+) -> Path:
     """Perplexity on the test set (all ranks), then an adapter checkpoint, then rotation."""
     with metrics.pause():  # keep evaluation and saving out of tokens/s
         progress.eval = {}
         if data.eval is not None:
-            result = evaluate_perplexity(engine, data.eval)
+            # On a forked RNG: creating the eval iterator draws from it, and training must not notice.
+            with torch.random.fork_rng(devices=[]):
+                result = evaluate_perplexity(engine, data.eval)
             progress.eval = result
             metrics.scalar("eval/loss", result["loss"], progress.step)
             metrics.scalar("eval/ppl", result["ppl"], progress.step)
@@ -259,8 +302,45 @@ def evaluate_and_save(
                 result["ppl"],
                 result["tokens"],
             )
-        save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
+        path = save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
         rotate_checkpoints(args.output_dir, args.save_total_limit)
+    return path
+
+
+def save_if_good(
+    args: TrainArgs,
+    engine,
+    tokenizer,
+    data: Data,
+    progress: TrainProgress,
+    metrics: Metrics,
+    guard: NonFiniteGuard,
+) -> Path | None:
+    """:func:`evaluate_and_save`, unless this step's update was skipped as non-finite (then None).
+
+    Such a checkpoint would hold an older step's adapter at a later data position; skipping it keeps the
+    newest checkpoint the last good state, the one ``--resume_from_checkpoint latest`` continues from.
+    """
+    if guard.in_a_row:
+        logger.warning("step %d: no checkpoint, the step's update was skipped as non-finite", progress.step)
+        return None
+    return evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+
+
+def diverged_message(args: TrainArgs, guard: NonFiniteGuard, step: int) -> str:
+    """Why the run stops after --max_bad_steps skipped steps, and the checkpoint to resume from."""
+    good = [p for p in list_checkpoints(args.output_dir) if checkpoint_step(p) < guard.first_bad_step]
+    resume = (
+        f"the last good checkpoint is {good[-1]}: resume from it (--resume_from_checkpoint {good[-1]})"
+        if good
+        else "there is no checkpoint before it: start again"
+    )
+    return (
+        f"step {step}: {guard.in_a_row} optimizer steps in a row (from step {guard.first_bad_step}) had a "
+        f"non-finite loss or gradient norm (--max_bad_steps {args.max_bad_steps}); their updates were skipped "
+        f"and the run stops without a new checkpoint; {resume} with a lower --learning_rate or "
+        "--max_grad_norm, and check the training data at the positions logged above"
+    )
 
 
 def train(
@@ -270,72 +350,109 @@ def train(
     _, total_steps = total_optimizer_steps(args, data)
     accumulation = args.gradient_accumulation_steps
     progress, rng_state = load_checkpoint(engine, resume) if resume else (TrainProgress(), None)
+    if rng_state is not None:
+        restore_rng_state(rng_state)  # the state the checkpoint's next step started from
     if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
-    metrics = Metrics(str(args.tensorboard_path), device, progress.step)
+    metrics = Metrics(str(args.tensorboard_path), device, progress.step, progress.skipped_steps)
+    guard = NonFiniteGuard(args.max_bad_steps, args.precision)
     progress_bar = (
         tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
         if is_main_process()
         else None
     )
     engine.train()
-    saved_at = progress.step if resume else -1
+    saved_at, saved_path = (progress.step, resume) if resume else (-1, None)
     with GracefulStop() as stop:
         while progress.step < total_steps:
             sampler = data.train.batch_sampler
             sampler.set_epoch(progress.epoch)
             sampler.skip_batches(progress.batches_in_epoch)
-            batches = iter(data.train)
-            if rng_state is not None:
-                # Restored after the iterator exists: creating it draws from the global RNG.
-                restore_rng_state(rng_state)
-                rng_state = None
+            with torch.random.fork_rng(devices=[]):  # creating the iterator draws from the RNG
+                batches = iter(data.train)
 
             while progress.step < total_steps and progress.batches_in_epoch < data.micro_batches_per_epoch:
                 # Prefetch the step's micro-batches so their learned tokens are counted before any backward.
                 n = min(accumulation, data.micro_batches_per_epoch - progress.batches_in_epoch)
                 micro_batches = list(islice(batches, n))
-                stop_requested = train_step(args, engine, micro_batches, device, metrics, stop)
+                result = train_step(args, engine, micro_batches, device, metrics, stop)
+                if result is None:  # a stop was asked for: checkpoint the last step done, then stop
+                    # Without evaluation (a preempted job may have seconds left); never a skipped step.
+                    if saved_at != progress.step and not guard.in_a_row:
+                        saved_path = save_checkpoint(
+                            engine, tokenizer, args.to_dict(), progress, args.output_dir
+                        )
+                        rotate_checkpoints(args.output_dir, args.save_total_limit)
+                    close(metrics, progress_bar)
+                    raise TrainingStopped(stop.signum, str(saved_path or "nothing"))
+                position = (
+                    f"epoch {progress.epoch + 1}, micro-batches {progress.batches_in_epoch + 1}-"
+                    f"{progress.batches_in_epoch + n} of {data.micro_batches_per_epoch}"
+                )
                 progress.step += 1
                 progress.batches_in_epoch += n
+                progress.eval = {}  # the metrics of an evaluation belong to the step it ran at
+                progress.skipped_steps += not result.applied
+                guard.record(progress.step, result.applied, result.nonfinite_loss_ranks, position)
+                if guard.exhausted:
+                    close(metrics, progress_bar)
+                    raise TrainingDiverged(diverged_message(args, guard, progress.step))
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if progress.step % args.show_loss_step == 0:
                     metrics.log(engine, progress.step, progress_bar)
                 if args.save_model_step and progress.step % args.save_model_step == 0:
-                    evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+                    saved_path = (
+                        save_if_good(args, engine, tokenizer, data, progress, metrics, guard) or saved_path
+                    )
                     saved_at = progress.step
-                if stop_requested:
-                    if saved_at != progress.step:  # no evaluation: a preempted job may have seconds left
-                        save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
-                        rotate_checkpoints(args.output_dir, args.save_total_limit)
-                    metrics.close()
-                    checkpoints = list_checkpoints(args.output_dir)
-                    raise TrainingStopped(stop.signum, str(checkpoints[-1]) if checkpoints else "nothing")
 
             if saved_at != progress.step:  # end of an epoch (or of --max_steps)
-                evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+                saved_path = (
+                    save_if_good(args, engine, tokenizer, data, progress, metrics, guard) or saved_path
+                )
                 saved_at = progress.step
             if progress.batches_in_epoch >= data.micro_batches_per_epoch:
                 progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
+    if stop.signum:
+        logger.warning("a stop signal came during the last step or the final save: the run finished anyway")
     if metrics.steps:  # the last steps, when they did not fill a --show_loss_step window
         metrics.log(engine, progress.step, progress_bar)
+    close(metrics, progress_bar)
+    return progress
+
+
+def close(metrics: Metrics, progress_bar) -> None:
+    """Flush TensorBoard and end the progress bar (rank 0 has one)."""
     if progress_bar is not None:
         progress_bar.close()
     metrics.close()
-    return progress
 
 
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
+def checked_on_rank0(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and raise its error on every rank, so that none waits in a collective."""
+    problem = None
+    if is_main_process():
+        try:
+            check()
+        except (CheckpointError, OSError) as err:  # what cli() reports as one line
+            problem = err
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise problem
+
+
 def main(argv: list[str] | None = None) -> TrainProgress:
     """Run one training job; returns where it ended (step, epoch, last eval)."""
     setup_logging(int(os.environ.get("RANK", 0)))
     register_models()
     args = setup_args(argv)
+    check_cuda_request()  # CUDA_VISIBLE_DEVICES set but no usable GPU: stop rather than train on the CPU
     device = init_distributed()
     setup_logging(get_rank())
     if not is_main_process():
@@ -353,11 +470,21 @@ def main(argv: list[str] | None = None) -> TrainProgress:
     resume = broadcast_object(
         resolve_resume_dir(args.resume_from_checkpoint, args.output_dir) if is_main_process() else None
     )
-    if resume is not None:
-        check_resume_args(resume, args.to_dict())  # before the model is loaded: a mismatch fails fast
+    if resume is not None:  # before the model is loaded: a mismatch or a full disk fails fast
+        check_resume_args(resume, args.to_dict())
+        checked_on_rank0(lambda: check_resume_base(resume, args.model_name_or_path))
+        checked_on_rank0(
+            lambda: check_free_space(args.output_dir, directory_bytes(resume), f"a checkpoint like {resume}")
+        )
     # Same seed right before the adapter is created: its initial weights do not depend on data set-up.
     set_seed(args.seed)
     engine = setup_engine(args, device, total_steps)
+    if resume is None:
+        checked_on_rank0(
+            lambda: check_free_space(
+                args.output_dir, estimated_checkpoint_bytes(engine.module), "a checkpoint"
+            )
+        )
     progress = train(args, engine, tokenizer, data, device, resume)
     if is_main_process():
         checkpoints = list_checkpoints(args.output_dir)
@@ -373,32 +500,13 @@ def main(argv: list[str] | None = None) -> TrainProgress:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry point: run :func:`main`; a user error becomes one log line and an exit status.
+    """Command-line entry point: :func:`main` under sft.cli's error handling.
 
-    Bad flags exit with 2 (as argparse does), bad data, a damaged checkpoint or an unusable path with 1,
-    each message naming the flag or file and the fix; Ctrl-C with 130 and a hint how to continue.
+    A user error (bad flags: exit status 2; bad data, a damaged checkpoint or model, an unusable path, a full
+    disk: 1) ends with one log line naming the flag or file and the fix; a SIGTERM or Ctrl-C that saved a
+    checkpoint with 128 + the signal and a hint how to continue (README.md, "When things go wrong").
     """
-    try:
-        main(argv)
-    except ArgsError as err:
-        logger.error("%s", err)
-        return 2
-    except (DataFormatError, CheckpointError, OSError) as err:
-        logger.error("%s", err)
-        logger.debug("traceback", exc_info=True)
-        destroy()
-        return 1
-    except TrainingStopped as stopped:
-        logger.warning("%s; continue with --resume_from_checkpoint latest", stopped)
-        destroy()
-        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
-    except KeyboardInterrupt:
-        logger.error(
-            "interrupted: run the same command with --resume_from_checkpoint latest to continue "
-            "from the newest complete checkpoint"
-        )
-        return 130
-    return 0
+    return run_entry_point(main, argv, logger=logger, cleanup=destroy, interrupt_hint=RESUME_HINT)
 
 
 if __name__ == "__main__":

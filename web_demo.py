@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from models import register_models
-from sft.cli import HelpFormatter, add_arguments, from_namespace, set_seed, setup_logging
+from sft.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    UserError,
+    add_arguments,
+    from_namespace,
+    run_entry_point,
+    set_seed,
+    setup_logging,
+)
 from sft.inference.chat import context_window, fit_history
 from sft.inference.generate import stream_reply
 from sft.inference.loading import ModelLoadArgs, load_from_flags
@@ -33,7 +42,7 @@ MAX_NEW_TOKENS_LIMIT = 2048  # slider maximum
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Gradio role-play chat demo (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
@@ -203,34 +212,37 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> None:
     """Load the model, build the page and serve it until interrupted."""
     args = build_parser().parse_args(argv)
     setup_logging()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
     register_models()
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
-    from sft.data.formats import DataFormatError
 
     try:
         import gradio  # noqa: F401
-    except ImportError:
-        logger.error("the web demo needs gradio: pip install -r requirements-demo.txt")
-        return 1
+    except ImportError as err:
+        raise UserError("the web demo needs gradio: pip install -r requirements-demo.txt") from err
+    profiles = load_profiles(args.desc_path)
+    system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
     try:
-        profiles = load_profiles(args.desc_path)
-        system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
         system_template.format(role="r", desc="d")
-        set_seed(args.seed)
-        loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
-    except (ValueError, KeyError, IndexError, FileNotFoundError, DataFormatError) as err:
-        logger.error("%s", err)
-        return 1
+    except (KeyError, IndexError) as err:
+        raise ValueError(
+            f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
+        ) from err
+    set_seed(args.seed)
+    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     chat = RolePlayChat(loaded.model, loaded.tokenizer, loaded.template, profiles, system_template)
     demo = build_demo(chat, title="Role-play chat")
     logger.info("serving on http://%s:%d", args.host, args.port)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (README.md, "When things go wrong")."""
+    return run_entry_point(run, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from sft.cli import ArgumentParser, UserError, run_entry_point
+
 logger = logging.getLogger(__name__)
 
 # Bump when the written directory changes, so that caches of older imports are redone.
@@ -52,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _LOADING_FLAGS = ("is_local", "local_files_only")
 
 
-class GGUFImportError(RuntimeError):
+class GGUFImportError(UserError, RuntimeError):
     """The GGUF file cannot be imported, or the imported directory does not match it."""
 
 
@@ -271,14 +273,8 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m models.gguf_import",
-        description="Import a GGUF file into a transformers model directory (safetensors, config, tokenizer "
-        "with its chat template, generation config).",
-    )
-    parser.add_argument("gguf", type=Path, help="The .gguf file to import.")
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--dtype`` and ``--force``: how an import is written (this CLI and ``models.smollm2``'s)."""
     parser.add_argument("--out", required=True, type=Path, help="Model directory to write.")
     parser.add_argument(
         "--dtype",
@@ -289,15 +285,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="Replace --out even if it is not a previous import."
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = import_gguf(args.gguf, args.out, dtype=args.dtype, force=args.force)
-    except (OSError, ValueError, GGUFImportError) as err:
-        logger.error("%s", err)
-        return 1
-    print(out)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (one line per failure, as every script here)."""
+    parser = ArgumentParser(
+        prog="python -m models.gguf_import",
+        description="Import a GGUF file into a transformers model directory (safetensors, config, tokenizer "
+        "with its chat template, generation config).",
+    )
+    parser.add_argument("gguf", type=Path, help="The .gguf file to import.")
+    add_output_flags(parser)
+
+    def run(args: list[str]) -> None:
+        flags = parser.parse_args(args)
+        print(import_gguf(flags.gguf, flags.out, dtype=flags.dtype, force=flags.force))
+
+    return run_entry_point(run, None if argv is None else list(argv), logger=logger)
 
 
 if __name__ == "__main__":

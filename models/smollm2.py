@@ -14,14 +14,14 @@ CLI:  python -m models.smollm2 --out DIR [--dtype float32|bfloat16|float16] [--f
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.gguf_import import DTYPES, GGUFImportError, import_gguf
+from models.gguf_import import add_output_flags, import_gguf
+from sft.cli import ArgumentParser, run_entry_point
 
 logger = logging.getLogger(__name__)
 
@@ -69,31 +69,19 @@ def import_smollm2(out_dir: str | os.PathLike, *, dtype: str = "float32", force:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    """CLI entry point; returns the exit status (one line per failure, as every script here)."""
+    parser = ArgumentParser(
         prog="python -m models.smollm2",
         description=f"Write SmolLM2-135M-Instruct (from the {DISTRIBUTION} package's GGUF file) as a transformers "
         "model directory.",
     )
-    parser.add_argument("--out", required=True, type=Path, help="Model directory to write.")
-    parser.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default="float32",
-        help="dtype of the saved weights; float32 reproduces the GGUF model exactly (default: float32).",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="Replace --out even if it is not a previous import."
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = import_smollm2(args.out, dtype=args.dtype, force=args.force)
-    except (OSError, ValueError, GGUFImportError) as err:
-        logger.error("%s", err)
-        return 1
-    print(out)
-    return 0
+    add_output_flags(parser)
+
+    def run(args: list[str]) -> None:
+        flags = parser.parse_args(args)
+        print(import_smollm2(flags.out, dtype=flags.dtype, force=flags.force))
+
+    return run_entry_point(run, None if argv is None else list(argv), logger=logger)
 
 
 if __name__ == "__main__":

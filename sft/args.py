@@ -23,7 +23,9 @@ from typing import Any
 from sft.checkpoint import resume_dir_problem
 from sft.cli import ArgsError, HelpFormatter, add_arguments, flag, output_path_problem, require_local_dir
 from sft.data.templates import LOSS_PLACEMENTS, TEMPLATE_NAMES
-from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path
+from sft.ds_config import DEFAULT_DS_CONFIG, build_ds_config, ds_config_path, zero_stage
+from sft.kernels import liger_problem
+from sft.lora_variants import LORA_INITS, changes_base_weights
 from sft.modeling import PRECISIONS, QUANTIZATIONS
 
 PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -61,6 +63,15 @@ class ModelArgs:
     gradient_checkpointing: bool = flag(
         False, "Recompute activations in the backward pass: much less memory, ~30% slower."
     )
+    liger: bool = flag(
+        False,
+        "Experimental: Liger Kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA GPU, "
+        "pip install liger-kernel); Llama-family models and Baichuan2.",
+    )
+    torch_compile: bool = flag(
+        False,
+        "Experimental: torch.compile each decoder layer (first steps slower while it compiles); not with ZeRO-3.",
+    )
 
 
 @dataclass
@@ -78,6 +89,24 @@ class AdapterArgs:
         "Llama: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).",
     )
     num_virtual_tokens: int = flag(20, "Virtual tokens for --peft prompt_tuning / p_tuning / prefix_tuning.")
+    use_dora: bool = flag(
+        False,
+        "DoRA: LoRA on the direction of each weight plus a trained magnitude vector per output row "
+        "(peft use_dora; each forward also reads the whole base weight for its norm: slower steps).",
+    )
+    use_rslora: bool = flag(
+        False, "rsLoRA: scale the update by lora_alpha / sqrt(lora_dim) instead of lora_alpha / lora_dim."
+    )
+    lora_init: str = flag(
+        "default",
+        "LoRA initialisation: default (B=0), gaussian (A ~ N(0, 1/r), B=0), pissa (principal singular "
+        "components of W, subtracted from the base) or olora (QR of W, subtracted from the base); pissa and "
+        "olora need --quantization none and are saved as plain LoRA relative to the original base.",
+        choices=LORA_INITS,
+    )
+    pissa_niter: int = flag(
+        16, "--lora_init pissa: iterations of the randomised SVD (peft pissa_niter_N); 0 = exact SVD (slow)."
+    )
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -135,7 +164,22 @@ class OptimArgs:
         0.03, "Fraction of the optimizer steps spent warming the learning rate up from 0."
     )
     lr_scheduler: str = flag("cosine", "Learning-rate schedule after warm-up.", choices=LR_SCHEDULERS)
+    loraplus_lr_ratio: float = flag(
+        0.0,
+        "LoRA+: train the LoRA B matrices at --learning_rate times this ratio (the paper suggests 16); "
+        "0 = off.",
+    )
+    neftune_alpha: float = flag(
+        0.0,
+        "NEFTune: add uniform noise scaled by alpha / sqrt(seq_len * hidden) to the input embeddings "
+        "while training (the paper uses 5-15); 0 = off.",
+    )
     seed: int = flag(1234, "Random seed (data order, adapter initialisation, dropout).")
+    max_bad_steps: int = flag(
+        10,
+        "Stop after this many optimizer steps in a row with a non-finite loss or gradient norm (each one's "
+        "update is skipped on every rank); 0 = never stop.",
+    )
 
 
 @dataclass
@@ -192,9 +236,9 @@ class TrainArgs(OutputArgs, DistributedArgs, OptimArgs, DataArgs, AdapterArgs, M
 
 def build_parser() -> Any:
     """argparse parser generated from :class:`TrainArgs`: one flag per field, one section per group."""
-    import argparse
+    from sft.cli import ArgumentParser  # one-line errors for bad flags (exit status 2)
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="QLoRA/LoRA supervised fine-tuning under DeepSpeed (see docs/TRAINING.md).",
         formatter_class=HelpFormatter,
     )
@@ -264,6 +308,10 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         problems.append(
             f"--save_model_step={args.save_model_step} must be >= 0 (0 = save at epoch ends only)"
         )
+    if args.max_bad_steps < 0:
+        problems.append(
+            f"--max_bad_steps={args.max_bad_steps} must be >= 0 (0 = never stop on non-finite steps)"
+        )
     if args.save_total_limit < 0:
         problems.append(f"--save_total_limit={args.save_total_limit} must be >= 0 (0 = keep all checkpoints)")
     if args.learning_rate <= 0:
@@ -290,6 +338,8 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         problems.append(
             "--no-double_quant only applies to 4-bit bases: drop it or pass --quantization nf4/fp4"
         )
+    if args.liger and liger_problem(cuda_available):
+        problems.append(liger_problem(cuda_available))
     if args.attn_implementation == "flash_attention_2" and not cuda_available:
         problems.append("--attn_implementation flash_attention_2 needs a GPU: use sdpa or eager")
     if args.attn_implementation == "flash_attention_2" and args.precision == "fp32":
@@ -326,12 +376,18 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
         if problem:
             problems.append(problem)
 
+    stage = None  # the ZeRO stage, once the DeepSpeed config is known to be usable
     if not ds_config_path(args.ds_config).is_file():
         problems.append(f"--ds_config={args.ds_config} does not exist: pass one of ds_configs/*.json")
     else:
         try:
             # Launchers set WORLD_SIZE before we start: an explicit train_batch_size is checked against it.
-            build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            stage = zero_stage(build_ds_config(args, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+            if args.torch_compile and stage == 3:
+                problems.append(
+                    "--torch_compile cannot be combined with ZeRO-3 (its parameter gathering hooks break the "
+                    "compiled graphs): use ds_configs/zero2.json or drop --torch_compile"
+                )
         except ArgsError as err:
             problems.extend(err.problems)
         except json.JSONDecodeError as err:
@@ -343,8 +399,59 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
                 f"--ds_config={args.ds_config} is not UTF-8 text ({err.reason}): pass a JSON file"
             )
 
+    problems.extend(lora_variant_problems(args, cuda_available=cuda_available, stage=stage))
+
     if problems:
         raise ArgsError(problems)
+
+
+def lora_variant_problems(args: TrainArgs, *, cuda_available: bool, stage: int | None) -> list[str]:
+    """The checks of the LoRA-variant and NEFTune flags (part of :func:`validate_args`).
+
+    Args:
+        args: the parsed arguments.
+        cuda_available: whether training runs on GPUs.
+        stage: the ZeRO stage of ``--ds_config`` (None when the config is unusable).
+    """
+    problems: list[str] = []
+    if args.peft != "lora":
+        lora_only = [
+            name
+            for name, is_set in (
+                ("--use_dora", args.use_dora),
+                ("--use_rslora", args.use_rslora),
+                (f"--lora_init {args.lora_init}", args.lora_init != "default"),
+                (f"--loraplus_lr_ratio {args.loraplus_lr_ratio}", args.loraplus_lr_ratio != 0),
+            )
+            if is_set
+        ]
+        if lora_only:
+            problems.append(
+                f"{', '.join(lora_only)} only apply to --peft lora (got --peft {args.peft}): drop them"
+            )
+    if changes_base_weights(args.lora_init) and args.quantization != "none":
+        problems.append(
+            f"--lora_init {args.lora_init} cannot train on a --quantization {args.quantization} base: it subtracts "
+            "the initial adapter from the base weights, and a quantised base would have to be quantised again "
+            "after that (peft refuses PiSSA on bitsandbytes weights; for OLoRA it re-quantises, so the trained "
+            "model differs from the original base + adapter by a whole quantisation error that no merge or "
+            "inference can reproduce); pass --quantization none, or --lora_init default/gaussian for QLoRA"
+        )
+    four_bit = args.quantization in ("nf4", "fp4")
+    if args.use_dora and four_bit and stage == 3 and not cuda_available:
+        problems.append(
+            "--use_dora with a 4-bit base under ZeRO-3 does not run on the CPU: peft's CPU dequantisation for "
+            "DoRA replaces the weight object that ZeRO-3 partitions; use ds_configs/zero2.json, or a GPU"
+        )
+    if args.loraplus_lr_ratio < 0:
+        problems.append(
+            f"--loraplus_lr_ratio={args.loraplus_lr_ratio} must be >= 0 (0 = off; LoRA+ uses ~16)"
+        )
+    if args.neftune_alpha < 0:
+        problems.append(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off; NEFTune uses 5-15)")
+    if args.pissa_niter < 0:
+        problems.append(f"--pissa_niter={args.pissa_niter} must be >= 0 (0 = exact SVD)")
+    return problems
 
 
 if __name__ == "__main__":

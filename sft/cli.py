@@ -8,20 +8,28 @@ argparse flags of the same names, one argparse group per dataclass a field was d
 ``train.py`` (all of ``TrainArgs``), ``evaluate.py ppl`` (the data settings, with defaults read from a
 checkpoint) and ``predict.py`` / ``web_demo.py`` / ``data_helper.py synthesize`` (model loading and
 generation settings), and ``--help`` and docs/TRAINING.md's flag tables come from the same help texts.
+
+:func:`run_entry_point` is every script's error handling: a failure the user can fix ends the run with one
+log line naming the file, line or flag and the fix, and one of the exit statuses ``EXIT_*`` below; the
+traceback only with ``--debug`` (or, for an unexpected error, in a file the line names).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import logging
 import os
 import random
 import sys
+import tempfile
+import time
+import traceback
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,27 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REQUIRED: Any = dataclasses.MISSING  # flag(REQUIRED, ...): a flag the user must give
 
 
+# The exit statuses of every script (README.md, "When things go wrong").
+EXIT_ERROR = 1  # a problem the user can fix: a file, the data, a path, the disk, the hardware
+EXIT_USAGE = 2  # the command line itself is wrong (as argparse does)
+EXIT_INTERNAL = 70  # an unexpected error, i.e. a bug (EX_SOFTWARE of sysexits.h)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+DEBUG_FLAG = "--debug"
+
+
 class ArgsError(ValueError):
     """Raised with every problem found in the arguments, one per line (exit status 2)."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+class UserError(Exception):
+    """A failure the user can fix (a damaged file, a busy output directory, ...): the message is one line
+    naming the file or flag and the fix; the script exits with :attr:`exit_status`, no traceback."""
+
+    exit_status = EXIT_ERROR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +75,34 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default == "":
             return action.help
         return super()._get_help_string(action)
+
+
+class _DebugFlag(argparse.Action):
+    """``--debug`` in ``--help``; :func:`run_entry_point` takes it off the command line before parsing, so it
+    never reaches a namespace (nor the argument dataclasses)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *args: Any) -> None:
+        pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' argparse: a bad flag or value raises :class:`ArgsError` (one log line, exit status 2)
+    instead of printing the whole usage, and ``--help`` lists ``--debug``. Sub-parsers inherit both."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            self.add_argument(
+                DEBUG_FLAG,
+                nargs=0,
+                action=_DebugFlag,
+                default=argparse.SUPPRESS,
+                help="On an error, also print the traceback.",
+            )
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Called by argparse for an unknown flag, a bad value or a missing required flag."""
+        raise ArgsError([f"{message} (see --help)"])
 
 
 def flag(
@@ -293,3 +344,112 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points: one line per failure, documented exit statuses
+# ---------------------------------------------------------------------------------------------
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its type name when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: the file it concerns and, for a full disk, the fix."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"no space left on the device{where}: free some space, or write to another disk"
+    return one_line(err)
+
+
+def describe_failure(err: BaseException) -> tuple[int, str]:
+    """The exit status and the one-line message for an exception that ended a script.
+
+    Errors the user can fix -- bad flags (:class:`ArgsError`), bad data and refused inputs (ValueError), files,
+    paths and disks (OSError), a missing package (ImportError), :class:`UserError` -- name what to change. Any
+    other exception is a bug: :data:`EXIT_INTERNAL`.
+    """
+    if isinstance(err, ArgsError):
+        return EXIT_USAGE, "invalid arguments: " + "; ".join(" ".join(p.split()) for p in err.problems)
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
+    status = getattr(err, "exit_status", None)
+    if isinstance(status, int):
+        return status, one_line(err)
+    if isinstance(err, OSError):
+        return EXIT_ERROR, describe_os_error(err)
+    if isinstance(err, torch.OutOfMemoryError):
+        return EXIT_ERROR, (
+            f"out of memory on the GPU ({one_line(err).split('. ')[0]}): lower the batch size, load the base in "
+            "4 bits (--quantization nf4) or, when training, add --gradient_checkpointing"
+        )
+    if isinstance(err, ImportError):
+        missing = f"the Python package {err.name!r} is missing" if err.name else one_line(err)
+        return EXIT_ERROR, (
+            f"{missing}: install the requirements (pip install -r requirements.txt; the web demo also needs "
+            "requirements-demo.txt)"
+        )
+    if isinstance(err, ValueError):
+        return EXIT_ERROR, one_line(err)
+    return EXIT_INTERNAL, f"unexpected error (a bug; please report it): {type(err).__name__}: {one_line(err)}"
+
+
+def _save_traceback(err: BaseException, name: str) -> Path | None:
+    """Write the traceback of ``err`` to a file in the temp directory; None when that fails too."""
+    path = Path(tempfile.gettempdir()) / f"{name}-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.write_text("".join(traceback.format_exception(err)), encoding="utf-8")
+    except OSError:
+        return None
+    return path
+
+
+def run_entry_point(
+    main: Callable[[list[str]], object],
+    argv: list[str] | None = None,
+    *,
+    logger: logging.Logger,
+    cleanup: Callable[[], None] | None = None,
+    interrupt_hint: str = "",
+) -> int:
+    """Run a script's ``main(argv)`` and turn how it ended into an exit status.
+
+    ``--debug`` is taken off the command line first (every script accepts it). A failure ends with one log
+    line, the last on stderr, naming the file, line or flag and the fix (:func:`describe_failure`), and its
+    exit status; with ``--debug`` the traceback is logged before it. An unexpected error (a bug) writes its
+    traceback to a file the line names. ``--help`` (SystemExit) passes through.
+
+    Args:
+        main: the script's work; an int it returns is the exit status, anything else means 0.
+        argv: the command line without the program name (default: ``sys.argv[1:]``).
+        logger: the script's logger (the error line carries its name).
+        cleanup: called after a failure, before returning (e.g. leave the process group).
+        interrupt_hint: appended to the Ctrl-C message (how to continue).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    setup_logging(int(os.environ.get("RANK", 0)))
+    try:
+        result = main(args)
+    except SystemExit:
+        raise
+    except BaseException as err:  # every way a script can end badly, Ctrl-C included: one line each
+        status, message = describe_failure(err)
+        if isinstance(err, KeyboardInterrupt) and interrupt_hint:
+            message += f": {interrupt_hint}"
+        if debug:
+            logger.error("traceback (--debug):", exc_info=err)
+        elif status == EXIT_INTERNAL:
+            saved = _save_traceback(err, logger.name)
+            if saved is None:
+                logger.error("traceback:", exc_info=err)
+            else:
+                message += f"; the traceback is in {saved} (or rerun with --debug)"
+        if cleanup is not None:
+            cleanup()
+        logger.log(logging.WARNING if status >= 128 else logging.ERROR, "%s", message)
+        return status
+    return result if isinstance(result, int) else 0

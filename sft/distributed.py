@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sft.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 _DEVICE: torch.device | None = None
@@ -41,6 +43,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class DeviceError(UserError, RuntimeError):
+    """The devices asked for cannot be used; the message names the setting and the fix."""
+
+
+def check_cuda_request() -> None:
+    """Refuse to fall back to the CPU silently when ``CUDA_VISIBLE_DEVICES`` asks for GPUs none of which works.
+
+    Without a usable GPU the run would go on on the CPU, hours where minutes were expected. An unset or
+    empty ``CUDA_VISIBLE_DEVICES`` (or ``-1``) asks for the CPU. The deepspeed launcher sets the variable
+    itself for every rank (also on CPU-only machines, where its ids name CPU sockets), so a rank it
+    started is not checked.
+    """
+    requested = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if requested in ("", "-1") or "CROSS_RANK" in os.environ or torch.cuda.is_available():
+        return
+    why = (
+        f"this PyTorch ({torch.__version__}) was built without CUDA"
+        if torch.version.cuda is None
+        else f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check the driver"
+    )
+    raise DeviceError(
+        f"CUDA_VISIBLE_DEVICES={requested} asks for GPU(s), but {why}; training would fall back to the CPU. "
+        "Fix the GPU set-up, or unset CUDA_VISIBLE_DEVICES (or set it empty) to train on the CPU on purpose"
+    )
+
+
 def launched_by_launcher() -> bool:
     """True when a launcher (deepspeed, torchrun) started this process and set the rank variables."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -49,7 +77,7 @@ def launched_by_launcher() -> bool:
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
     """Join (or create) the process group and return this process's device.
 
-    Idempotent: a second call returns the device chosen by the first.
+    Idempotent: a second call returns the device chosen by the first (after :func:`destroy`, it joins anew).
 
     Args:
         timeout_minutes: collective timeout; a rank that waits longer raises instead of hanging forever.
@@ -58,7 +86,7 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         ``cuda:LOCAL_RANK`` when CUDA is available (and DeepSpeed's accelerator is CUDA), else ``cpu``.
     """
     global _DEVICE
-    if _DEVICE is not None:
+    if _DEVICE is not None and dist.is_initialized():
         return _DEVICE
 
     if not launched_by_launcher():
@@ -181,6 +209,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 
 def destroy() -> None:
-    """Leave the process group at the end of training so the launcher sees a clean exit."""
+    """Leave the process group at the end of training so the launcher sees a clean exit.
+
+    Through DeepSpeed, which then drops the groups it cached: a later :func:`init_distributed` in the same
+    process (a second run from Python, the tests) starts clean.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()

@@ -146,12 +146,36 @@ def build_ds_config(args: TrainArgs, world_size: int) -> dict[str, Any]:
             "remove the section from the config"
         )
 
+    if args.max_bad_steps > 0:
+        problems.extend(_nonfinite_skip_problems(config, args, name))
+
     leftover = _find_auto(config)
     if leftover:
         problems.append(f"{name}: no flag fills {', '.join(leftover)}; write explicit values there")
     if problems:
         raise ArgsError(problems)
     return config
+
+
+def _nonfinite_skip_problems(config: dict[str, Any], args: TrainArgs, name: str) -> list[str]:
+    """Settings under which DeepSpeed applies an update whose gradient norm is inf/NaN (so --max_bad_steps'
+    guard, which relies on DeepSpeed's skip, would not protect the adapter)."""
+    fix = "or pass --max_bad_steps 0 to train without the non-finite guard"
+    zero = config.get("zero_optimization", {})
+    problems = []
+    if zero.get("stage", 0) == 0 and args.precision != "fp16":
+        problems.append(
+            f"{name}: ZeRO stage 0 applies non-finite updates in {args.precision}: use a ZeRO stage 1-3 config {fix}"
+        )
+    if args.precision == "bf16" and config.get("bf16", {}).get("check_grad_overflow") is False:
+        problems.append(
+            f"{name}: bf16.check_grad_overflow=false lets non-finite updates through: remove it {fix}"
+        )
+    if args.precision == "fp32" and zero.get("compute_grad_norm") is False:
+        problems.append(
+            f"{name}: zero_optimization.compute_grad_norm=false lets non-finite updates through in fp32: remove it {fix}"
+        )
+    return problems
 
 
 def _find_auto(node: Any, prefix: str = "") -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sft.cli import UserError
+
 
 class ExportRefused(ValueError):
     """The model cannot be exported faithfully (architecture, position scheme, tokenizer, flags); nothing written.
@@ -10,7 +12,7 @@ class ExportRefused(ValueError):
     """
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(UserError, RuntimeError):
     """The written file, read back by an independent reader, does not agree with the source model.
 
     The temporary file is removed; nothing is left at the output path.

@@ -11,8 +11,10 @@ that. ``merge_into="original"`` merges into the unquantised weights instead.
 Every merge is checked: on a few probe inputs the merged model's logits must equal the logits of
 base + adapter (the base as the merge target sees it: the real 4-bit model for a 4-bit adapter) up
 to a tolerance, and the saved directory must reload to the same logits. The directory is written
-to a temporary sibling and renamed into place only after both checks pass, so a failed merge
-leaves nothing behind.
+to a temporary sibling and swapped in for the output only after both checks pass
+(:func:`sft.atomic.replacing_dir`): a failed merge leaves nothing behind, and a merge killed at any
+instant leaves the previous model at the output, complete; the next merge to the same output deletes
+what a killed one left.
 
 :func:`merge_lora` runs the steps in order: :func:`plan_merge` (every refusal, before any weight is
 loaded), :func:`load_merge_target` (the fp32 base with the adapter, and the reference logits), the
@@ -21,6 +23,7 @@ merge and its check, then :func:`save_verified`.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -32,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sft.atomic import replacing_dir, restore_default_modes
 from sft.checkpoint import AdapterInfo, check_adapter_fits_base, read_adapter, training_quantization
-from sft.cli import output_path_problem
-from sft.file_modes import restore_default_modes
+from sft.cli import UserError, output_path_problem
 from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -72,7 +75,7 @@ class MergeReport:
         return asdict(self)
 
 
-class MergeCheckError(RuntimeError):
+class MergeCheckError(UserError, RuntimeError):
     """The merged model does not reproduce base+adapter (or its saved copy does not reload the same)."""
 
 
@@ -293,10 +296,12 @@ def save_merged(
     base_dir: Path,
     max_shard_size: str,
 ) -> list[str]:
-    """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``."""
+    """Write weights (sharded safetensors), config, generation_config and tokenizer files into ``out_dir``.
+
+    Every file gets the permissions of a plain new file (the umask): transformers writes the weights through
+    a private temporary file (0600), and a merged model is often loaded by another user or a serving process.
+    """
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
-    # safetensors writes 0600 files (sft/file_modes.py): let other users read them, as the JSON files.
-    restore_default_modes(out_dir)
     tokenizer.save_pretrained(str(out_dir))
     # Files the base has and the save does not write: its generation settings, and the SentencePiece model that
     # transformers' fast tokenizers do not save (llama.cpp's GGUF export needs it; the vocabulary never changes).
@@ -304,14 +309,8 @@ def save_merged(
         if (base_dir / name).is_file() and not (out_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
     _copy_remote_code(base_dir, out_dir, model.config)
+    restore_default_modes(out_dir)
     return sorted(p.name for p in out_dir.iterdir())
-
-
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished temporary directory to ``out_dir`` (replacing it when --overwrite allowed it)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
 
 
 def round_to(model: nn.Module, dtype: torch.dtype) -> None:
@@ -331,39 +330,37 @@ def save_verified(
     tokenizer: PreTrainedTokenizerBase,
     plan: MergePlan,
     probes: list[list[int]],
+    staging: Path,
     *,
     dtype: torch.dtype,
     device: torch.device,
     max_shard_size: str,
     tolerance: float,
 ) -> tuple[list[str], float]:
-    """Save ``merged`` (already rounded to ``dtype``) to a temporary sibling of the output, reload it, check
-    its logits and rename it into place. Returns the files written and the reload difference."""
+    """Save ``merged`` (already rounded to ``dtype``) into ``staging``, reload it and check its logits.
+    Returns the files written and the reload difference; raises :class:`MergeCheckError` when they differ."""
     expected = probe_logits(merged, probes)
     merged = merged.to(dtype)
-    out_dir = plan.out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
     try:
-        files = save_merged(merged, tokenizer, tmp_dir, base_dir=plan.base_dir, max_shard_size=max_shard_size)
-        del merged
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # make room for the reloaded copy
-        reloaded = load_base_model(tmp_dir, "none", torch.float32, device_map={"": device}).eval()
-        saved_diff = max_abs_diff(probe_logits(reloaded, probes), expected)
-        del reloaded
-        logger.info("save check: max |reloaded - merged| logits = %.3g", saved_diff)
-        if not saved_diff <= tolerance:
-            raise MergeCheckError(
-                f"the saved model reloads with logits {saved_diff:.3g} away from the merged model: nothing written"
-            )
-        _replace_dir(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
+        files = save_merged(merged, tokenizer, staging, base_dir=plan.base_dir, max_shard_size=max_shard_size)
+    except Exception as err:
+        # A full disk, reported by the safetensors writer (Rust) as its own error type with the errno in its text.
+        if isinstance(err, OSError) or f"os error {errno.ENOSPC}" in str(err) or "No space left" in str(err):
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(plan.out_dir)) from err
+        raise
+    del merged
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # make room for the reloaded copy
+    reloaded = load_base_model(staging, "none", torch.float32, device_map={"": device}).eval()
+    saved_diff = max_abs_diff(probe_logits(reloaded, probes), expected)
+    del reloaded
+    logger.info("save check: max |reloaded - merged| logits = %.3g", saved_diff)
+    if not saved_diff <= tolerance:
+        raise MergeCheckError(
+            f"the saved model reloads with logits {saved_diff:.3g} away from the merged model: nothing written"
+        )
     return files, saved_diff
 
 
@@ -403,6 +400,8 @@ def merge_lora(
     Raises:
         FileNotFoundError / FileExistsError / ValueError: refused before anything is loaded or written.
         MergeCheckError: the merged model failed the logits check (nothing is written).
+        DirectoryBusyError: another merge is writing ``out_dir`` now.
+        OSError: e.g. a full disk while saving (``out_dir`` keeps its previous model).
     """
     device = torch.device(device)
     plan = plan_merge(
@@ -417,30 +416,34 @@ def merge_lora(
     tokenizer = load_tokenizer(plan.adapter.path if plan.adapter.has_tokenizer else plan.base_dir)
     probes = probe_ids(tokenizer)
 
-    peft_model, reference = load_merge_target(plan, probes, device)
-    merged = peft_model.merge_and_unload()
-    diff = max_abs_diff(probe_logits(merged, probes), reference)
-    described = reference_name(plan.quantization)
-    logger.info("merge check: max |merged - base+adapter| logits = %.3g (reference: %s)", diff, described)
-    if not diff <= tolerance:  # `not <=` also catches NaN
-        raise MergeCheckError(
-            f"merged logits differ from {described} by {diff:.3g} > --tolerance {tolerance}: nothing written"
-        )
+    # Taken before any weight is loaded: a second merge into the same output is refused at once, and the
+    # leftovers of killed merges are deleted before this one needs the disk space.
+    with replacing_dir(plan.out_dir) as staging:
+        peft_model, reference = load_merge_target(plan, probes, device)
+        merged = peft_model.merge_and_unload()
+        diff = max_abs_diff(probe_logits(merged, probes), reference)
+        described = reference_name(plan.quantization)
+        logger.info("merge check: max |merged - base+adapter| logits = %.3g (reference: %s)", diff, described)
+        if not diff <= tolerance:  # `not <=` also catches NaN
+            raise MergeCheckError(
+                f"merged logits differ from {described} by {diff:.3g} > --tolerance {tolerance}: nothing written"
+            )
 
-    round_to(merged, dtype)
-    rounding = max_abs_diff(probe_logits(merged, probes), reference)
-    logger.info("saving in %s moves the logits by up to %.3g", dtype, rounding)
-    del peft_model
-    files, saved_diff = save_verified(
-        merged,
-        tokenizer,
-        plan,
-        probes,
-        dtype=dtype,
-        device=device,
-        max_shard_size=max_shard_size,
-        tolerance=tolerance,
-    )
+        round_to(merged, dtype)
+        rounding = max_abs_diff(probe_logits(merged, probes), reference)
+        logger.info("saving in %s moves the logits by up to %.3g", dtype, rounding)
+        del peft_model
+        files, saved_diff = save_verified(
+            merged,
+            tokenizer,
+            plan,
+            probes,
+            staging,
+            dtype=dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            tolerance=tolerance,
+        )
     return MergeReport(
         out_dir=str(plan.out_dir),
         merge_into=merge_into,

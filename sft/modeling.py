@@ -4,8 +4,11 @@ Reusable pieces, shared by train.py, merge_params.py, predict.py, evaluate.py an
 
 - :func:`load_tokenizer` -- AutoTokenizer from a local directory, with a pad token.
 - :func:`load_base_model` -- AutoModelForCausalLM from a local directory, optionally quantised.
+  Both raise :class:`sft.model_files.ModelFileError`, one line naming the file, when a file of the
+  directory is damaged (a truncated download, a corrupt tokenizer.model).
 - :func:`find_lora_targets` -- every linear layer except the output head.
-- :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up.
+- :func:`build_peft_config` / :func:`load_model_for_training` -- the training set-up (LoRA variants from
+  :mod:`sft.lora_variants`, NEFTune from :mod:`sft.neftune`).
 - :func:`keep_4bit_weights_unpacked` -- 4-bit layers compute the same way in training, evaluation,
   inference and merge checks.
 
@@ -15,9 +18,11 @@ the entry point has called ``models.register_models()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +30,9 @@ from torch import nn
 
 from sft.attention import use_document_sdpa
 from sft.cli import ArgsError
+from sft.lora_variants import changes_base_weights, peft_init_lora_weights, remember_initial_adapter
+from sft.model_files import ModelFileError, tokenizer_files_problem, weight_files_problem
+from sft.neftune import add_neftune_hook
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -59,7 +67,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := tokenizer_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
@@ -133,7 +147,13 @@ def load_base_model(
         kwargs["quantization_config"] = bnb_config
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as err:
+        # transformers' traceback does not say which file is damaged: find it and say that instead.
+        if problem := weight_files_problem(path):
+            raise ModelFileError(problem) from err
+        raise
     logger.info(
         "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",
         path,
@@ -187,7 +207,16 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
                     f"its linear layers are {','.join(find_lora_targets(model))}"
                 ]
             )
-        logger.info("LoRA on %s (r=%d, alpha=%d)", ",".join(targets), args.lora_dim, args.lora_alpha)
+        init = peft_init_lora_weights(args.lora_init, args.pissa_niter)
+        logger.info(
+            "LoRA on %s (r=%d, alpha=%d%s%s, init=%s)",
+            ",".join(targets),
+            args.lora_dim,
+            args.lora_alpha,
+            ", DoRA" if args.use_dora else "",
+            ", rsLoRA" if args.use_rslora else "",
+            "default" if init is True else init,
+        )
         return LoraConfig(
             r=args.lora_dim,
             lora_alpha=args.lora_alpha,
@@ -195,6 +224,9 @@ def build_peft_config(args: TrainArgs, model: PreTrainedModel) -> PeftConfig:
             target_modules=targets,
             bias="none",
             task_type=TaskType.CAUSAL_LM,
+            use_dora=args.use_dora,
+            use_rslora=args.use_rslora,
+            init_lora_weights=init,
         )
     if args.peft == "prompt_tuning":
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
@@ -228,22 +260,36 @@ def load_model_for_training(
         ds_config: the filled DeepSpeed config of the run (:func:`sft.ds_config.build_ds_config`).
 
     Returns:
-        A ``PeftModel`` whose only trainable parameters are the adapter's.
+        A ``PeftModel`` whose only trainable parameters are the adapter's. With ``--lora_init pissa|olora``
+        it carries its initial adapter (:func:`sft.lora_variants.remember_initial_adapter`), with
+        ``--neftune_alpha`` a NEFTune hook on its input embeddings.
     """
-    from peft import get_peft_model
-
     from sft.ds_config import zero_stage
 
     dtype = torch_dtype(args.precision)
     quantized = args.quantization != "none"
-    four_bit = args.quantization in ("nf4", "fp4")
     zero3 = ds_config is not None and zero_stage(ds_config) == 3
-    _use_zero3_init(ds_config if zero3 and not quantized else None)
+    base_init = args.peft == "lora" and changes_base_weights(args.lora_init)
+    # PiSSA/OLoRA factorise whole weights when the adapter is created: such a base is loaded whole.
+    with _zero3_init(ds_config if zero3 and not quantized and not base_init else None):
+        return _build_model_for_training(args, device, dtype=dtype, zero3=zero3, base_init=base_init)
+
+
+def _build_model_for_training(
+    args: TrainArgs, device: torch.device, *, dtype: torch.dtype, zero3: bool, base_init: bool
+) -> PeftModel:
+    """The body of :func:`load_model_for_training` (inside ``zero.Init`` where it applies)."""
+    from peft import get_peft_model
+
+    quantized = args.quantization != "none"
+    four_bit = args.quantization in ("nf4", "fp4")
     model = load_base_model(
         args.model_name_or_path,
         args.quantization,
         dtype,
-        device_map={"": device} if quantized else None,
+        # PiSSA/OLoRA factorise every target weight where it lies: on the GPU, not the CPU (ZeRO-3 keeps
+        # the CPU, so that one rank never holds the whole model on its device).
+        device_map={"": device} if quantized or (base_init and not zero3) else None,
         attn_implementation=args.attn_implementation,
         double_quant=args.double_quant,
         quant_storage=dtype if (zero3 and four_bit) else None,
@@ -257,6 +303,13 @@ def load_model_for_training(
             sum(parameter_count(p) for p in model.parameters()),
         )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if args.liger:
+        from sft.kernels import apply_liger
+
+        try:
+            apply_liger(model)  # before peft: it patches the base model's norm, MLP and attention modules
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     # Freeze the base (peft freezes it too; explicit for prompt learning). Unlike peft's
     # prepare_model_for_kbit_training, the unquantised weights of a 4-bit base (embeddings, head, norms)
     # are not upcast to fp32: the DeepSpeed engine casts every parameter to --precision at initialize, so
@@ -274,6 +327,19 @@ def load_model_for_training(
         logger.info("attention: SDPA one document at a time (packed rows without a T x T mask)")
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
+    if base_init:
+        # Checkpoints convert the adapter to plain LoRA relative to the original base with these.
+        remember_initial_adapter(peft_model)
+    if args.neftune_alpha > 0:
+        add_neftune_hook(peft_model, args.neftune_alpha)
+        logger.info("NEFTune on the input embeddings (alpha=%g), in training mode only", args.neftune_alpha)
+    if args.torch_compile:
+        from sft.kernels import compile_decoder_layers
+
+        try:
+            compile_decoder_layers(peft_model)  # after peft: the LoRA layers are part of each compiled graph
+        except ValueError as err:
+            raise ArgsError([str(err)]) from err
     if partitioned and dtype != torch.float32:
         # DeepSpeed casts the parameters of a model that zero.Init built to the training precision only when it
         # created them; the adapter came later (peft keeps it in fp32), so it is cast here, as the engine does
@@ -287,18 +353,23 @@ def load_model_for_training(
     return peft_model
 
 
-# transformers finds the ZeRO-3 config through a weak reference (integrations.deepspeed): the object must live as
-# long as the model it partitions, i.e. the rest of the training process.
-_ZERO3_CONFIG: object | None = None
-
-
-def _use_zero3_init(ds_config: dict[str, Any] | None) -> None:
-    """Make transformers' ``from_pretrained`` build models inside ``deepspeed.zero.Init`` with ``ds_config``
-    (a ZeRO-3 config), or, with None, load them whole again."""
-    global _ZERO3_CONFIG
+@contextlib.contextmanager
+def _zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """While active, transformers' ``from_pretrained`` (and peft) build models inside ``deepspeed.zero.Init``
+    with ``ds_config`` (a ZeRO-3 config); None does nothing. transformers holds the config by a weak
+    reference: it is dropped on exit, so later loads in the process (evaluation, merge, tests) load whole
+    again. Nothing the training needs reads it after the load (transformers reads it again only to
+    synchronise ranks in ``generate``)."""
+    if ds_config is None:
+        yield
+        return
     from transformers.integrations import HfDeepSpeedConfig
 
-    _ZERO3_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config is not None else None
+    config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del config
 
 
 def is_partitioned(model: nn.Module) -> bool:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +70,29 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"real data directory {SHARED_DATA_DIR} not found")
     return SHARED_DATA_DIR
+
+
+# Multi-process tests start launchers (deepspeed, torchrun) whose ranks outlive a launcher killed by a timeout.
+# As a child subreaper (Linux), this process inherits such orphans instead of init, and ends them when the
+# session ends: a failed run never leaves ranks holding memory and ports for the next one.
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if sys.platform != "linux":
+        return
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        if parent == os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)

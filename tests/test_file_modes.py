@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 
-import models.baichuan  # noqa: F401  (Auto-class registration)
-from sft.file_modes import default_file_mode, restore_default_modes
+from sft.atomic import plain_file_mode, restore_default_modes
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def umask_022():
 
 
 def test_default_mode_follows_the_umask(umask_022, tmp_path):
-    assert default_file_mode() == 0o644
+    assert plain_file_mode() == 0o644
     weights, config = tmp_path / "a.safetensors", tmp_path / "config.json"
     for path in (weights, config):
         path.write_text("x")

@@ -140,7 +140,7 @@ def test_generation_flags_are_honoured(setup):
             "0.5",
         ]
     )
-    assert code == 1 and not (setup["root"] / "x.jsonl").exists()
+    assert code == 2 and not (setup["root"] / "x.jsonl").exists()  # a flag problem: exit status 2
 
 
 def test_chat_mode_keeps_history_and_streams(setup):
@@ -250,11 +250,12 @@ def predict_flags(setup: dict[str, Path], *flags: str, output: str = "x.jsonl") 
     ]  # fmt: skip
 
 
-def refused(main, argv: list[str], capsys) -> str:
-    """Run a script's main(), assert it refused (exit 1) before loading a model; return its stderr."""
+def refused(main, argv: list[str], capsys, status: int = 1) -> str:
+    """Run a script's main(), assert it refused (exit ``status``: 2 for flags, 1 for files) before loading a
+    model; return its stderr."""
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == status, err
     assert "ERROR" in err and "Traceback" not in err
     assert "sft.modeling: loaded" not in err  # refused before any weight was loaded
     return err
@@ -302,22 +303,22 @@ def test_bad_flags_and_output_paths_are_refused_before_loading(setup, tmp_path, 
 
     model = ["--model_path", str(setup["merged"])]
     cases = {
-        "--temperature only applies when sampling, but sampling is off (--no-do_sample)": predict_flags(
+        "--temperature only applies when sampling, but sampling is off (--no-do_sample)": (2, predict_flags(
             setup, *model, "--no-do_sample", "--temperature", "0.5"
-        ),
-        "--max_new_tokens=0 must be > 0": predict_flags(setup, *model, "--max_new_tokens", "0"),
-        f"--output_path={tmp_path} is a directory": [
+        )),
+        "--max_new_tokens=0 must be > 0": (2, predict_flags(setup, *model, "--max_new_tokens", "0")),
+        f"--output_path={tmp_path} is a directory": (1, [
             *model, "--data_path", str(setup["data"]), "--output_path", str(tmp_path),
-        ],
-        f"cannot be created: {setup['data']} is a file, not a directory": [
+        ]),
+        f"cannot be created: {setup['data']} is a file, not a directory": (1, [
             *model, "--data_path", str(setup["data"]), "--output_path", str(setup["data"] / "preds.jsonl"),
-        ],
+        ]),
     }  # fmt: skip
-    for message, argv in cases.items():
-        assert message in refused(predict.main, argv, capsys)
+    for message, (status, argv) in cases.items():
+        assert message in refused(predict.main, argv, capsys, status)
 
     ppl = ["ppl", *model, "--data_path", str(setup["data"]), "--max_src_len", "600", "--max_len", "512"]
-    err = refused(evaluate.main, ppl, capsys)
+    err = refused(evaluate.main, ppl, capsys, 2)
     assert "--max_src_len=600 must be smaller than --max_len=512" in err
 
 
@@ -361,7 +362,9 @@ def test_output_write_failure_is_one_line(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sft.data.formats, "write_jsonl_atomic", disk_full)
     code = predict.main(predict_flags(setup, "--model_path", str(setup["merged"]), "--max_new_tokens", "2"))
     err = capsys.readouterr().err
-    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+    out = setup["root"] / "x.jsonl"
+    assert code == 1 and f"no space left on the device while writing {out}: free some space" in err
+    assert "Traceback" not in err
 
 
 # ---- numerics and streaming ---------------------------------------------------------------------------

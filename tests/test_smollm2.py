@@ -185,17 +185,20 @@ def test_generation_config_ends_on_im_end(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def chat_model(smollm2_dir):
-    """(model, tokenizer, chatml template) through the framework's inference loader."""
-    from sft.data.templates import get_template
-    from sft.generation import load_for_inference
+    """(model, tokenizer, default template) through the framework's inference loader: SmolLM2's own jinja."""
+    from sft.data.templates import get_template, resolve_template_name
+    from sft.inference.loading import load_for_inference
 
     model, tokenizer = load_for_inference(smollm2_dir)
-    return model, tokenizer, get_template("chatml", tokenizer, smollm2_dir)
+    name = resolve_template_name(None, tokenizer, model.config.model_type)
+    assert name == "tokenizer"  # a llama model that chats in its own ChatML, not in Llama-2's format
+    return model, tokenizer, get_template(name, tokenizer, smollm2_dir)
 
 
 def test_greedy_answers_factual_questions(chat_model):
-    """The framework's chatml prompts and batched (left-padded) greedy generation on the real model."""
-    from sft.generation import build_generation_config, generate_batch
+    """The model's own chat template and batched (left-padded) greedy generation on the real model."""
+    from sft.inference.generate import generate_batch
+    from sft.inference.settings import GenerationArgs, build_generation_config
 
     model, tokenizer, template = chat_model
     prompts = [
@@ -210,7 +213,7 @@ def test_greedy_answers_factual_questions(chat_model):
         ),
     ]
     assert len(prompts[0]) != len(prompts[1])  # one row is left-padded
-    config = build_generation_config(model, tokenizer, max_new_tokens=16, do_sample=False)
+    config = build_generation_config(model, tokenizer, GenerationArgs(max_new_tokens=16, do_sample=False))
     answers = generate_batch(model, tokenizer, prompts, config, batch_size=2)
     assert "Paris" in answers[0], answers
     assert "Berlin" in answers[1], answers
@@ -218,7 +221,7 @@ def test_greedy_answers_factual_questions(chat_model):
 
 def test_web_demo_streams_the_batch_answer(chat_model):
     """web_demo's RolePlayChat: the role's system prompt, a streamed greedy reply equal to generate_batch's."""
-    from sft.generation import generate_batch
+    from sft.inference.generate import generate_batch
     from web_demo import RolePlayChat
 
     model, tokenizer, template = chat_model
@@ -265,7 +268,7 @@ def test_lora_training_lowers_heldout_loss(smollm2_dir, shared_data_dir, tmp_pat
     (tmp_path / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
     (tmp_path / "test.jsonl").write_text("\n".join(held_out) + "\n", encoding="utf-8")
 
-    data_flags = ["--template", "chatml", "--max_len", "512", "--max_src_len", "448"]
+    data_flags = ["--max_len", "512", "--max_src_len", "448"]  # the default template: the model's own
     before_json = tmp_path / "before.json"
     code = evaluate.main(
         [

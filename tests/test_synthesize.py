@@ -234,36 +234,44 @@ def synthesize_argv(model_dir: Path, input_path: Path, output: Path, *flags: str
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "flags", "message"),
+    ("name", "content", "flags", "message", "status"),
     [
-        ("missing.txt", None, [], "file not found: {path}"),
-        ("empty.txt", b"\n  \n", [], "{path}: file is empty"),
-        ("empty.jsonl", b"", [], "{path}: file is empty"),
-        ("latin1.txt", "ok\ncaf\u00e9\n".encode("latin-1"), [], "{path}:2: not UTF-8 text (byte 0xe9"),
+        ("missing.txt", None, [], "file not found: {path}", 1),
+        ("empty.txt", b"\n  \n", [], "{path}: file is empty", 1),
+        ("empty.jsonl", b"", [], "{path}: file is empty", 1),
+        ("latin1.txt", "ok\ncaf\u00e9\n".encode("latin-1"), [], "{path}:2: not UTF-8 text (byte 0xe9", 1),
         (
             "nofield.jsonl",
             b'{"text": "a"}\n{"body": "b"}\n',
             [],
             "{path}:2: no field 'text' (keys: ['body'])",
+            1,
         ),
-        ("nostr.jsonl", b'{"text": 3}\n', [], "{path}:1: field 'text' must be a string, got int"),
-        ("list.jsonl", b'{"text": "a"}\n["b"]\n', [], "{path}:2: expected a JSON object with a 'text' field"),
-        ("broken.jsonl", b'{"text": "a"}\n{"text": \n', [], "{path}:2: invalid JSON"),
-        ("texts.csv", b"a,b\n", [], "--input={path}: unknown kind '.csv'"),
-        ("texts.txt", b"a\n", ["--text_field", "body"], "--text_field=body applies to JSONL input only"),
-        ("texts.txt", b"a\n", ["--near_dup_threshold", "0"], "--near_dup_threshold=0.0 must be in (0, 1]"),
-        ("texts.txt", b"a\n", ["--max_src_len", "0"], "--max_src_len=0 must be >= 1"),
-        ("texts.txt", b"a\n", ["--no-do_sample", "--top_k", "3"], "--top_k only applies when sampling"),
+        ("nostr.jsonl", b'{"text": 3}\n', [], "{path}:1: field 'text' must be a string, got int", 1),
+        (
+            "list.jsonl",
+            b'{"text": "a"}\n["b"]\n',
+            [],
+            "{path}:2: expected a JSON object with a 'text' field",
+            1,
+        ),
+        ("broken.jsonl", b'{"text": "a"}\n{"text": \n', [], "{path}:2: invalid JSON", 1),
+        ("texts.csv", b"a,b\n", [], "--input={path}: unknown kind '.csv'", 1),
+        ("texts.txt", b"a\n", ["--text_field", "body"], "--text_field=body applies to JSONL input only", 1),
+        ("texts.txt", b"a\n", ["--near_dup_threshold", "0"], "--near_dup_threshold=0.0 must be in (0, 1]", 2),
+        ("texts.txt", b"a\n", ["--max_src_len", "0"], "--max_src_len=0 must be >= 1", 2),
+        ("texts.txt", b"a\n", ["--no-do_sample", "--top_k", "3"], "--top_k only applies when sampling", 2),
     ],
 )
-def test_bad_input_is_one_line_and_exit_1(tiny_baichuan_dir, tmp_path, capsys, name, content, flags, message):
+def test_bad_input_is_one_line(tiny_baichuan_dir, tmp_path, capsys, name, content, flags, message, status):
+    """Bad input exits 1, a bad flag 2 (README: "When things go wrong"), each with one line."""
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
     output = tmp_path / "out" / "alpaca.jsonl"
     code = data_helper.main(synthesize_argv(tiny_baichuan_dir, path, output, *flags))
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == status, err
     errors = [line for line in err.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "Traceback" not in err
     assert message.format(path=path) in errors[0]

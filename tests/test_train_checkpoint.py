@@ -96,3 +96,20 @@ def test_resume_with_other_adapter_flags_is_refused_before_loading(tmp_path, cap
     with caplog.at_level("WARNING", logger="sft.checkpoint"):
         check_resume_args(ckpt, {**saved, "seed": 7})
     assert "--seed 1234 there, 7 now" in caplog.text
+
+
+def test_latest_skips_a_checkpoint_whose_state_is_unreadable(tmp_path):
+    older = _fake(tmp_path, 0, 5, 9.0)
+    newest = _fake(tmp_path, 0, 10, 3.0)
+    (newest / "trainer_state.json").write_text('{"step": 10, "epo')  # a copy cut short
+    assert resolve_resume_dir("latest", tmp_path) == older  # the newest complete one before it
+    (older / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* has a readable trainer_state.json"):
+        resolve_resume_dir("latest", tmp_path)
+
+
+def test_a_nan_evaluation_is_never_the_best_checkpoint(tmp_path):
+    _fake(tmp_path, 0, 5, float("nan"))  # json writes NaN, and reads it back; NaN < x is always False
+    best = _fake(tmp_path, 0, 10, 9.0)
+    _fake(tmp_path, 0, 15, 12.0)
+    assert best_checkpoint(tmp_path) == best

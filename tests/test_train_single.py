@@ -104,8 +104,8 @@ def run(
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # what an in-process run of train.py in this session may have left set
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(
@@ -375,49 +375,6 @@ def test_resume_from_a_damaged_checkpoint_names_the_older_one(single_run):
     assert f"checkpoint {out / 'epoch-2-step-12'}: training_state/ cannot be loaded" in proc.stderr
     assert f"--resume_from_checkpoint {out / 'epoch-2-step-8'}" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_baichuan_dir: Path, tmp_path: Path):
-    """A scheduler's SIGTERM mid-run: train.py finishes the step, saves a checkpoint, exits 143; resuming
-    from `latest` continues from that step."""
-    import signal
-    import time
-
-    data_dir = tmp_path / "data"
-    write_overfit_data(data_dir)
-    output = tmp_path / "out"
-    flags = ["--precision", "fp32", "--quantization", "none", "--save_model_step", "0"]
-    command = [
-        sys.executable,
-        *train_command(tiny_baichuan_dir, data_dir, output, *flags, "--max_steps", "500"),
-    ]
-    log = tmp_path / "train.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as sink:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while " 3/500 " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # wait until the loop has taken a few steps
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
-
-    text = log.read_text()
-    assert "SIGTERM received: saving a checkpoint after this step" in text
-    assert "Traceback" not in text
-    from sft.checkpoint import list_checkpoints
-
-    saved = list_checkpoints(output)[-1]  # epoch ends saved too; the stop saved the newest
-    assert f"stopped by SIGTERM after saving {saved}" in text
-    stopped_at = checkpoint_state(saved)["step"]
-    assert 3 <= stopped_at < 500
-    assert (saved / "adapter_model.safetensors").is_file()
-
-    resumed = [*command[:-2], "--max_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"]
-    run(resumed)
-    assert checkpoint_state(list_checkpoints(output)[-1])["step"] == stopped_at + 2
-    losses = [step for step, _ in scalars(output)["train/loss"]]
-    assert losses[-2:] == [stopped_at + 1, stopped_at + 2]
 
 
 @pytest.mark.slow

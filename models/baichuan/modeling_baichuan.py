@@ -22,6 +22,7 @@ Attention layout, shared by every kernel and built once per forward (`build_atte
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -170,17 +171,49 @@ class BaichuanNormHead(nn.Module):
     a 4-bit base keeps this head as a plain parameter (it is also the model's output embedding, which transformers
     skips by default). Under ZeRO-3 the weight is only read inside this module's own forward, where DeepSpeed's
     module hooks have gathered it.
+
+    While the head is frozen (LoRA/QLoRA never train it) the normalised copy is cached instead of being recomputed
+    in every forward (125,696 x 4,096 rows: a full read and write of the weight, and a second weight-sized tensor
+    allocated each step). The cache is a plain attribute, never in the state dict, keyed on everything that can
+    change the result: the parameter object, its storage (`data_ptr`), its in-place version counter (optimizer
+    steps, `load_state_dict`, `copy_`), dtype, device and the output dtype. It is not used while the weight
+    requires grad (it is trained), under ZeRO-3 (the gathered weight is released after each forward: a cache
+    would keep a full copy on every rank), or with `cache_normalized_weight = False`.
     """
+
+    cache_normalized_weight: bool = True
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__()
         self.in_features = hidden_size
         self.out_features = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self._normalized: tuple[tuple, torch.Tensor] | None = None  # (key, normalised weight)
+
+    def linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight of the equivalent linear layer, in `dtype`: `logits = F.linear(h, head.linear_weight(h.dtype))`.
+
+        A fused linear + cross-entropy loss (`sft.loss`) calls this to compute the loss without the logits.
+        """
+        weight = self.weight
+        if (
+            not self.cache_normalized_weight
+            or weight.requires_grad
+            or hasattr(weight, "ds_id")  # a ZeRO-3 partitioned parameter
+            or weight.device.type == "meta"
+        ):
+            self._normalized = None
+            return F.normalize(weight, dim=-1).to(dtype)
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+        if self._normalized is None or self._normalized[0] != key:
+            # Built outside inference mode: a cache made under `torch.inference_mode()` could not be saved for
+            # the backward pass of a later training forward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._normalized = (key, F.normalize(weight, dim=-1).to(dtype))
+        return self._normalized[1]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        norm_weight = F.normalize(self.weight, dim=-1)
-        return F.linear(hidden_states, norm_weight.to(hidden_states.dtype))
+        return F.linear(hidden_states, self.linear_weight(hidden_states.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -496,6 +529,9 @@ ATTENTION_KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_at
 class BaichuanAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection `W_pack` (rows: q, then k, then v)."""
 
+    # The RoPE rotation; `apply_liger_kernel` swaps in Liger's Triton kernel on the instance.
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
+
     def __init__(self, config: BaichuanConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -519,7 +555,7 @@ class BaichuanAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, nh, T, hs)
 
         if position_embeddings is not None:  # RoPE; ALiBi lives in the layout's bias
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            query, key = self.rotary_fn(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
             if key.shape[2] != layout.kv_length:
@@ -564,6 +600,20 @@ class BaichuanLayer(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _liger_rms_norm_forward(self: BaichuanRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """BaichuanRMSNorm through Liger's kernel ("llama" casting: fp32 statistics, as ours)."""
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _liger_swiglu_forward(self: BaichuanMLP, x: torch.Tensor) -> torch.Tensor:
+    """BaichuanMLP with silu(gate) * up fused by Liger's kernel."""
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
 class BaichuanPreTrainedModel(PreTrainedModel):
     """Integration attributes shared by the Baichuan2 models (loading, device maps, attention, checkpointing)."""
 
@@ -595,6 +645,37 @@ class BaichuanPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, BaichuanRMSNorm):
             init.ones_(module.weight)
+
+    def apply_liger_kernel(
+        self, *, rope: bool = True, rms_norm: bool = True, swiglu: bool = True
+    ) -> list[str]:
+        """Swap Liger Kernel's Triton RMSNorm, SwiGLU and RoPE into this model's modules (CUDA only).
+
+        What `liger_kernel.transformers.apply_liger_kernel_to_llama(model=...)` does for a Llama instance: each
+        module's `forward` is replaced on the instance, so the weights, the state dict and peft/LoRA layers
+        inside (`gate_proj`, `up_proj`, ...) stay as they are. Liger's fused linear cross-entropy is applied by
+        the training loss (`sft.loss.batch_loss_sums(head_loss="liger")`). Returns the kernels swapped in.
+        """
+        if swiglu and self.config.hidden_act not in ("silu", "swish"):
+            raise ValueError(
+                f"Liger's SwiGLU needs hidden_act silu, this model has {self.config.hidden_act!r}"
+            )
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        for module in self.modules():
+            if rms_norm and isinstance(module, BaichuanRMSNorm):
+                module.forward = types.MethodType(_liger_rms_norm_forward, module)
+            elif swiglu and isinstance(module, BaichuanMLP):
+                module.forward = types.MethodType(_liger_swiglu_forward, module)
+            elif (
+                rope
+                and isinstance(module, BaichuanAttention)
+                and self.config.position_embedding_type == "rope"
+            ):
+                module.rotary_fn = liger_rotary_pos_emb  # same (q, k, cos, sin) call; rotates in fp32 as ours
+        applied = [("rms_norm", rms_norm), ("swiglu", swiglu)]
+        applied.append(("rope", rope and self.config.position_embedding_type == "rope"))
+        return [name for name, on in applied if on]
 
 
 class BaichuanModel(BaichuanPreTrainedModel):

@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from sft.atomic import replacing_dir, write_file_atomic
 
 ROLES = ("user", "assistant", "tool", "observation")
 # Which roles may follow which (None = start of the conversation).
@@ -326,22 +327,37 @@ def split_prompt(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return prompt_record, [str(r) for r in (references or [])]
 
 
+def _write_jsonl(fh: IO[str], records: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    for record in records:
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write records as JSONL to a temp file next to ``path`` and rename it into place.
 
-    A crash or an error while writing leaves no half-written ``path`` behind. Returns the count.
+    A crash or an error while writing (a full disk) leaves ``path`` as it was, and no temporary file or new
+    directory behind; the file's permissions are those of a plain ``open(path, "w")``. Returns the count.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
+    return write_file_atomic(path, lambda fh: _write_jsonl(fh, records))
+
+
+def write_jsonl_dir_atomic(
+    out_dir: str | os.PathLike, files: Mapping[str, Iterable[dict[str, Any]]]
+) -> dict[str, int]:
+    """Write several JSONL files into ``out_dir`` as one change: after a crash or an error (a full disk) the
+    folder holds all the old files or all the new ones, never a new train.jsonl beside an old test.jsonl.
+
+    Other entries of an existing ``out_dir`` are kept. Returns the count of records per file name.
+    """
+    counts = {}
+    with replacing_dir(out_dir, keep_other_entries=True) as staging:
+        for name, records in files.items():
+            try:
+                with open(staging / name, "x", encoding="utf-8") as fh:
+                    counts[name] = _write_jsonl(fh, records)
+            except OSError as err:  # a full disk: name the file the user asked for, not the staging copy
+                raise OSError(err.errno, err.strerror, str(Path(out_dir) / name)) from err
+    return counts

@@ -132,20 +132,19 @@ def load_for_inference(
     device = torch.device(device)
     if adapter is not None and not isinstance(adapter, AdapterInfo):
         adapter = read_adapter(adapter)
+    # The tokenizer first: it loads in a second, so a damaged one is reported before minutes of weights.
+    tokenizer = load_tokenizer(adapter.path if adapter is not None and adapter.has_tokenizer else model_path)
     model = load_base_model(
         model_path, quantization, dtype, device_map={"": device}, double_quant=double_quant
     )
     keep_4bit_weights_unpacked(model)
-    tokenizer_dir = model_path
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter.path))
-        if adapter.has_tokenizer:
-            tokenizer_dir = adapter.path
         logger.info("adapter %s attached (unmerged)", adapter.path)
     model.eval()
-    return model, load_tokenizer(tokenizer_dir)
+    return model, tokenizer
 
 
 @dataclass(frozen=True)

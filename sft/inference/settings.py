@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sft.cli import flag
+from sft.cli import ArgsError, flag
+from sft.model_files import ModelFileError, weight_files_problem
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +44,7 @@ class GenerationArgs:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def check(self, defaults: GenerationConfig) -> None:
-        """Refuse impossible settings with a ValueError naming the flag.
+        """Refuse impossible settings with an :class:`ArgsError` naming the flag.
 
         Sampling parameters without sampling (they would be silently ignored) and out-of-range values.
         ``defaults`` is the model's generation config (:func:`read_generation_config` before loading,
@@ -54,10 +55,12 @@ class GenerationArgs:
         if not effective_sample:
             given = [f"--{name}" for name, value in sampling.items() if value is not None]
             if given:
-                raise ValueError(
-                    f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
-                    f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
-                    "add --do_sample or drop them"
+                raise ArgsError(
+                    [
+                        f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
+                        f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
+                        "add --do_sample or drop them"
+                    ]
                 )
         checks = [
             ("max_new_tokens", lambda v: v > 0, "must be > 0"),
@@ -70,7 +73,7 @@ class GenerationArgs:
         for name, ok, why in checks:
             value = getattr(self, name)
             if value is not None and not ok(value):
-                raise ValueError(f"--{name}={value} {why}")
+                raise ArgsError([f"--{name}={value} {why}"])
 
 
 def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
@@ -81,9 +84,14 @@ def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
     """
     from transformers import AutoConfig, GenerationConfig
 
-    if (Path(model_path) / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(str(model_path))
-    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+    try:
+        if (Path(model_path) / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(str(model_path))
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+    except Exception as err:
+        if problem := weight_files_problem(model_path):  # a damaged config file: name it and the fix
+            raise ModelFileError(problem) from err
+        raise
 
 
 def build_generation_config(
