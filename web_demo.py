@@ -1,11 +1,14 @@
-"""Gradio role-play chat page for a fine-tuned model.
+"""Gradio chat page for a fine-tuned model: role play, or a plain assistant.
 
     python web_demo.py --model_path MERGED --desc_path ../shared/data/rolebench-zh/profiles-zh_desc.json --port 7860
     python web_demo.py --model_path BASE --adapter_dir ADAPTER --desc_path profiles.json --port 7860
+    python web_demo.py --model_path demo_out/merged --port 7860          # a plain assistant (no roles)
 
-Pick a role (its description becomes the system prompt, in the wording training used), chat with
-history, and change max new tokens / top-p / temperature between messages: the sliders are read
-for every message. Replies stream as they are generated. Binds to 127.0.0.1 unless --host says
+With role profiles (``--desc_path``), pick a role: its description becomes the system prompt, in the
+wording training used. Without them, the page is a plain assistant: no system prompt is sent, so the
+model's chat template applies its own default (SmolLM2's "You are a helpful AI assistant named SmolLM...";
+``--system`` sets one instead). Chat with history, and change max new tokens / top-p / temperature between
+messages: the sliders are read for every message. Replies stream as they are generated. Binds to 127.0.0.1 unless --host says
 otherwise. Needs the demo extras: ``pip install -r requirements-demo.txt``. See docs/INFERENCE.md.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 
 from models import register_models
 from sft.cli import (
+    ArgsError,
     ArgumentParser,
     HelpFormatter,
     UserError,
@@ -43,19 +47,26 @@ MAX_NEW_TOKENS_LIMIT = 2048  # slider maximum
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = ArgumentParser(
-        description="Gradio role-play chat demo (see docs/INFERENCE.md).",
+        description="Gradio chat demo: role play, or a plain assistant (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
     add_arguments(parser, ModelLoadArgs)
     parser.add_argument(
         "--desc_path",
-        required=True,
-        help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json).",
+        default=None,
+        help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json); without it the page "
+        "is a plain assistant with no roles.",
     )
     parser.add_argument(
         "--system_template",
         default=None,
-        help="System prompt with {role} and {desc}; default: the RoleBench template training used.",
+        help="With --desc_path: system prompt with {role} and {desc}; default: the RoleBench template training used.",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="Without --desc_path: the assistant's system prompt; default: none sent, so the chat template's own "
+        "default applies.",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo)."
@@ -77,20 +88,36 @@ def text_of(content: Any) -> str:
 
 
 class RolePlayChat:
-    """The model side of the demo: role prompts, history handling and streamed generation."""
+    """The model side of the demo: system prompts, history handling and streamed generation.
+
+    With ``profiles`` ({role: description}) each role's system prompt is ``system_template`` filled in. Without
+    them (None or empty) it is a plain assistant whose system prompt is ``system``; None sends none, so the chat
+    template applies its own default.
+    """
 
     def __init__(
-        self, model: Any, tokenizer: Any, template: Any, profiles: dict[str, str], system_template: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: Any,
+        profiles: dict[str, str] | None,
+        system_template: str | None = None,
+        system: str | None = None,
     ) -> None:
+        if profiles and system_template is None:
+            raise ValueError("role profiles need a system_template with {role} and {desc}")
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
-        self.profiles = profiles
+        self.profiles = profiles or {}
         self.system_template = system_template
+        self.system = system
         self.defaults = model.generation_config
 
-    def system_prompt(self, role: str) -> str:
-        """The role's system prompt (same wording as the training data)."""
+    def system_prompt(self, role: str | None) -> str | None:
+        """The role's system prompt (same wording as the training data); a plain assistant's ``system``."""
+        if not self.profiles:
+            return self.system
         if role not in self.profiles:
             raise ValueError(f"unknown role {role!r}; the profiles file has {list(self.profiles)}")
         return self.system_template.format(role=role, desc=self.profiles[role])
@@ -107,12 +134,15 @@ class RolePlayChat:
         )
         return build_generation_config(self.model, self.tokenizer, settings, stop_ids=[self.template.end_id])
 
-    def prompt(self, message: str, turns: list[dict[str, str]], role: str, max_new_tokens: int) -> list[int]:
+    def prompt(
+        self, message: str, turns: list[dict[str, str]], role: str | None, max_new_tokens: int
+    ) -> list[int]:
         """Prompt ids for ``message`` after ``turns`` (oldest rounds dropped to leave room for the reply)."""
         system = self.system_prompt(role)
+        given = {} if system is None else {"system": system}
 
         def build(conv: list[dict[str, str]]) -> list[int]:
-            return self.template.build_prompt({"system": system, "conversations": conv})
+            return self.template.build_prompt({**given, "conversations": conv})
 
         # Rounds whose reply came out empty cannot be prompt turns (the data format forbids empty answers).
         conv = [*_drop_empty_rounds(turns), {"role": "user", "content": message}]
@@ -123,7 +153,7 @@ class RolePlayChat:
         self,
         message: str,
         history: list[dict[str, Any]],
-        role: str,
+        role: str | None,
         max_new_tokens: float,
         top_p: float,
         temperature: float,
@@ -145,6 +175,17 @@ class RolePlayChat:
             shown[-1] = {"role": "assistant", "content": shown[-1]["content"] + piece}
             yield "", copy.copy(shown)
 
+    def reply_plain(
+        self,
+        message: str,
+        history: list[dict[str, Any]],
+        max_new_tokens: float,
+        top_p: float,
+        temperature: float,
+    ) -> Iterator[tuple[str, list[dict[str, str]]]]:
+        """:meth:`reply` without a role: the plain assistant's event handler."""
+        yield from self.reply(message, history, None, max_new_tokens, top_p, temperature)
+
 
 def _drop_empty_rounds(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     """Remove user/assistant pairs whose assistant answer is empty."""
@@ -159,11 +200,13 @@ def _drop_empty_rounds(turns: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def build_demo(chat: RolePlayChat, title: str) -> Any:
-    """The Gradio page. The ``chat`` event is also an API endpoint (``/chat``) for gradio_client."""
+    """The Gradio page. The ``chat`` event is also an API endpoint (``/chat``) for gradio_client: (message,
+    history, role, max_new_tokens, top_p, temperature), without the role for a plain assistant."""
     import gradio as gr
 
     defaults = chat.defaults
     roles = list(chat.profiles)
+    hint = "Say something to the role and press Enter" if roles else "Type a message and press Enter"
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
         with gr.Row():
@@ -171,7 +214,7 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
                 chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot")
                 with gr.Row():
                     textbox = gr.Textbox(
-                        placeholder="Say something to the role and press Enter",
+                        placeholder=hint,
                         label="Message",
                         show_label=False,
                         scale=5,
@@ -180,10 +223,11 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 clear = gr.Button("Clear history", elem_id="clear")
             with gr.Column(scale=2):
-                role = gr.Dropdown(choices=roles, value=roles[0], label="Role", elem_id="role")
-                description = gr.Textbox(
-                    value=chat.profiles[roles[0]], label="Role description", lines=6, interactive=False
-                )
+                if roles:
+                    role = gr.Dropdown(choices=roles, value=roles[0], label="Role", elem_id="role")
+                    description = gr.Textbox(
+                        value=chat.profiles[roles[0]], label="Role description", lines=6, interactive=False
+                    )
                 max_new_tokens = gr.Slider(
                     1,
                     MAX_NEW_TOKENS_LIMIT,
@@ -203,12 +247,17 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
                     label="Temperature (0 = greedy)",
                     elem_id="temperature",
                 )
-        inputs = [textbox, chatbot, role, max_new_tokens, top_p, temperature]
-        textbox.submit(chat.reply, inputs, [textbox, chatbot], api_name="chat")
-        send.click(chat.reply, inputs, [textbox, chatbot], api_name=False)
+        sliders = [max_new_tokens, top_p, temperature]
+        if roles:
+            handler, inputs = chat.reply, [textbox, chatbot, role, *sliders]
+        else:
+            handler, inputs = chat.reply_plain, [textbox, chatbot, *sliders]
+        textbox.submit(handler, inputs, [textbox, chatbot], api_name="chat")
+        send.click(handler, inputs, [textbox, chatbot], api_name=False)
         clear.click(lambda: ("", []), None, [textbox, chatbot], api_name="clear")
-        # A new role starts a new conversation: the old history belongs to another character.
-        role.change(lambda r: (chat.profiles[r], []), role, [description, chatbot], api_name=False)
+        if roles:
+            # A new role starts a new conversation: the old history belongs to another character.
+            role.change(lambda r: (chat.profiles[r], []), role, [description, chatbot], api_name=False)
     return demo
 
 
@@ -220,22 +269,38 @@ def run(argv: list[str]) -> None:
     register_models()
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
 
+    if args.desc_path is None and args.system_template is not None:
+        raise ArgsError(
+            [
+                "--system_template fills in role profiles: pass --desc_path too (or --system for a plain assistant)"
+            ]
+        )
+    if args.desc_path is not None and args.system is not None:
+        raise ArgsError(
+            [
+                "--system is the plain assistant's prompt; roles take theirs from --system_template: drop --system"
+            ]
+        )
     try:
         import gradio  # noqa: F401
     except ImportError as err:
         raise UserError("the web demo needs gradio: pip install -r requirements-demo.txt") from err
-    profiles = load_profiles(args.desc_path)
-    system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
-    try:
-        system_template.format(role="r", desc="d")
-    except (KeyError, IndexError) as err:
-        raise ValueError(
-            f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
-        ) from err
+    profiles, system_template = None, None
+    if args.desc_path is not None:
+        profiles = load_profiles(args.desc_path)
+        system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
+        try:
+            system_template.format(role="r", desc="d")
+        except (KeyError, IndexError) as err:
+            raise ValueError(
+                f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
+            ) from err
     set_seed(args.seed)
     loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
-    chat = RolePlayChat(loaded.model, loaded.tokenizer, loaded.template, profiles, system_template)
-    demo = build_demo(chat, title="Role-play chat")
+    chat = RolePlayChat(
+        loaded.model, loaded.tokenizer, loaded.template, profiles, system_template, args.system
+    )
+    demo = build_demo(chat, title="Role-play chat" if profiles else "Chat")
     logger.info("serving on http://%s:%d", args.host, args.port)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
 

@@ -374,6 +374,11 @@ CASES = [
          1, r"model\.safetensors is truncated"),
     Case("web_demo/corrupt-tokenizer-model", "web_demo", lambda w: demo_argv(w, w.damaged_model("tokenizer")),
          1, r"tokenizer\.model is damaged"),
+    Case("web_demo/system-with-role-profiles", "web_demo", lambda w: [*demo_argv(w, w.model), "--system", "Hi"],
+         2, r"--system is the plain assistant's prompt.*drop --system"),
+    Case("web_demo/system-template-without-roles", "web_demo",
+         lambda w: ["--model_path", w.model, "--system_template", "{role}: {desc}"],
+         2, r"--system_template fills in role profiles: pass --desc_path"),
 ]  # fmt: skip
 
 

@@ -237,6 +237,35 @@ def test_web_demo_streams_the_batch_answer(chat_model):
     assert history[1]["content"].strip() == expected and "Rome" in expected, (history, expected)
 
 
+def test_web_demo_plain_assistant_keeps_the_models_default_system_prompt(chat_model):
+    """web_demo without role profiles (a fine-tuned assistant): no system prompt is sent, so SmolLM2's own template
+    adds its default one; --system replaces it; the page has no role input (/chat takes the message, the history
+    and the three sliders); the streamed reply equals generate_batch's."""
+    pytest.importorskip("gradio")
+    from sft.inference.generate import generate_batch
+    from web_demo import RolePlayChat, build_demo
+
+    model, tokenizer, template = chat_model
+    chat = RolePlayChat(model, tokenizer, template, None)
+    question = "What is the capital of France?"
+    prompt = chat.prompt(question, [], None, 16)
+    assert tokenizer.decode(prompt).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM"
+    )
+    updates = list(chat.reply_plain(question, [], 16, 1.0, 0.0))
+    history = updates[-1][1]
+    assert [t["role"] for t in history] == ["user", "assistant"]
+    expected = generate_batch(model, tokenizer, [prompt], chat.settings(16, 1.0, 0.0))[0]
+    assert history[1]["content"].strip() == expected and "Paris" in expected, (history, expected)
+
+    own = RolePlayChat(model, tokenizer, template, None, system="You answer in one word.")
+    assert tokenizer.decode(own.prompt(question, [], None, 16)).startswith(
+        "<|im_start|>system\nYou answer in one word.<|im_end|>\n<|im_start|>user\nWhat is the capital"
+    )
+    endpoint = build_demo(chat, "Chat").get_api_info()["named_endpoints"]["/chat"]
+    assert len(endpoint["parameters"]) == 5  # message, history, max new tokens, top-p, temperature: no role
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: LoRA on real DialogSum dialogues
 # ---------------------------------------------------------------------------------------------
