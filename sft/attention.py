@@ -55,24 +55,27 @@ def document_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    # (B, H, T, D) -> (H, B*T, D): documents are contiguous slices of the flattened tokens.
-    flat = [t.transpose(0, 1).reshape(t.shape[1], batch * length, dim) for t in (query, key, value)]
     cuts = boundaries.tolist()  # a host copy; on the CPU, where this path pays off, it costs nothing
-    pieces = [
-        F.scaled_dot_product_attention(
-            flat[0][:, start:end],
-            flat[1][:, start:end],
-            flat[2][:, start:end],
-            dropout_p=dropout if module.training else 0.0,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=flat[1].shape[0] != heads,
+    pieces = []
+    for start, end in itertools.pairwise(cuts):
+        if end == start:
+            continue
+        row, first, last = start // length, start % length, start % length + end - start
+        # (1, H, L, D) views of the document: 4-D, so SDPA picks its fused CPU kernel (a 3-D input goes to the
+        # math path, which stores every (L, L) attention matrix for the backward pass).
+        pieces.append(
+            F.scaled_dot_product_attention(
+                query[row : row + 1, :, first:last],
+                key[row : row + 1, :, first:last],
+                value[row : row + 1, :, first:last],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+                enable_gqa=key.shape[1] != heads,
+            )
         )
-        for start, end in itertools.pairwise(cuts)
-        if end > start
-    ]
-    out = torch.cat(pieces, dim=1)  # (H, B*T, D)
-    return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3), None
+    out = torch.cat(pieces, dim=2)  # (1, H, B*T, D): the rows one after the other
+    return out.view(heads, batch, length, dim).permute(1, 2, 0, 3), None
 
 
 def register_document_sdpa() -> None:
