@@ -123,8 +123,8 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         _DEVICE = torch.device("cpu")
 
     if not dist.is_initialized():
-        if _DEVICE.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            _skip_shared_memory_op()
+        if _DEVICE.type == "cpu":
+            skip_shared_memory_op()
         backend = get_accelerator().communication_backend_name()
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes)
@@ -133,14 +133,16 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     return _DEVICE
 
 
-def _skip_shared_memory_op() -> None:
-    """Keep DeepSpeed from compiling its shared-memory all-reduce op for a one-rank CPU run.
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from building and starting its shared-memory all-reduce op on CPU ranks.
 
-    DeepSpeed's CPU backend builds that C++ op (``deepspeed_shm_comm``) with the system compiler when the process
-    group starts: about a minute of 2 CPU cores on a fresh machine, before step 1, for an op that only speeds up
-    collectives between ranks on one node. One rank has no collectives to speed up. DeepSpeed builds the op only
-    when its table of compatible ops says so, and keeps that table in one module-level dict, so marking the op
-    incompatible there skips the build; the collectives then go through torch.distributed (gloo) as without it.
+    DeepSpeed's CPU backend compiles that C++ op (``deepspeed_shm_comm``) with the system compiler when the process
+    group starts (a minute of 2 cores on a fresh machine, before step 1), then maps shared memory between the ranks.
+    It only speeds up ``inference_all_reduce``, which training never calls: ZeRO's collectives go through
+    torch.distributed (gloo) either way. Skipping it also removes a failure mode: a process killed while it
+    compiles leaves torch's build lock behind, and every later process waits on that lock forever. DeepSpeed
+    builds the op only when its table of compatible ops says so, one module-level dict, so marking the op
+    incompatible there skips it.
     """
     import deepspeed.ops
 

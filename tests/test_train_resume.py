@@ -133,10 +133,9 @@ def train_child(
 @pytest.fixture(scope="session", autouse=True)
 def _leave_the_process_group():
     yield
-    import torch.distributed as dist
+    from sft.distributed import destroy
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
 
 
 def checkpoints(output_dir: Path) -> dict[int, Path]:
