@@ -581,23 +581,32 @@ def versions() -> dict[str, str]:
 
 
 def markdown_table(result: dict) -> str:
-    """ROUGE before / ours / TRL, with each training's cost and final loss."""
+    """ROUGE before / ours / TRL, with each training's cost and final loss, and ours / TRL ratios."""
     head = (
-        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | final loss | train wall s | train CPU s | s/step | peak RSS MB |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | final loss | train wall s | train CPU s | s/step | tokens/s "
+        "| peak RSS MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     before = result["rouge"]["base"]
     lines = [
         head,
         f"| base, zero-shot | {before['rouge1']:.1f} | {before['rouge2']:.1f} | {before['rougeL']:.1f} "
-        "| | | | | |",
+        "| | | | | | |",
     ]
     for side, label in (("ours", "ours (train.py)"), ("trl", "TRL SFTTrainer")):
         r, t = result["rouge"][side], result["training"][side]
         lines.append(
             f"| {label} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} | {t['final_loss']:.4f} "
-            f"| {t['wall_s']:.0f} | {t['cpu_s']:.0f} | {t['s_per_step']:.2f} | {t['peak_rss_mb']:.0f} |"
+            f"| {t['wall_s']:.0f} | {t['cpu_s']:.0f} | {t['s_per_step']:.2f} | {t['tokens_per_s']:.0f} "
+            f"| {t['peak_rss_mb']:.0f} |"
         )
+    ours, trl = result["training"]["ours"], result["training"]["trl"]
+    lines.append(
+        "| ours / TRL | | | | "
+        f"| {ours['wall_s'] / trl['wall_s']:.2f}x | {ours['cpu_s'] / trl['cpu_s']:.2f}x "
+        f"| {ours['s_per_step'] / trl['s_per_step']:.2f}x | {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
+        f"| {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x |"
+    )
     return "\n".join(lines)
 
 
@@ -611,11 +620,13 @@ class Trained:
     losses: list[float]
     loop_s: float  # the training loop alone (no imports, model load or save)
 
-    def summary(self, steps: int) -> dict:
+    def summary(self, steps: int, tokens: int) -> dict:
         return {
             **asdict(self.cost),
             "loop_s": round(self.loop_s, 1),
             "s_per_step": round(self.loop_s / steps, 3),
+            # training tokens (packed rows, learned or not) per second of the training loop
+            "tokens_per_s": round(tokens / self.loop_s, 1),
             "peak_rss_mb": round(self.peak_rss_mb),
             "final_loss": round(self.losses[-1], 4),
             "losses": [round(x, 5) for x in self.losses],
@@ -804,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         "merged_weights_largest_abs_diff": merged_difference,
         "identical_summaries": same_summaries,
         "rouge": rouge,
-        "training": {side: trained[side].summary(args.steps) for side in SIDES},
+        "training": {side: trained[side].summary(args.steps, rows.stats["tokens"]) for side in SIDES},
         "stage_seconds": {k: asdict(v) for k, v in stages.costs.items()},
         "total_s": round(time.perf_counter() - started, 1),
         "outputs": str(out),
