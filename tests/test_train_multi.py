@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,22 @@ def test_two_ranks_sigterm_on_one_rank_before_an_epoch_end_resumes_exactly(two_r
     assert_same_as_reference(out, two_rank_run["out"], after_step=5)
 
 
+def wait_for_all(processes: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every process's output once all have ended; past ``timeout``, all are killed (a rank left waiting on
+    one that died would otherwise hold the suite) and their outputs so far are returned, each process's own."""
+    deadline = time.monotonic() + timeout
+    logs = []
+    for process in processes:
+        try:
+            logs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            for other in processes:  # each leads its own session: the launcher and its ranks
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            logs.append(process.communicate()[0] + f"\n[killed after {timeout:.0f} s]")
+    return logs
+
+
 @pytest.mark.slow
 def test_two_nodes_torchrun_zero3_partitioned_at_load(tiny_llama_dir, tmp_path):
     data_dir, out = tmp_path / "data", tmp_path / "out"
@@ -140,12 +158,18 @@ def test_two_nodes_torchrun_zero3_partitioned_at_load(tiny_llama_dir, tmp_path):
         ]  # fmt: skip
         nodes.append(
             subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
             )
         )
-    logs = [node.communicate(timeout=240)[0] for node in nodes]
-    for node, log in zip(nodes, logs):
-        assert node.returncode == 0, log[-6000:]
+    logs = wait_for_all(nodes, timeout=240)
+    every_log = "\n".join(f"--- node {i}:\n{text[-6000:]}" for i, text in enumerate(logs))
+    assert [node.returncode for node in nodes] == [0, 0], every_log
     # Rank 0 logs what it holds once the base is loaded, before the engine exists: half of it.
     held = re.search(r"this rank holds (\d+) of its (\d+) parameters", logs[0])
     assert held, logs[0][-3000:]
