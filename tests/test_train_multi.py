@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -42,24 +41,9 @@ BIN = Path(sys.executable).parent
 
 
 def _free_port() -> int:
-    """A free port for the ranks' rendezvous, below the kernel's ephemeral range.
-
-    Rank 1 (or node 1) connects to the rendezvous port, retrying until rank 0 listens. A port from the ephemeral
-    range (what binding port 0 hands out) can be the very port the kernel picks for one of those connecting
-    sockets: it then connects to itself (TCP simultaneous open), the launcher gives up, and rank 0 waits for a
-    peer that never comes. Below the range no client socket can take the port.
-    """
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = list(range(max(1024, low - 12000), low))
-    random.SystemRandom().shuffle(candidates)  # not the test-seeded global generator
-    for port in candidates:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port below the ephemeral range (starts at {low})")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # 2 ranks x micro-batch 2 x accumulation 1 = the 4 samples per step of the single-process test; 6 steps an
