@@ -15,7 +15,7 @@ HAS_GPU        := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
 TORCH_SPEC     ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo demo-baichuan test test-quick lint format bench bench-quality clean
+.PHONY: setup demo demo-baichuan test test-quick lint format bench clean
 
 setup: $(STAMP)
 

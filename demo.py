@@ -37,6 +37,8 @@ from pathlib import Path
 
 from sft.checkpoint import list_checkpoints
 from sft.cli import setup_logging
+from sft.data.formats import iter_json_records
+from sft.rouge import read_f1
 
 logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent
@@ -94,13 +96,7 @@ class Stages:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def rouge_f1(path: Path) -> dict[str, float]:
-    """ROUGE-1/2/L F1 (percent) from an `evaluate.py rouge --output_json` file."""
-    scores = json.loads(path.read_text(encoding="utf-8"))["scores"]
-    return {kind: scores[kind]["f1"] for kind in ("rouge1", "rouge2", "rougeL")}
+    return [record for _, record in iter_json_records(path)]
 
 
 def side_by_side(columns: list[tuple[str, str]], width: int) -> str:
@@ -198,7 +194,7 @@ def smollm2_demo(args: argparse.Namespace) -> None:
     predictions_after, rouge_after = summarise_and_score("after", merged)
     total = time.perf_counter() - started
 
-    before, after = rouge_f1(rouge_before), rouge_f1(rouge_after)
+    before, after = read_f1(rouge_before), read_f1(rouge_after)
     first_before, first_after = read_jsonl(predictions_before)[0], read_jsonl(predictions_after)[0]
     record = first_after["record"]
     dialogue = record["conversations"][0]["content"]

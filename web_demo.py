@@ -267,7 +267,7 @@ def run(argv: list[str]) -> None:
     setup_logging()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
     register_models()
-    from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, load_profiles
+    from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, check_system_template, load_profiles
 
     if args.desc_path is None and args.system_template is not None:
         raise ArgsError(
@@ -289,12 +289,7 @@ def run(argv: list[str]) -> None:
     if args.desc_path is not None:
         profiles = load_profiles(args.desc_path)
         system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
-        try:
-            system_template.format(role="r", desc="d")
-        except (KeyError, IndexError) as err:
-            raise ValueError(
-                f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
-            ) from err
+        check_system_template(system_template)
     set_seed(args.seed)
     loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
     chat = RolePlayChat(

@@ -72,6 +72,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
     sys.path.insert(0, str(REPO_ROOT))
 
 from sft.cli import HelpFormatter, setup_logging  # noqa: E402
+from sft.data.formats import iter_json_records  # noqa: E402
+from sft.rouge import read_f1  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -550,13 +552,7 @@ def largest_weight_difference(a: Path, b: Path) -> float:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def rouge_f1(path: Path) -> dict[str, float]:
-    """ROUGE-1/2/L F1 (percent) from an `evaluate.py rouge --output_json` file."""
-    scores = json.loads(path.read_text(encoding="utf-8"))["scores"]
-    return {kind: round(scores[kind]["f1"], 2) for kind in ("rouge1", "rouge2", "rougeL")}
+    return [record for _, record in iter_json_records(path)]
 
 
 def device_description() -> str:
@@ -759,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
                                        str(predictions), *generate])  # fmt: skip
         stages.run(f"rouge-{name}", [py, "evaluate.py", "rouge", "--pred_path", str(predictions),
                                      "--output_json", str(scores)])  # fmt: skip
-        return rouge_f1(scores)
+        return {kind: round(f1, 2) for kind, f1 in read_f1(scores).items()}
 
     # 3. Before: the untrained base, zero-shot, with its own chat template.
     rouge = {"base": summarise_and_score("base", model_dir)}

@@ -1,10 +1,11 @@
-"""SDPA over packed rows, one document at a time: no ``(T, T)`` mask, no attention across documents.
+"""SDPA over packed rows, one document at a time: no ``(T, T)`` masked attention, none across documents.
 
 transformers' SDPA path separates the documents of a packed row with a ``(B, 1, T, T)`` block-diagonal mask. A
 masked SDPA cannot use the causal kernel, so it computes every query-key pair of the row (``T**2``), and the
 grouped key/value heads are copied out to every query head first. Split by the row's documents instead, each
 document is a plain causal SDPA over its own tokens (``sum(len**2) / 2``): with DialogSum dialogues of ~285
-tokens packed into 1,024-token rows that is about a seventh of the attention work, and no mask is built.
+tokens packed into 1,024-token rows that is about a seventh of the attention work. (transformers still builds
+its mask from the position ids, once per forward; these calls do not read it.)
 
 :func:`use_document_sdpa` switches a transformers model to it; the training loop's batches carry the document
 boundaries (``cu_seq_lens_q``, see :func:`sft.loss.model_inputs`). A call without boundaries (a padded batch,

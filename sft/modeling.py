@@ -321,10 +321,10 @@ def _build_model_for_training(
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     if device.type == "cpu" and use_document_sdpa(model):
-        # Several times less attention work on packed rows, and no (T, T) mask (sft/attention.py). CPU only: the
+        # Several times less attention work on packed rows, no (T, T) masked SDPA (sft/attention.py). CPU only: the
         # boundaries are read on the host in every layer, a device sync on a GPU (where flash_attention_2 is the
         # packed-row kernel anyway).
-        logger.info("attention: SDPA one document at a time (packed rows without a T x T mask)")
+        logger.info("attention: SDPA one document at a time (packed rows without T x T masked attention)")
     keep_4bit_weights_unpacked(model)
     peft_model = get_peft_model(model, build_peft_config(args, model))
     if base_init:

@@ -19,6 +19,8 @@ that use it.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -110,6 +112,14 @@ class RougeResult:
             "skipped_no_reference": self.skipped_no_reference,
             "scores": self.scores,
         }
+
+
+def read_f1(path: str | os.PathLike) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (percent) from a file holding :meth:`RougeResult.to_dict` (``evaluate.py rouge
+    --output_json``)."""
+    with open(path, encoding="utf-8") as fh:
+        scores = json.load(fh)["scores"]
+    return {kind: scores[kind]["f1"] for kind in ROUGE_TYPES}
 
 
 def sample_scores(

@@ -118,6 +118,16 @@ def clean_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
+def check_system_template(system_template: str) -> None:
+    """Raise ValueError unless ``system_template`` uses no fields but ``{role}`` and ``{desc}``."""
+    try:
+        system_template.format(role="x", desc="y")
+    except (KeyError, IndexError) as err:
+        raise ValueError(
+            f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
+        ) from err
+
+
 def load_profiles(path: str | Path) -> dict[str, str]:
     """Read ``profiles-zh_desc.json`` (role -> description); errors name the file."""
     path = Path(path)
@@ -157,12 +167,7 @@ def convert_rolebench(
     data_dir = Path(data_dir)
     if max_answers < 1:
         raise ValueError(f"--max_answers must be >= 1, got {max_answers}")
-    try:
-        system_template.format(role="x", desc="y")
-    except (KeyError, IndexError) as err:
-        raise ValueError(
-            f"--system_template may only use the fields {{role}} and {{desc}}; bad field {err}"
-        ) from err
+    check_system_template(system_template)
     profiles_path = data_dir / profiles_file
     profiles = load_profiles(profiles_path)
     selected = list(profiles) if roles is None else list(roles)
