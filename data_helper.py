@@ -24,17 +24,10 @@ import sys
 from pathlib import Path
 
 from models import register_models
-from sft.args import DataArgs
-from sft.cli import (
-    ArgsError,
-    ArgumentParser,
-    add_arguments,
-    check_output_path,
-    from_namespace,
-    require_local_dir,
-    run_entry_point,
-    set_seed,
-)
+from sft.core.errors import ArgsError
+from sft.core.flags import ArgumentParser, add_arguments, from_namespace
+from sft.core.paths import check_output_path, require_local_dir
+from sft.core.runner import run_entry_point, set_seed
 from sft.data.converters import (
     DIALOGSUM_PROMPT,
     ROLEBENCH_SYSTEM_TEMPLATE,
@@ -46,9 +39,10 @@ from sft.data.converters import (
     convert_rolebench,
 )
 from sft.data.formats import DataFormatError, write_jsonl_atomic, write_jsonl_dir_atomic
-from sft.data.synthesize import SynthesisFilters, read_texts, synthesize
 from sft.inference.loading import ModelLoadArgs, load_from_flags
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
+from sft.inference.synthesize import SynthesisFilters, read_texts, synthesize
+from sft.train.args import DataArgs
 
 logger = logging.getLogger("data_helper")
 

@@ -35,10 +35,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sft.checkpoint import list_checkpoints
-from sft.cli import setup_logging
+from sft.checkpoint.layout import list_checkpoints
+from sft.core.runner import setup_logging
 from sft.data.formats import iter_json_records
-from sft.rouge import read_f1
+from sft.inference.rouge import read_f1
 
 logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent
@@ -327,7 +327,7 @@ def baichuan_demo(args: argparse.Namespace) -> None:
 
     # 6. Curves: the TensorBoard scalars rendered to a PNG for people without TensorBoard at hand.
     curves = out / "curves.png"
-    stages.run("plot", [py, "-m", "sft.plotting", str(ckpts / "runs"), "--out", str(curves)])
+    stages.run("plot", [py, "-m", "sft.train.plotting", str(ckpts / "runs"), "--out", str(curves)])
     outputs["curves"] = curves
 
     # 7. Merge: fold the adapter into the (NF4-dequantised) base -> a standalone model directory.

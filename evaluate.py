@@ -18,20 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from models import register_models
-from sft.args import DataArgs, OptimArgs
-from sft.checkpoint import TRAIN_ARGS, read_train_args
-from sft.cli import (
-    ArgsError,
-    ArgumentParser,
-    HelpFormatter,
-    add_arguments,
-    check_output_path,
-    from_namespace,
-    run_entry_point,
-    setup_logging,
-)
+from sft.checkpoint.layout import TRAIN_ARGS, read_train_args
+from sft.core.errors import ArgsError
+from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.paths import check_output_path
+from sft.core.runner import run_entry_point, setup_logging
 from sft.inference.loading import ModelLoadArgs
-from sft.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
+from sft.inference.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
+from sft.train.args import DataArgs, OptimArgs
 
 logger = logging.getLogger("evaluate")
 
@@ -125,7 +119,7 @@ def read_predictions(path: str) -> tuple[list[str], list[list[str]]]:
 
 def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
     """Score ``--pred_path`` and print the table."""
-    from sft.rouge import corpus_rouge
+    from sft.inference.rouge import corpus_rouge
 
     predictions, references = read_predictions(args.pred_path)
     mode = {"auto": "auto", "en": "en", "zh": f"zh-{args.zh_tokenizer}"}[args.lang]
@@ -155,7 +149,7 @@ def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     Checked here, before any model is loaded; an impossible value names its flag and where it came from.
     """
-    from sft.args import TrainArgs
+    from sft.train.args import TrainArgs
 
     defaults = TrainArgs()
     train_args = (read_train_args(args.adapter_dir) if args.adapter_dir else None) or {}
@@ -199,9 +193,10 @@ def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> Non
 
 def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
-    from sft.data.dataset import build_eval_dataloader, load_sft_dataset
-    from sft.evaluation import evaluate_perplexity
+    from sft.data.batching import build_eval_dataloader
+    from sft.data.dataset import load_sft_dataset
     from sft.inference.loading import load_from_flags
+    from sft.train.evaluation import evaluate_perplexity
 
     settings, described = ppl_settings(args)
     if not Path(args.data_path).is_file():
@@ -248,7 +243,7 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(argv: list[str]) -> None:
     """Parse the flags, compute, print; write --output_json (atomically) when asked."""
-    from sft.atomic import write_file_atomic
+    from sft.core.atomic import write_file_atomic
 
     args = build_parser().parse_args(argv)
     setup_logging()

@@ -14,10 +14,11 @@ import signal
 import sys
 
 from models import register_models
-from sft.gguf_errors import ExportCheckError, ExportRefused
-from sft.gguf_export import OUT_TYPES, export_gguf
-from sft.ollama_modelfile import NAMED_TEMPLATES
-from utils import require_local_dir, setup_logging
+from sft.core.paths import require_local_dir
+from sft.core.runner import setup_logging
+from sft.export.errors import ExportCheckError, ExportRefused
+from sft.export.gguf import OUT_TYPES, export_gguf
+from sft.export.ollama import NAMED_TEMPLATES
 
 logger = logging.getLogger("export_gguf")
 

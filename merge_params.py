@@ -15,13 +15,16 @@ import logging
 import sys
 
 from models import register_models
-from sft.checkpoint import read_adapter
-from sft.cli import ArgumentParser, HelpFormatter, require_local_dir, run_entry_point, setup_logging
-from sft.gguf_export import OUT_TYPES, export_gguf, plan_export
+from sft.checkpoint.adapters import read_adapter
+from sft.core.flags import ArgumentParser, HelpFormatter
+from sft.core.paths import require_local_dir
+from sft.core.runner import run_entry_point, setup_logging
+from sft.export.gguf import OUT_TYPES, export_gguf, plan_export
+from sft.export.merge import MERGE_INTO, merge_lora
+from sft.export.ollama import NAMED_TEMPLATES
 from sft.inference.loading import resolve_device
-from sft.merge import MERGE_INTO, merge_lora
-from sft.modeling import DTYPES, QUANTIZATIONS
-from sft.ollama_modelfile import NAMED_TEMPLATES
+from sft.modeling import QUANTIZATIONS
+from sft.modeling.loading import DTYPES
 
 logger = logging.getLogger("merge_params")
 

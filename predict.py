@@ -19,23 +19,15 @@ from typing import Any
 from tqdm import tqdm
 
 from models import register_models
-from sft.args import DataArgs
-from sft.cli import (
-    ArgsError,
-    ArgumentParser,
-    HelpFormatter,
-    add_arguments,
-    check_output_path,
-    from_namespace,
-    require_local_dir,
-    run_entry_point,
-    set_seed,
-    setup_logging,
-)
+from sft.core.errors import ArgsError
+from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.paths import check_output_path, require_local_dir
+from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import context_window, fit_history
 from sft.inference.generate import generate_batch, stream_reply
 from sft.inference.loading import ModelLoadArgs, load_from_flags
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
+from sft.train.args import DataArgs
 
 logger = logging.getLogger("predict")
 

@@ -9,9 +9,9 @@ tokenizer, the data, the model, the DeepSpeed engine, resume if asked, the train
 evaluation and checkpoints at save steps and epoch ends), the final save. See docs/TRAINING.md.
 
 Who owns what: DeepSpeed owns precision, gradient accumulation, clipping and the optimizer step
-(sft.ds_config fills its config from the flags); sft.distributed owns rank logic; sft.loss the loss;
-sft.evaluation perplexity; sft.checkpoint the checkpoint directory (saving and resuming);
-sft.metrics the TensorBoard window; sft.stopping SIGTERM/Ctrl-C and the non-finite guard.
+(sft.train.ds_config fills its config from the flags); sft.core.distributed owns rank logic; sft.train.objectives.sft the loss;
+sft.train.evaluation perplexity; sft.checkpoint the checkpoint directory (saving and resuming);
+sft.train.metrics the TensorBoard window; sft.train.stopping SIGTERM/Ctrl-C and the non-finite guard.
 
 Exact resume: the global RNG that dropout draws from is advanced by training forwards only; creating a
 DataLoader iterator and evaluating run on a forked RNG. So the RNG state saved with a checkpoint is the one
@@ -35,27 +35,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import register_models
-from sft.args import TrainArgs, parse_args, validate_args
-from sft.checkpoint import (
-    CheckpointError,
-    TrainProgress,
-    best_checkpoint,
-    check_free_space,
-    check_resume_args,
-    check_resume_base,
-    checkpoint_step,
-    directory_bytes,
-    estimated_checkpoint_bytes,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_resume_dir,
-    restore_rng_state,
-    rotate_checkpoints,
-    save_checkpoint,
-)
-from sft.cli import run_entry_point, set_seed, setup_logging
-from sft.data.formats import DataFormatError
-from sft.distributed import (
+from sft.checkpoint.layout import CheckpointError, checkpoint_step, list_checkpoints
+from sft.checkpoint.resume import check_resume_args, check_resume_base
+from sft.checkpoint.runs import best_checkpoint, resolve_resume_dir, rotate_checkpoints
+from sft.checkpoint.save import load_checkpoint, save_checkpoint
+from sft.checkpoint.space import check_free_space, directory_bytes, estimated_checkpoint_bytes
+from sft.checkpoint.state import TrainProgress, restore_rng_state
+from sft.core.distributed import (
     all_reduce_min,
     all_reduce_sum,
     broadcast_object,
@@ -66,13 +52,18 @@ from sft.distributed import (
     init_distributed,
     is_main_process,
 )
-from sft.ds_config import build_ds_config, zero_stage
-from sft.evaluation import evaluate_perplexity
-from sft.lora_variants import optimizer_param_groups
-from sft.loss import IGNORE_INDEX, batch_loss_sums
-from sft.metrics import Metrics
-from sft.modeling import load_model_for_training, load_tokenizer
-from sft.stopping import GracefulStop, NonFiniteGuard, TrainingDiverged, TrainingStopped
+from sft.core.runner import run_entry_point, set_seed, setup_logging
+from sft.data.formats import DataFormatError
+from sft.modeling.loading import load_tokenizer
+from sft.train.args import TrainArgs, parse_args
+from sft.train.ds_config import build_ds_config, zero_stage
+from sft.train.evaluation import evaluate
+from sft.train.lora_variants import optimizer_param_groups
+from sft.train.metrics import Metrics
+from sft.train.model import load_model_for_training
+from sft.train.objectives import Objective, build_objective
+from sft.train.stopping import GracefulStop, NonFiniteGuard, TrainingDiverged, TrainingStopped
+from sft.train.validate import validate_args
 
 logger = logging.getLogger("train")
 RESUME_HINT = "run the same command with --resume_from_checkpoint latest to continue from the newest complete checkpoint"
@@ -111,7 +102,8 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     """
     from transformers import AutoConfig
 
-    from sft.data.dataset import build_dataloader, build_eval_dataloader, load_sft_dataset
+    from sft.data.batching import build_dataloader, build_eval_dataloader
+    from sft.data.dataset import load_sft_dataset
     from sft.data.templates import get_template, resolve_template_name
 
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
@@ -183,7 +175,9 @@ def setup_engine(args: TrainArgs, device: torch.device, total_steps: int):
     import deepspeed
     from transformers import get_scheduler
 
-    ds_config = build_ds_config(args, world_size=get_world_size())
+    ds_config = build_ds_config(
+        args, path=args.ds_config, precision=args.precision, world_size=get_world_size()
+    )
     model = load_model_for_training(args, device, ds_config=ds_config)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
@@ -228,6 +222,7 @@ class StepResult:
 def train_step(
     args: TrainArgs,
     engine,
+    objective: Objective,
     micro_batches: list[dict],
     device: torch.device,
     metrics: Metrics,
@@ -235,14 +230,14 @@ def train_step(
 ) -> StepResult | None:
     """One optimizer step over ``micro_batches`` (up to --gradient_accumulation_steps of them).
 
-    The loss is the mean NLL over every learned token of the step, on all ranks. DeepSpeed divides
-    each micro-batch loss by the accumulation steps and averages gradients over ranks, so each
-    micro-batch contributes nll_sum * world_size * accumulation / global_learned_tokens.
+    The loss is the objective's mean over every unit of the step (learned tokens for SFT), on all ranks.
+    DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over ranks, so
+    each micro-batch contributes loss_sum * world_size * accumulation / global_units.
     Returns None, before any forward pass, when a rank was asked to stop: the ranks agree through the
     reduction every step makes anyway, so they all stop at the same step.
     """
-    # Token counts come from the CPU labels: counting them costs no device sync.
-    learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    # Unit and token counts come from the CPU tensors: counting them costs no device sync.
+    learned = sum(objective.count(b) for b in micro_batches)
     inputs = sum(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         for b in micro_batches
@@ -259,49 +254,52 @@ def train_step(
         return None
     scale = get_world_size() * args.gradient_accumulation_steps / counts[0].clamp(min=1).float()
 
-    step_nll = torch.zeros((), dtype=torch.float64, device=device)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    step_metrics = torch.zeros(len(objective.metric_names), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         # The last micro-batch closes the accumulation window, also when an epoch ends early.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        nll_sum, _ = batch_loss_sums(engine, batch, device, head_loss="liger" if args.liger else "fused")
+        loss_sum, metric_sums = objective.loss_sums(engine, batch, device)
         # 0 for a finite loss, NaN for an inf/NaN one (NaN times anything, 0 included, is NaN): a non-finite
         # loss then makes every gradient of the step NaN, and DeepSpeed's overflow check -- the global
         # gradient norm, reduced over ranks -- skips the update on every rank. No sync, no extra collective.
-        poison = nll_sum.detach() - nll_sum.detach()
-        engine.backward(nll_sum * (scale + poison))
-        step_nll += nll_sum.detach().double()
+        poison = loss_sum.detach() - loss_sum.detach()
+        engine.backward(loss_sum * (scale + poison))
+        step_loss += loss_sum.detach().double()
+        for j, name in enumerate(objective.metric_names):
+            step_metrics[j] += metric_sums[name].double()
     engine.step()
     applied = engine.was_step_applied()  # a host bool: DeepSpeed's step already synced for its norm
-    metrics.record_step(step_nll, counts[:2], applied)
+    metrics.record_step(step_loss, counts[:2], applied, step_metrics)
     if applied:
         return StepResult(applied=True, nonfinite_loss_ranks=[])
     # Only after a skipped step, which every rank saw: which ranks had the non-finite loss, for the log.
     flags = torch.zeros(get_world_size(), dtype=torch.int32, device=device)
-    flags[get_rank()] = int(not torch.isfinite(step_nll).item())
+    flags[get_rank()] = int(not torch.isfinite(step_loss).item())
     ranks = [rank for rank, bad in enumerate(all_reduce_sum(flags).tolist()) if bad]
     return StepResult(applied=False, nonfinite_loss_ranks=ranks)
 
 
 def evaluate_and_save(
-    args: TrainArgs, engine, tokenizer, data: Data, progress: TrainProgress, metrics: Metrics
+    args: TrainArgs,
+    engine,
+    objective: Objective,
+    tokenizer,
+    data: Data,
+    progress: TrainProgress,
+    metrics: Metrics,
 ) -> Path:
-    """Perplexity on the test set (all ranks), then an adapter checkpoint, then rotation."""
+    """The objective's evaluation on the test set (all ranks), then an adapter checkpoint, then rotation."""
     with metrics.pause():  # keep evaluation and saving out of tokens/s
         progress.eval = {}
         if data.eval is not None:
             # On a forked RNG: creating the eval iterator draws from it, and training must not notice.
             with torch.random.fork_rng(devices=[]):
-                result = evaluate_perplexity(engine, data.eval)
+                result = evaluate(engine, data.eval, objective)
             progress.eval = result
-            metrics.scalar("eval/loss", result["loss"], progress.step)
-            metrics.scalar("eval/ppl", result["ppl"], progress.step)
-            logger.info(
-                "step %d eval loss %.4f ppl %.3f (%d tokens)",
-                progress.step,
-                result["loss"],
-                result["ppl"],
-                result["tokens"],
-            )
+            for name in objective.eval_names:
+                metrics.scalar(f"eval/{name}", result[name], progress.step)
+            logger.info("step %d eval %s", progress.step, objective.describe(result))
         path = save_checkpoint(engine, tokenizer, args.to_dict(), progress, args.output_dir)
         rotate_checkpoints(args.output_dir, args.save_total_limit)
     return path
@@ -310,6 +308,7 @@ def evaluate_and_save(
 def save_if_good(
     args: TrainArgs,
     engine,
+    objective: Objective,
     tokenizer,
     data: Data,
     progress: TrainProgress,
@@ -324,7 +323,7 @@ def save_if_good(
     if guard.in_a_row:
         logger.warning("step %d: no checkpoint, the step's update was skipped as non-finite", progress.step)
         return None
-    return evaluate_and_save(args, engine, tokenizer, data, progress, metrics)
+    return evaluate_and_save(args, engine, objective, tokenizer, data, progress, metrics)
 
 
 def diverged_message(args: TrainArgs, guard: NonFiniteGuard, step: int) -> str:
@@ -344,7 +343,13 @@ def diverged_message(args: TrainArgs, guard: NonFiniteGuard, step: int) -> str:
 
 
 def train(
-    args: TrainArgs, engine, tokenizer, data: Data, device: torch.device, resume: Path | None
+    args: TrainArgs,
+    engine,
+    objective: Objective,
+    tokenizer,
+    data: Data,
+    device: torch.device,
+    resume: Path | None,
 ) -> TrainProgress:
     """The training loop: epochs of optimizer steps, logging, evaluation and checkpoints."""
     _, total_steps = total_optimizer_steps(args, data)
@@ -355,7 +360,9 @@ def train(
     if progress.batches_in_epoch >= data.micro_batches_per_epoch:  # the checkpoint closed its epoch
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
-    metrics = Metrics(str(args.tensorboard_path), device, progress.step, progress.skipped_steps)
+    metrics = Metrics(
+        str(args.tensorboard_path), device, progress.step, progress.skipped_steps, objective.metric_names
+    )
     guard = NonFiniteGuard(args.max_bad_steps, args.precision)
     progress_bar = (
         tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
@@ -376,7 +383,7 @@ def train(
                 # Prefetch the step's micro-batches so their learned tokens are counted before any backward.
                 n = min(accumulation, data.micro_batches_per_epoch - progress.batches_in_epoch)
                 micro_batches = list(islice(batches, n))
-                result = train_step(args, engine, micro_batches, device, metrics, stop)
+                result = train_step(args, engine, objective, micro_batches, device, metrics, stop)
                 if result is None:  # a stop was asked for: checkpoint the last step done, then stop
                     # Without evaluation (a preempted job may have seconds left); never a skipped step.
                     if saved_at != progress.step and not guard.in_a_row:
@@ -404,13 +411,15 @@ def train(
                     metrics.log(engine, progress.step, progress_bar)
                 if args.save_model_step and progress.step % args.save_model_step == 0:
                     saved_path = (
-                        save_if_good(args, engine, tokenizer, data, progress, metrics, guard) or saved_path
+                        save_if_good(args, engine, objective, tokenizer, data, progress, metrics, guard)
+                        or saved_path
                     )
                     saved_at = progress.step
 
             if saved_at != progress.step:  # end of an epoch (or of --max_steps)
                 saved_path = (
-                    save_if_good(args, engine, tokenizer, data, progress, metrics, guard) or saved_path
+                    save_if_good(args, engine, objective, tokenizer, data, progress, metrics, guard)
+                    or saved_path
                 )
                 saved_at = progress.step
             if progress.batches_in_epoch >= data.micro_batches_per_epoch:
@@ -485,7 +494,8 @@ def main(argv: list[str] | None = None) -> TrainProgress:
                 args.output_dir, estimated_checkpoint_bytes(engine.module), "a checkpoint"
             )
         )
-    progress = train(args, engine, tokenizer, data, device, resume)
+    objective = build_objective("sft", head_loss="liger" if args.liger else "fused")
+    progress = train(args, engine, objective, tokenizer, data, device, resume)
     if is_main_process():
         checkpoints = list_checkpoints(args.output_dir)
         best = best_checkpoint(args.output_dir)
@@ -500,7 +510,7 @@ def main(argv: list[str] | None = None) -> TrainProgress:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry point: :func:`main` under sft.cli's error handling.
+    """Command-line entry point: :func:`main` under sft.core's error handling.
 
     A user error (bad flags: exit status 2; bad data, a damaged checkpoint or model, an unusable path, a full
     disk: 1) ends with one log line naming the flag or file and the fix; a SIGTERM or Ctrl-C that saved a

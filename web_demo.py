@@ -23,17 +23,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from models import register_models
-from sft.cli import (
-    ArgsError,
-    ArgumentParser,
-    HelpFormatter,
-    UserError,
-    add_arguments,
-    from_namespace,
-    run_entry_point,
-    set_seed,
-    setup_logging,
-)
+from sft.core.errors import ArgsError, UserError
+from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import context_window, fit_history
 from sft.inference.generate import stream_reply
 from sft.inference.loading import ModelLoadArgs, load_from_flags

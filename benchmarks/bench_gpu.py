@@ -2,7 +2,7 @@
 
 The model is random (no weights can be downloaded), with the official Baichuan2-7B shape (hidden 4096, 32 layers,
 32 heads, MLP 11008, 125,696-token vocabulary, RoPE), loaded as train.py loads it: NF4 base, bf16 compute
-(`sft.modeling.load_model_for_training`, parameters cast to bf16 as DeepSpeed's bf16 engine does), LoRA with
+(`sft.train.model.load_model_for_training`, parameters cast to bf16 as DeepSpeed's bf16 engine does), LoRA with
 train.py's defaults (the recipe's: r 16, alpha 64, dropout 0.1, every linear layer but the head), gradient
 checkpointing on (the recipe's set-up: its 32k-token run fits in 60 GiB only so). One process, one model, a plain
 loop (forward, backward, AdamW on the LoRA parameters); the variants differ only in the data and loss path:
@@ -10,9 +10,9 @@ loop (forward, backward, AdamW on the LoRA parameters); the variants differ only
     recipe      benchmarks/bench_train.py's re-implementation: micro-batches padded to their longest sample, no
                 attention mask, the whole (B, T, V) logits upcast to fp32 for the loss, `loss.item()` every step,
                 the NormHead normalised in every forward (the official modeling file's training path);
-    ours        train.py's path: `sft.loss.batch_loss_sums` (head on the learned tokens only, fused linear +
+    ours        train.py's path: `sft.train.objectives.sft.batch_loss_sums` (head on the learned tokens only, fused linear +
                 cross-entropy, right-padded batches without a mask), batches from `sft.data.dataset`;
-    ours_liger  ours after `sft.kernels.apply_liger` (Liger Kernel's RMSNorm, SwiGLU, RoPE, fused linear CE).
+    ours_liger  ours after `sft.train.kernels.apply_liger` (Liger Kernel's RMSNorm, SwiGLU, RoPE, fused linear CE).
 
 Workloads (docs/PERFORMANCE.md, "GPU check"):
 
@@ -57,11 +57,14 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
 
 from benchmarks.bench_train import RecipeCollator, recipe_loss  # noqa: E402
 from models import register_models  # noqa: E402
-from sft.args import TrainArgs  # noqa: E402
-from sft.data.dataset import SFTDataset, build_dataloader  # noqa: E402
-from sft.kernels import apply_liger, liger_problem  # noqa: E402
-from sft.loss import IGNORE_INDEX, batch_loss_sums  # noqa: E402
-from sft.modeling import load_model_for_training, torch_dtype  # noqa: E402
+from sft.data.batching import build_dataloader  # noqa: E402
+from sft.data.dataset import SFTDataset  # noqa: E402
+from sft.data.formats import IGNORE_INDEX  # noqa: E402
+from sft.modeling.loading import torch_dtype  # noqa: E402
+from sft.train.args import TrainArgs  # noqa: E402
+from sft.train.kernels import apply_liger, liger_problem  # noqa: E402
+from sft.train.model import load_model_for_training  # noqa: E402
+from sft.train.objectives.sft import batch_loss_sums  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
@@ -124,7 +127,7 @@ def write_lengths(data_dir: Path, out_file: Path, *, samples: int, seed: int) ->
         )
         args.max_src_len = 4000
         spec = prepare(args, Path(tmp))
-        from sft.modeling import load_tokenizer
+        from sft.modeling.loading import load_tokenizer
 
         tokenizer = load_tokenizer(spec["model_dir"])
         dataset = _load_dataset(Path(spec["model_dir"]), tokenizer, Path(spec["data_file"]), args, Path(tmp))
@@ -510,7 +513,7 @@ def probe_losses(trainer: Trainer, variants: list[str], vocab: int, sizes: Sizes
     samples = rolebench_samples(8, vocab, sizes.max_len, seed=1)
     items = [{"input_ids": ids, "labels": labels} for ids, labels in samples]
     recipe_batch = RecipeCollator(0)(items)
-    from sft.data.dataset import PaddedCollator
+    from sft.data.batching import PaddedCollator
 
     ours_batch = PaddedCollator(0)([{k: torch.tensor(v).numpy() for k, v in it.items()} for it in items])
     learned = int((recipe_batch["labels"][:, 1:] != IGNORE_INDEX).sum())

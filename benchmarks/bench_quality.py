@@ -71,9 +71,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project's packages live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
-from sft.cli import HelpFormatter, setup_logging  # noqa: E402
+from sft.core.flags import HelpFormatter  # noqa: E402
+from sft.core.runner import setup_logging  # noqa: E402
 from sft.data.formats import iter_json_records  # noqa: E402
-from sft.rouge import read_f1  # noqa: E402
+from sft.inference.rouge import read_f1  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -228,7 +229,7 @@ def run_ours_worker(spec: dict) -> int:
 
 
 def bnb_config(quantization: str) -> BitsAndBytesConfig | None:
-    """What train.py's --quantization nf4 --precision fp32 loads (sft.modeling.quantization_config)."""
+    """What train.py's --quantization nf4 --precision fp32 loads (sft.modeling.loading.quantization_config)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -415,9 +416,10 @@ def training_rows(args: argparse.Namespace, model_dir: Path, train_file: Path) -
     The same calls with the same arguments as train.py's setup_data (sft.data.dataset), so train.py's own
     encoding of the file gives these rows; the first step's loss, compared afterwards, checks it.
     """
-    from sft.data.dataset import build_dataloader, load_sft_dataset
+    from sft.data.batching import build_dataloader
+    from sft.data.dataset import load_sft_dataset
     from sft.data.templates import get_template
-    from sft.modeling import load_tokenizer
+    from sft.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     template = get_template("tokenizer", tokenizer, model_dir=str(model_dir))
@@ -633,8 +635,8 @@ def train_ours(
     args: argparse.Namespace, stages: Stages, model_dir: Path, train_file: Path, rows: Rows, out: Path
 ) -> Trained:
     """train.py in its own process; losses and step times from its TensorBoard events."""
-    from sft.checkpoint import list_checkpoints
-    from sft.plotting import read_scalars
+    from sft.checkpoint.layout import list_checkpoints
+    from sft.train.plotting import read_scalars
 
     ckpts = out / "ours" / "checkpoints"
     spec = {

@@ -9,7 +9,7 @@ samples, with a plain PyTorch loop (forward, backward, AdamW on the LoRA paramet
             `model(input_ids, labels=labels)` does in the official modeling file), `loss.item()` every step;
     ours    what train.py does: samples packed into rows of max_len (position_ids restart per document,
             attention_mask=None), the output head computed only at positions with a learned next token
-            (`logits_to_keep`), chunked fp32 loss (`sft.loss.batch_loss_sums`), loss kept on the device.
+            (`logits_to_keep`), chunked fp32 loss (`sft.train.objectives.sft.batch_loss_sums`), loss kept on the device.
 
 Each variant runs in a fresh subprocess so that its peak memory (peak RSS from /proc/self/status VmHWM on
 CPU, `torch.cuda.max_memory_allocated` on GPU) is its own. Both see the same samples, tokens and learned
@@ -50,12 +50,17 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
 
 from models import register_models  # noqa: E402
 from models.tiny import build_tiny_baichuan  # noqa: E402
+from sft.data.batching import build_dataloader  # noqa: E402
 from sft.data.converters import convert_rolebench  # noqa: E402
-from sft.data.dataset import SFTDataset, build_dataloader, load_sft_dataset  # noqa: E402
-from sft.data.formats import write_jsonl_atomic  # noqa: E402
+from sft.data.dataset import SFTDataset, load_sft_dataset  # noqa: E402
+from sft.data.formats import (  # noqa: E402
+    IGNORE_INDEX,
+    write_jsonl_atomic,
+)
 from sft.data.templates import get_template  # noqa: E402
-from sft.loss import IGNORE_INDEX, batch_loss_sums  # noqa: E402
-from sft.modeling import find_lora_targets, load_base_model, load_tokenizer, torch_dtype  # noqa: E402
+from sft.modeling.loading import load_base_model, load_tokenizer, torch_dtype  # noqa: E402
+from sft.train.model import find_lora_targets  # noqa: E402
+from sft.train.objectives.sft import batch_loss_sums  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 

@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +40,10 @@ from typing import Any
 
 import torch
 
-from sft.cli import ArgumentParser, UserError, run_entry_point
+from sft.core.atomic import replacing_dir, restore_default_modes
+from sft.core.errors import UserError
+from sft.core.flags import ArgumentParser
+from sft.core.runner import run_entry_point
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ PROVENANCE_FILE = "gguf_import.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Written by transformers 5 into tokenizer_config.json: they describe the loading call, not the files.
 _LOADING_FLAGS = ("is_local", "local_files_only")
+
+
+class _AlreadyImported(Exception):
+    """Raised inside the staging block: another process wrote the same import while this one waited."""
 
 
 class GGUFImportError(UserError, RuntimeError):
@@ -184,7 +189,7 @@ def write_model_dir(gguf_path: Path, out: Path, dtype: str, provenance_record: d
     save_tokenizer(tokenizer, out, getattr(model.config, "max_position_embeddings", None))
     # Written last: its presence marks a complete import.
     _write_json(out / PROVENANCE_FILE, provenance_record)
-    _apply_umask(out)
+    restore_default_modes(out)  # safetensors writes its files 0600
 
 
 def import_gguf(
@@ -225,52 +230,23 @@ def import_gguf(
             "replace it"
         )
     start = time.monotonic()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        write_model_dir(source, tmp, dtype, wanted)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Waits for another process importing into the same directory (two test sessions sharing a cache).
+        with replacing_dir(out, wait=True) as staging:
+            existing = read_provenance(out)
+            if existing is not None and _same_import(existing, wanted):
+                raise _AlreadyImported  # the other process finished this very import: keep it
+            write_model_dir(source, staging, dtype, wanted)
+    except _AlreadyImported:
+        logger.info("%s was imported by another process meanwhile: nothing to do", out)
+        return out
     logger.info("imported %s into %s in %.1f s", source, out, time.monotonic() - start)
     return out
-
-
-def _apply_umask(directory: Path) -> None:
-    """Give ``directory`` and its files the usual permissions (mkdtemp and safetensors create them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
 
 
 def _same_import(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     keys = ("sha256", "importer_version", "dtype")
     return all(existing.get(k) == wanted[k] for k in keys)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Put directory ``new`` at ``out`` with renames; an old ``out`` is moved aside first, then deleted.
-
-    Another process may finish the same import first (two test sessions sharing a cache): then ``out``
-    appears between the checks and the rename fails, and if it holds the same import ours is discarded.
-    """
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.rename(new, out)
-    except OSError:
-        theirs = read_provenance(out)
-        ours = read_provenance(new)
-        if theirs is None or ours is None or not _same_import(theirs, ours):
-            raise
-        shutil.rmtree(new, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from models.gguf_import import add_output_flags, import_gguf
-from sft.cli import ArgumentParser, run_entry_point
+from sft.core.flags import ArgumentParser
+from sft.core.runner import run_entry_point
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script by a launcher: sys.path[0]
 
 import torch  # noqa: E402
 
-import sft.checkpoint  # noqa: E402
+import sft.checkpoint.save  # noqa: E402
 import train  # noqa: E402
-from sft.distributed import get_rank  # noqa: E402
+from sft.core.distributed import get_rank  # noqa: E402
 
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
 _SPEC = re.compile(r"^(sigterm|sigint|sigkill|nan)@(eval|save)?(\d+)(?::r(\d+))?$")
@@ -68,12 +68,12 @@ def _send(fault: Fault) -> None:
 
 @contextlib.contextmanager
 def injected(spec: str) -> Iterator[None]:
-    """Patch train.py's loss, evaluation and adapter saving to fire the faults of ``spec``."""
+    """Patch train.py's objective, evaluation and adapter saving to fire the faults of ``spec``."""
     faults = parse(spec)
-    real_loss, real_eval, real_save_adapter = (
-        train.batch_loss_sums,
-        train.evaluate_perplexity,
-        sft.checkpoint.save_adapter,
+    real_build, real_eval, real_save_adapter = (
+        train.build_objective,
+        train.evaluate,
+        sft.checkpoint.save.save_adapter,
     )
     state = {"engine": None, "hooked": set(), "signalled": set()}
 
@@ -84,7 +84,7 @@ def injected(spec: str) -> Iterator[None]:
             return output * float("nan")
         return None
 
-    def batch_loss_sums(model, batch, device, **kwargs):
+    def before_loss(model):
         state["engine"] = model
         head = model.module.get_output_embeddings()
         if id(head) not in state["hooked"]:
@@ -96,13 +96,23 @@ def injected(spec: str) -> Iterator[None]:
             for fault in faults:
                 if fault.action in SIGNALS and fault.due("step", step):
                     _send(fault)
-        return real_loss(model, batch, device, **kwargs)
 
-    def evaluate_perplexity(model, dataloader, **kwargs):
+    def build_objective(*args, **kwargs):
+        objective = real_build(*args, **kwargs)
+        real_loss_sums = objective.loss_sums
+
+        def loss_sums(model, batch, device):
+            before_loss(model)
+            return real_loss_sums(model, batch, device)
+
+        objective.loss_sums = loss_sums
+        return objective
+
+    def evaluate(model, dataloader, objective, **kwargs):
         for fault in faults:
             if fault.action in SIGNALS and fault.due("eval", model.global_steps):
                 _send(fault)
-        return real_eval(model, dataloader, **kwargs)
+        return real_eval(model, dataloader, objective, **kwargs)
 
     def save_adapter(model, path):
         real_save_adapter(model, path)
@@ -111,16 +121,16 @@ def injected(spec: str) -> Iterator[None]:
             if engine is not None and fault.action in SIGNALS and fault.due("save", engine.global_steps):
                 _send(fault)
 
-    train.batch_loss_sums, train.evaluate_perplexity, sft.checkpoint.save_adapter = (
-        batch_loss_sums,
-        evaluate_perplexity,
+    train.build_objective, train.evaluate, sft.checkpoint.save.save_adapter = (
+        build_objective,
+        evaluate,
         save_adapter,
     )
     try:
         yield
     finally:
-        train.batch_loss_sums, train.evaluate_perplexity, sft.checkpoint.save_adapter = (
-            real_loss,
+        train.build_objective, train.evaluate, sft.checkpoint.save.save_adapter = (
+            real_build,
             real_eval,
             real_save_adapter,
         )

@@ -1,5 +1,6 @@
-"""The layout's rules, checked on the source (docs/ARCHITECTURE.md): import direction, no import cycle,
-one owner of the checkpoint file names."""
+"""The layout's rules, checked on the source (docs/ARCHITECTURE.md): import direction, no import cycle (annotation
+imports included), sft/core a leaf, one owner of the checkpoint file names, of trainer_state.json and of renaming
+temporary files into place, and no module of sft/ over 600 lines."""
 
 from __future__ import annotations
 
@@ -25,12 +26,16 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node except those under ``if TYPE_CHECKING:`` (annotation-only imports run nothing)."""
+def _runtime_nodes(tree: ast.AST, *, type_checking: bool = False) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (annotation-only imports run nothing), unless
+    ``type_checking``."""
     nodes, todo = [], [tree]
     while todo:
         node = todo.pop()
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        is_guard = (
+            isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        )
+        if is_guard and not type_checking:
             todo.extend(node.orelse)
             continue
         nodes.append(node)
@@ -38,13 +43,14 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     return nodes
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, *, type_checking: bool = False) -> set[str]:
     """Every module imported at run time anywhere in the file, top level or inside functions (lazy imports
-    count: a cycle hidden in a function is still a cycle)."""
+    count: a cycle hidden in a function is still a cycle); with ``type_checking`` also the annotation-only
+    imports under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
     found: set[str] = set()
-    for node in _runtime_nodes(tree):
+    for node in _runtime_nodes(tree, type_checking=type_checking):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -58,10 +64,13 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _graph(package: str) -> dict[str, set[str]]:
+def _graph(package: str, *, type_checking: bool = False) -> dict[str, set[str]]:
     files = sorted((REPO_ROOT / package).rglob("*.py"))
     modules = {_module_name(f): f for f in files}
-    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    return {
+        name: {m for m in _imports(path, type_checking=type_checking) if m in modules and m != name}
+        for name, path in modules.items()
+    }
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -87,10 +96,107 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle_in_sft_or_models():
-    graph = {**_graph("sft"), **_graph("models")}
-    # Package __init__ modules import their children; a child importing its package is not a cycle of code.
-    graph = {k: {m for m in v if not k.startswith(m + ".")} for k, v in graph.items()}
-    assert _find_cycle(graph) is None, f"import cycle: {' -> '.join(_find_cycle(graph))}"
+    """No cycle at run time, nor through the annotation-only imports under ``if TYPE_CHECKING:`` (a module that
+    needs another's types must not be needed by it: the layers would not be layers)."""
+    for type_checking in (False, True):
+        graph = {
+            **_graph("sft", type_checking=type_checking),
+            **_graph("models", type_checking=type_checking),
+        }
+        # Package __init__ modules import their children; a child importing its package is not a cycle of code.
+        graph = {k: {m for m in v if not k.startswith(m + ".")} for k, v in graph.items()}
+        cycle = _find_cycle(graph)
+        assert cycle is None, (
+            f"import cycle{' (TYPE_CHECKING included)' * type_checking}: {' -> '.join(cycle)}"
+        )
+
+
+def test_core_is_a_leaf():
+    """sft/core is what every part shares: it imports nothing else from sft (annotation imports included)."""
+    for path in sorted((REPO_ROOT / "sft" / "core").rglob("*.py")):
+        outside = {
+            m
+            for m in _imports(path, type_checking=True)
+            if m.startswith("sft.") and not m.startswith("sft.core")
+        }
+        assert not outside, f"{path.relative_to(REPO_ROOT)} imports {sorted(outside)}"
+
+
+def _project_python() -> list[Path]:
+    """Every Python file of the project except the tests (the library, the models, the scripts, benchmarks)."""
+    return [
+        p
+        for p in sorted(REPO_ROOT.rglob("*.py"))
+        if not {".venv", ".git", "tests", ".whl"} & set(p.relative_to(REPO_ROOT).parts)
+    ]
+
+
+def _renames(tree: ast.AST) -> list[int]:
+    """Lines that rename a file into place: ``os.replace``/``os.rename``/``shutil.move`` and ``Path.rename``/
+    ``Path.replace`` (a one-argument ``replace``; ``str.replace`` takes two)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        name = node.func.attr
+        if (owner, name) in {("os", "replace"), ("os", "rename"), ("shutil", "move")} or (
+            owner not in ("os", "shutil")
+            and (name == "rename" or (name == "replace" and len(node.args) == 1 and not node.keywords))
+        ):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_files_are_renamed_into_place_only_by_core():
+    """Writing a file safely (a temporary sibling renamed over it) has one owner: sft/core/atomic.py."""
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{line}"
+        for path in _project_python()
+        if path != REPO_ROOT / "sft" / "core" / "atomic.py"
+        for line in _renames(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not offenders, "write through sft.core.atomic instead:\n" + "\n".join(offenders)
+
+
+def test_rename_finder_finds_renames():
+    source = (
+        "os.replace(a, b)\ntmp.rename(out)\ntmp.replace(out)\ntext.replace('a', 'b')\nshutil.move(a, b)\n"
+    )
+    assert _renames(ast.parse(source)) == [1, 2, 3, 5]
+
+
+def test_trainer_state_has_one_parser():
+    """trainer_state.json is read in one place (sft.checkpoint.state.read_state)."""
+    offenders = []
+    for path in _project_python():
+        if path == REPO_ROOT / "sft" / "checkpoint" / "state.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                json_reads = {
+                    n.attr
+                    for n in ast.walk(node)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "json"
+                } & {"load", "loads"}
+                if "TRAINER_STATE" in names and (json_reads or "read_json" in names):
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name}")
+    assert not offenders, "read it with sft.checkpoint.state.read_state:\n" + "\n".join(offenders)
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_of_sft_over_600_lines():
+    """A module that grows past 600 lines holds more than one job: split it by job."""
+    long = {
+        str(p.relative_to(REPO_ROOT)): n
+        for p in sorted((REPO_ROOT / "sft").rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -117,14 +223,14 @@ def test_every_entry_point_registers_the_models():
 
 
 def test_checkpoint_file_names_have_one_owner():
-    """Only sft/checkpoint.py spells the names of the files in a checkpoint directory."""
+    """Only sft/checkpoint/layout.py spells the names of the files in a checkpoint directory."""
     names = {"train_args.json", "trainer_state.json", "training_state", "adapter_config.json"}
     names.add("adapter_model.safetensors")
     offenders = []
     for path in [*sorted((REPO_ROOT / "sft").rglob("*.py")), *(REPO_ROOT / s for s in SCRIPTS)]:
-        if path == REPO_ROOT / "sft" / "checkpoint.py":
+        if path == REPO_ROOT / "sft" / "checkpoint" / "layout.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and node.value in names:
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {node.value!r}")
-    assert not offenders, "use the names in sft.checkpoint instead:\n" + "\n".join(offenders)
+    assert not offenders, "use the names in sft.checkpoint.layout instead:\n" + "\n".join(offenders)

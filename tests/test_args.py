@@ -1,4 +1,4 @@
-"""sft.args: flag parsing, validation (all problems at once) and ds_config "auto" filling."""
+"""sft.train.args: flag parsing, validation (all problems at once) and ds_config "auto" filling."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.args import ArgsError, TrainArgs, build_parser, parse_args, validate_args
-from sft.ds_config import build_ds_config
+from sft.core.errors import ArgsError
+from sft.train.args import TrainArgs, build_parser, parse_args
+from sft.train.ds_config import build_ds_config
+from sft.train.validate import validate_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +175,7 @@ def test_ds_config_auto_values_are_filled(paths):
         "--max_grad_norm",
         "0.5",
     )
-    config = build_ds_config(args, world_size=4)
+    config = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=4)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 5
     assert config["train_batch_size"] == 60
@@ -187,7 +189,7 @@ def test_ds_config_auto_values_are_filled(paths):
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])
 def test_bundled_configs_fill_completely(paths, name):
     args = _args(paths, "--ds_config", str(REPO_ROOT / "ds_configs" / f"{name}.json"))
-    config = build_ds_config(args, world_size=2)
+    config = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=2)
     assert "auto" not in json.dumps(config)
     assert config["bf16"]["enabled"] is True
     # torch's AdamW (nothing for DeepSpeed to compile, offloaded or not) and fp32 gradient accumulation under bf16.
@@ -203,17 +205,19 @@ def test_ds_config_defaults_yield_to_the_config(paths, tmp_path):
     config["data_types"] = {"grad_accum_dtype": "bf16"}
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(config))
-    filled = build_ds_config(_args(paths, "--ds_config", str(path)), world_size=1)
+    args = _args(paths, "--ds_config", str(path))
+    filled = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
     assert filled["optimizer"]["params"]["torch_adam"] is False
     assert filled["data_types"] == {"grad_accum_dtype": "bf16"}
-    filled = build_ds_config(_args(paths, "--precision", "fp32"), world_size=1)
+    args = _args(paths, "--precision", "fp32")
+    filled = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
     assert "data_types" not in filled and filled["optimizer"]["params"]["torch_adam"] is True
     config = {"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": "auto"}}}
     path.write_text(json.dumps(config))
     args = _args(
         paths, "--ds_config", str(path), "--max_bad_steps", "0"
     )  # no ZeRO section: stage 0, no guard
-    filled = build_ds_config(args, world_size=1)
+    filled = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
     assert "data_types" not in filled and "torch_adam" not in filled["optimizer"]["params"]
 
 
@@ -235,7 +239,7 @@ def test_ds_config_disagreement_is_an_error(paths, tmp_path):
     args = _args(paths, "--ds_config", str(path), "--gradient_accumulation_steps", "8")
     config.pop("scheduler")
     path.write_text(json.dumps(config))
-    build_ds_config(args, world_size=1)
+    build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
 
 
 def test_help_renders_every_help_string():
@@ -299,7 +303,8 @@ def test_interrupted_checkpoint_is_refused_before_any_work(paths, tmp_path):
 
 def test_unknown_lora_target_is_an_argument_error(tiny_baichuan_dir):
     """Only the model knows its module names: the check runs at load time but reports like a flag error."""
-    from sft.modeling import build_peft_config, load_base_model
+    from sft.modeling.loading import load_base_model
+    from sft.train.model import build_peft_config
 
     model = load_base_model(tiny_baichuan_dir, "none", dtype=torch.float32)
     args = parse_args(["--lora_target", "q_proj,W_pack"])
@@ -310,9 +315,9 @@ def test_unknown_lora_target_is_an_argument_error(tiny_baichuan_dir):
 
 def test_docs_flag_tables_are_generated_from_the_code():
     """docs/TRAINING.md's flag tables are the help texts of TrainArgs (one source of truth)."""
-    from sft.cli import flag_table, generated_block
+    from sft.core.flags import flag_table, generated_block
 
     docs = (REPO_ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
     assert generated_block("train-flags", flag_table(TrainArgs)) in docs, (
-        "docs/TRAINING.md is out of date: run python -m sft.args --update-docs"
+        "docs/TRAINING.md is out of date: run python -m sft.train.args --update-docs"
     )

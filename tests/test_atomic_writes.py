@@ -3,7 +3,7 @@ previous output complete, its leftovers are cleaned by the next run (never those
 data outputs get the permissions of a plain file.
 
 The kill points are real SIGKILLs from this test: ``$SFT_TEST_PAUSE_AT`` makes the process stop at a named
-point (sft.atomic.pause_point) and say so on stderr, and the test kills it there.
+point (sft.core.atomic.pause_point) and say so on stderr, and the test kills it there.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.atomic import PAUSE_ENV, DirectoryBusyError, replacing_dir, write_file_atomic
+from sft.core.atomic import PAUSE_ENV, DirectoryBusyError, replacing_dir, write_file_atomic
 from tests.test_error_corpus import GOOD, write_rolebench
 from tests.test_merge import PROBE_BATCH, make_adapter
 
@@ -92,7 +92,7 @@ def test_killed_merge_never_destroys_the_previous_model(tiny_baichuan_dir, tmp_p
     """merge_params.py --overwrite killed (kill -9) just before the swap and just after it: OUT is always a
     complete model (the old one, then the new one), and each merge deletes what killed ones left (a whole
     model's size each), never the copy of a merge still running."""
-    from sft.merge import merge_lora
+    from sft.export.merge import merge_lora
 
     adapter_a = make_adapter(tiny_baichuan_dir, tmp_path / "a", quantization="none", seed=1)
     adapter_b = make_adapter(tiny_baichuan_dir, tmp_path / "b", quantization="none", seed=2)
@@ -147,9 +147,9 @@ def test_killed_merge_never_destroys_the_previous_model(tiny_baichuan_dir, tmp_p
 FALLBACK_WRITER = """
 import sys
 from pathlib import Path
-import sft.atomic
-sft.atomic._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE
-with sft.atomic.replacing_dir(Path(sys.argv[1])) as staging:
+import sft.core.atomic
+sft.core.atomic._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE
+with sft.core.atomic.replacing_dir(Path(sys.argv[1])) as staging:
     (staging / "version.txt").write_text("new")
 """
 

@@ -529,7 +529,7 @@ with socket.socket() as s:
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
 from deepspeed.utils import safe_get_full_grad
-from sft.distributed import init_distributed
+from sft.core.distributed import init_distributed
 from tests.test_baichuan_model import random_ids, tiny_model
 
 init_distributed()

@@ -17,15 +17,10 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-from sft.data.dataset import build_dataloader, load_sft_dataset
-from sft.data.templates import (
-    TEMPLATE_NAMES,
-    assemble,
-    get_template,
-    resolve_template_name,
-    sample_plan,
-)
-from sft.loss import IGNORE_INDEX
+from sft.data.batching import build_dataloader
+from sft.data.dataset import load_sft_dataset
+from sft.data.formats import IGNORE_INDEX
+from sft.data.templates import TEMPLATE_NAMES, assemble, get_template, resolve_template_name, sample_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -489,7 +484,7 @@ def test_resolve_template_name(model_dirs, toks, tiny_llama_dir: Path, tiny_baic
 
 def test_template_that_drops_tools_is_named(toks, caplog):
     """SmolLM2's template ignores tools and tool calls (as transformers renders it); say so once."""
-    with caplog.at_level("WARNING", logger="sft.data.jinja_template"):
+    with caplog.at_level("WARNING", logger="sft.data.templates.jinja"):
         get_template("tokenizer", toks["qwen25"]).encode(TOOL_CHAT)
         assert not caplog.records
         smol = get_template("tokenizer", toks["smollm2"])
@@ -526,7 +521,7 @@ def test_named_template_carries_an_equal_jinja(name, model_dirs):
 
 
 def test_baichuan2_carries_an_equal_jinja(tiny_baichuan_dir: Path):
-    from sft.modeling import load_tokenizer
+    from sft.modeling.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_baichuan_dir)
     named = get_template("baichuan2", tok, tiny_baichuan_dir)

@@ -15,19 +15,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.data.converters import convert_dialogsum, convert_rolebench
-from sft.data.dataset import (
+from sft.data.batching import (
     PaddedCollator,
-    SFTDataset,
     ShardedBatchSampler,
     build_dataloader,
     build_eval_dataloader,
-    load_sft_dataset,
     pack_first_fit_decreasing,
 )
-from sft.data.formats import DataFormatError, write_jsonl_atomic
+from sft.data.converters import convert_dialogsum, convert_rolebench
+from sft.data.dataset import SFTDataset, load_sft_dataset
+from sft.data.formats import IGNORE_INDEX, DataFormatError, write_jsonl_atomic
 from sft.data.templates import get_template
-from sft.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent

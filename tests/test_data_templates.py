@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from sft.data.formats import DataFormatError
+from sft.data.formats import IGNORE_INDEX, DataFormatError
 from sft.data.templates import assemble, default_template_name, get_template, sample_plan
-from sft.loss import IGNORE_INDEX
 
 SYSTEM = "你是李白，为人爽朗大方。"
 ANSWERS = ["床前明月光，疑是地上霜。", "Hello world, said the poet!", "举杯邀明月。"]

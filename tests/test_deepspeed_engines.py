@@ -32,12 +32,13 @@ import numpy as np
 import torch
 import deepspeed
 from models import register_models
-from sft.args import parse_args
-from sft.data.dataset import PaddedCollator
-from sft.distributed import init_distributed
-from sft.ds_config import build_ds_config, zero_stage
-from sft.loss import batch_loss_sums
-from sft.modeling import is_partitioned, load_model_for_training
+from sft.train.args import parse_args
+from sft.data.batching import PaddedCollator
+from sft.core.distributed import init_distributed
+from sft.train.ds_config import build_ds_config, zero_stage
+from sft.train.objectives.sft import batch_loss_sums
+from sft.modeling.loading import is_partitioned
+from sft.train.model import load_model_for_training
 
 register_models()
 device = init_distributed()
@@ -55,7 +56,7 @@ for name in sys.argv[2:]:
         "--learning_rate", "1e-2", "--weight_decay", "0", "--lora_dim", "8", "--lora_alpha", "16",
         "--lora_dropout", "0",
     ])
-    config = build_ds_config(args, world_size=1)
+    config = build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
     torch.manual_seed(0)
     model = load_model_for_training(args, device, ds_config=config)
     stage = zero_stage(config)

@@ -100,7 +100,8 @@ class Workspace:
 
     def foreign_checkpoint(self) -> str:
         """A complete-looking checkpoint of another run: the shared adapter, recorded as trained on the tiny Llama."""
-        from sft.checkpoint import BASE_MODEL, STATE_DIR, TRAIN_ARGS, TRAINER_STATE, base_model_identity
+        from sft.checkpoint.identity import base_model_identity
+        from sft.checkpoint.layout import BASE_MODEL, STATE_DIR, TRAIN_ARGS, TRAINER_STATE
 
         path = self.root / "other_run" / "epoch-1-step-2"
         shutil.copytree(self.adapter, path)
@@ -484,7 +485,8 @@ def test_unexpected_error_is_one_line_naming_its_traceback_file(caplog, capsys):
     """A bug (not a user error) exits 70 with one line naming the file its traceback went to."""
     import logging
 
-    from sft.cli import EXIT_INTERNAL, run_entry_point
+    from sft.core.errors import EXIT_INTERNAL
+    from sft.core.runner import run_entry_point
 
     def buggy(argv: list[str]) -> None:
         raise KeyError("no such thing")

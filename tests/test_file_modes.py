@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from sft.atomic import plain_file_mode, restore_default_modes
+from sft.core.atomic import plain_file_mode, restore_default_modes
 
 
 @pytest.fixture
@@ -38,8 +38,8 @@ def test_adapter_and_merged_weights_are_readable_by_others(umask_022, tiny_llama
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sft.checkpoint import save_adapter
-    from sft.merge import merge_lora
+    from sft.checkpoint.save import save_adapter
+    from sft.export.merge import merge_lora
     from tests.test_merge import make_adapter
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-import sft.gguf_export as gguf_export
-import sft.gguf_plan as gguf_plan
-from sft.gguf_errors import ExportCheckError, ExportRefused
-from sft.gguf_export import export_gguf
-from sft.gguf_verify import TRANSFORMERS_TOLERANCE
-from sft.ollama_modelfile import choose_chat_format
+import sft.export.gguf as gguf_export
+import sft.export.gguf_plan as gguf_plan
+from sft.export.errors import ExportCheckError, ExportRefused
+from sft.export.gguf import export_gguf
+from sft.export.gguf_verify import TRANSFORMERS_TOLERANCE
+from sft.export.ollama import choose_chat_format
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

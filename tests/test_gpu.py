@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.kernels import liger_problem
-from sft.loss import IGNORE_INDEX, batch_loss_sums, token_loss_sums
-from sft.modeling import load_base_model
+from sft.data.formats import IGNORE_INDEX
+from sft.modeling.loading import load_base_model
+from sft.train.kernels import liger_problem
+from sft.train.objectives.sft import batch_loss_sums, token_loss_sums
 from tests.test_train_single import (
     checkpoint_state,
     run,
@@ -44,7 +45,7 @@ CUDA = torch.device("cuda", 0)
 
 
 def _checkpoint_at(output_dir: Path, step: int) -> Path:
-    from sft.checkpoint import list_checkpoints
+    from sft.checkpoint.layout import list_checkpoints
 
     (found,) = [c for c in list_checkpoints(output_dir) if checkpoint_state(c)["step"] == step]
     return found
@@ -99,7 +100,7 @@ def test_qlora_bf16_under_deepspeed_resume_merge_and_greedy(tiny_baichuan_dir: P
 def _lora(model_dir: Path, *, attn: str = "sdpa", dtype: torch.dtype = torch.bfloat16):
     from peft import LoraConfig, get_peft_model
 
-    from sft.modeling import find_lora_targets
+    from sft.train.model import find_lora_targets
 
     base = load_base_model(model_dir, "none", dtype, attn_implementation=attn).to(CUDA)
     torch.manual_seed(0)
@@ -191,7 +192,7 @@ def _packed_batch(vocab: int) -> dict[str, torch.Tensor]:
 def test_liger_equals_the_plain_path(family, tiny_baichuan_dir, tiny_llama_dir) -> None:
     """Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy: the plain path's logits, loss and LoRA
     gradients (bf16 tolerances), z-loss included for Baichuan2."""
-    from sft.kernels import apply_liger
+    from sft.train.kernels import apply_liger
 
     model_dir = tiny_baichuan_dir if family == "baichuan" else tiny_llama_dir
     batch = _padded_batch(1000)
@@ -217,9 +218,9 @@ def test_liger_equals_the_plain_path(family, tiny_baichuan_dir, tiny_llama_dir) 
 
 def test_torch_compile_inductor_gives_the_eager_loss(tiny_baichuan_dir: Path, tmp_path: Path) -> None:
     """The training set-up (NF4 base, bf16, LoRA, gradient checkpointing) with inductor-compiled decoder layers."""
-    from sft.args import TrainArgs
-    from sft.kernels import compile_decoder_layers
-    from sft.modeling import load_model_for_training
+    from sft.train.args import TrainArgs
+    from sft.train.kernels import compile_decoder_layers
+    from sft.train.model import load_model_for_training
 
     args = TrainArgs(model_name_or_path=str(tiny_baichuan_dir), quantization="nf4", precision="bf16",
                      gradient_checkpointing=True, lora_dropout=0.0)  # fmt: skip

@@ -1,4 +1,4 @@
-"""sft.kernels on a CPU: --torch_compile gives the same loss and gradients; --liger is refused with its reason.
+"""sft.train.kernels on a CPU: --torch_compile gives the same loss and gradients; --liger is refused with its reason.
 
 Liger's kernels need CUDA: their equality with the plain path is checked in tests/test_gpu.py.
 """
@@ -10,11 +10,12 @@ import importlib.util
 import pytest
 import torch
 
-from sft.args import parse_args, validate_args
-from sft.cli import ArgsError
-from sft.kernels import compile_decoder_layers, decoder_layers, liger_problem
-from sft.loss import batch_loss_sums
-from sft.modeling import load_model_for_training
+from sft.core.errors import ArgsError
+from sft.train.args import parse_args
+from sft.train.kernels import compile_decoder_layers, decoder_layers, liger_problem
+from sft.train.model import load_model_for_training
+from sft.train.objectives.sft import batch_loss_sums
+from sft.train.validate import validate_args
 
 CPU = torch.device("cpu")
 

@@ -20,10 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.args import ArgsError, TrainArgs, validate_args
-from sft.checkpoint import check_adapter_fits_base, read_adapter, save_adapter
-from sft.merge import merge_lora
-from sft.modeling import build_peft_config, load_base_model, load_model_for_training
+from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
+from sft.checkpoint.save import save_adapter
+from sft.core.errors import ArgsError
+from sft.export.merge import merge_lora
+from sft.modeling.loading import load_base_model
+from sft.train.args import TrainArgs
+from sft.train.model import build_peft_config, load_model_for_training
+from sft.train.validate import validate_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBE = torch.tensor([[5, 17, 300, 42, 8, 999, 250, 61], [1, 2, 3, 400, 77, 12, 13, 14]])
@@ -160,7 +164,8 @@ def test_base_changing_init_saves_plain_lora_for_the_original_base(
 
 
 def test_resume_refuses_other_variant_flags(tmp_path, caplog):
-    from sft.checkpoint import CheckpointError, check_resume_args
+    from sft.checkpoint.layout import CheckpointError
+    from sft.checkpoint.resume import check_resume_args
 
     saved = TrainArgs(lora_init="pissa", pissa_niter=16, use_dora=True, neftune_alpha=5.0, seed=1).to_dict()
     (tmp_path / "train_args.json").write_text(json.dumps(saved))
@@ -178,7 +183,7 @@ def test_resume_refuses_other_variant_flags(tmp_path, caplog):
 
 
 def test_neftune_noise_in_training_mode_only(tiny_llama_dir):
-    from sft.neftune import add_neftune_hook, neftune_noise_bound
+    from sft.train.neftune import add_neftune_hook, neftune_noise_bound
 
     model = load_base_model(tiny_llama_dir, "none", torch.float32)
     embeddings = model.get_input_embeddings()
@@ -212,17 +217,17 @@ def one_rank_world():
     once and destroyed after the last test here.
     """
 
-    import sft.distributed
+    import sft.core.distributed
 
     with pytest.MonkeyPatch.context() as patch:
         # init_distributed writes these: set-then-deleted through monkeypatch, they get their old values back.
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             patch.setenv(name, "")
             patch.delenv(name)
-        patch.setattr(sft.distributed, "_DEVICE", None)
-        yield sft.distributed.init_distributed()
+        patch.setattr(sft.core.distributed, "_DEVICE", None)
+        yield sft.core.distributed.init_distributed()
         # Through DeepSpeed, which drops the groups it cached: a later run in this process starts clean.
-        sft.distributed.destroy()
+        sft.core.distributed.destroy()
 
 
 @pytest.mark.slow
@@ -233,9 +238,10 @@ def test_loraplus_dora_and_neftune_in_a_deepspeed_engine(one_rank_world, tiny_ll
     from safetensors.torch import load_file
 
     import train
-    from sft.checkpoint import TrainProgress, save_checkpoint
-    from sft.loss import batch_loss_sums
-    from sft.modeling import load_tokenizer
+    from sft.checkpoint.save import save_checkpoint
+    from sft.checkpoint.state import TrainProgress
+    from sft.modeling.loading import load_tokenizer
+    from sft.train.objectives.sft import batch_loss_sums
 
     ds_config = json.loads((REPO_ROOT / "ds_configs" / f"zero{stage}.json").read_text())
     if stage == 3:  # tiny tensors would otherwise stay whole (persistence threshold): partition them all

@@ -1,19 +1,14 @@
-"""sft.loss: chunked loss sums equal a full-logits reference, and logits_to_keep gives the same loss."""
+"""sft.train.objectives.sft: chunked loss sums equal a full-logits reference, and logits_to_keep gives the same loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from sft.loss import (
-    IGNORE_INDEX,
-    batch_loss_sums,
-    flat_loss_sums,
-    kept_targets,
-    learned_positions,
-    token_loss_sums,
-)
-from sft.modeling import load_base_model
+from sft.data.formats import IGNORE_INDEX
+from sft.modeling.loading import load_base_model
+from sft.train.inputs import kept_targets, learned_positions
+from sft.train.objectives.sft import batch_loss_sums, flat_loss_sums, token_loss_sums
 
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -93,8 +88,8 @@ def test_peft_methods_loss_matches_the_models_own_loss(tiny_llama_dir, tiny_baic
     loss must still equal the mean loss the model computes itself from full logits."""
     from peft import get_peft_model
 
-    from sft.args import parse_args
-    from sft.modeling import build_peft_config
+    from sft.train.args import parse_args
+    from sft.train.model import build_peft_config
 
     for model_dir in (tiny_llama_dir, tiny_baichuan_dir):
         for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "lora"):

@@ -1,4 +1,4 @@
-"""merge_params.py / sft.merge: merged logits equal base+adapter, both merge modes, reload, refusals.
+"""merge_params.py / sft.export.merge: merged logits equal base+adapter, both merge modes, reload, refusals.
 
 Adapters are real peft LoRA adapters on the tiny models, with random B matrices (peft starts them
 at zero, which would make every merge trivially exact), saved with a train_args.json as train.py does.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.merge import MergeReport, merge_lora
-from sft.modeling import keep_4bit_weights_unpacked
+from sft.export.merge import MergeReport, merge_lora
+from sft.modeling.loading import keep_4bit_weights_unpacked
 
 PROBE_BATCH = torch.tensor([[5, 17, 300, 42, 8, 999, 250, 61], [1, 2, 3, 400, 77, 12, 13, 14]])
 
@@ -31,8 +31,8 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sft.args import TrainArgs
-    from sft.modeling import find_lora_targets
+    from sft.train.args import TrainArgs
+    from sft.train.model import find_lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=find_lora_targets(model), task_type="CAUSAL_LM")
@@ -65,7 +65,7 @@ def load_reference(base_dir: Path, adapter_dir: Path, quantization: str) -> torc
     """Base (quantised as in training, or not) + unmerged adapter, computing in fp32."""
     from peft import PeftModel
 
-    from sft.modeling import load_base_model
+    from sft.modeling.loading import load_base_model
 
     base = load_base_model(base_dir, quantization, torch.float32, device_map={"": "cpu"})
     if quantization != "none":

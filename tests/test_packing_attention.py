@@ -3,7 +3,7 @@
 transformers 5.23 separates packed documents from ``position_ids`` for eager and SDPA attention, but its
 FlashAttention path only does so for a batch of one row, unless the batch's sequence boundaries are passed
 (``cu_seq_lens_q/k``, ``max_length_q/k``). The collators compute them on the host and
-``sft.loss.model_inputs`` passes them. flash-attn needs CUDA, so the FlashAttention case runs transformers'
+``sft.train.inputs.model_inputs`` passes them. flash-attn needs CUDA, so the FlashAttention case runs transformers'
 own FlashAttention dispatch (``_flash_attention_forward``) with PyTorch reference kernels in place of the
 flash-attn package: that checks which kernel transformers picks and the tensors it hands it.
 
@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from models.baichuan.modeling_baichuan import _flash_alibi_slopes, alibi_slopes, build_attention_layout
-from sft.data.dataset import PackedCollator, PackedRows, PaddedCollator, SFTDataset, sequence_boundaries
-from sft.loss import IGNORE_INDEX, batch_loss_sums, model_inputs
-from sft.modeling import load_base_model
+from sft.data.batching import PackedCollator, PackedRows, PaddedCollator, sequence_boundaries
+from sft.data.dataset import SFTDataset
+from sft.data.formats import IGNORE_INDEX
+from sft.modeling.loading import load_base_model
+from sft.train.inputs import model_inputs
+from sft.train.objectives.sft import batch_loss_sums
 from tests.test_baichuan_model import HIDDEN, tiny_config, tiny_model
 
 CPU = torch.device("cpu")
@@ -250,7 +253,7 @@ def test_baichuan_layout_reads_nothing_back_from_the_device(position):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# sft.attention: SDPA one document at a time
+# sft.train.attention: SDPA one document at a time
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -266,9 +269,9 @@ def test_document_sdpa_equals_masked_sdpa_and_is_what_training_uses(tmp_path_fac
     (grouped-query attention, so the kernel's GQA path is used too); packed logits equal the documents' run one by
     one; the training loader switches a transformers model to it on the CPU."""
     from models.tiny import build_tiny_llama
-    from sft.args import TrainArgs
-    from sft.attention import DOCUMENT_SDPA, use_document_sdpa
-    from sft.modeling import load_model_for_training
+    from sft.train.args import TrainArgs
+    from sft.train.attention import DOCUMENT_SDPA, use_document_sdpa
+    from sft.train.model import load_model_for_training
 
     model_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_gqa"), num_heads=4, num_kv_heads=2)
     masked = load_base_model(model_dir, "none", torch.float32, attn_implementation="sdpa").train()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.merge import merge_lora
+from sft.export.merge import merge_lora
 from tests.test_merge import make_adapter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def refused(main, argv: list[str], capsys, status: int = 1) -> str:
     err = capsys.readouterr().err
     assert code == status, err
     assert "ERROR" in err and "Traceback" not in err
-    assert "sft.modeling: loaded" not in err  # refused before any weight was loaded
+    assert "sft.modeling.loading: loaded" not in err  # refused before any weight was loaded
     return err
 
 
@@ -400,7 +400,7 @@ def test_streamed_pieces_are_final_text(setup):
     """Byte tokens of a character are held back until it is complete; special tokens are skipped;
     user-defined symbols (<reserved_N>, not special) print as in the batch answers."""
     from sft.inference.generate import reply_streamer
-    from sft.modeling import load_tokenizer
+    from sft.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(setup["base"])
     nihao = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "你好".encode()]

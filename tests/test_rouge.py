@@ -1,4 +1,4 @@
-"""ROUGE on hand-made predictions against values counted by hand (sft.rouge and evaluate.py rouge)."""
+"""ROUGE on hand-made predictions against values counted by hand (sft.inference.rouge and evaluate.py rouge)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sft.rouge import CharTokenizer, corpus_rouge, detect_mode, make_scorer, sample_scores
+from sft.inference.rouge import CharTokenizer, corpus_rouge, detect_mode, make_scorer, sample_scores
 
 
 def f1(p: float, r: float) -> float:

@@ -1,6 +1,6 @@
 """Speed levers that must not change the numbers (CPU): each one gives the same logits / loss / gradients on and off.
 
-- the fused linear + cross-entropy loss (`sft.loss.linear_loss_sums`, the default head loss of `batch_loss_sums`);
+- the fused linear + cross-entropy loss (`sft.train.objectives.sft.linear_loss_sums`, the default head loss of `batch_loss_sums`);
 - right-padded batches sent without their attention mask, so SDPA runs plain causal attention;
 - the cached normalised weight of Baichuan2's NormHead while it is frozen.
 
@@ -13,16 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft.loss import (
-    IGNORE_INDEX,
-    batch_loss_sums,
-    flat_loss_sums,
-    linear_loss_sums,
-    padding_mask_needed,
-    right_padded_only,
-    token_loss_sums,
-)
-from sft.modeling import load_base_model
+from sft.data.formats import IGNORE_INDEX
+from sft.modeling.loading import load_base_model
+from sft.train.inputs import padding_mask_needed, right_padded_only
+from sft.train.objectives.sft import batch_loss_sums, flat_loss_sums, linear_loss_sums, token_loss_sums
 
 CPU = torch.device("cpu")
 
@@ -69,7 +63,7 @@ def test_linear_loss_sums_equals_the_logits_loss(dtype: torch.dtype, z_loss_weig
 def _lora(model_dir, *, z_loss_weight: float = 0.0, attn: str = "sdpa"):
     from peft import LoraConfig, get_peft_model
 
-    from sft.modeling import find_lora_targets
+    from sft.train.model import find_lora_targets
 
     base = load_base_model(model_dir, "none", torch.float32, attn_implementation=attn)
     if z_loss_weight:

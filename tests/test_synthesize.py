@@ -1,4 +1,4 @@
-"""data_helper.py synthesize (sft/data/synthesize.py): the reverse prompt equals training's, each filter on a
+"""data_helper.py synthesize (sft/inference/synthesize.py): the reverse prompt equals training's, each filter on a
 hand-made case, bad inputs, determinism, and the whole back-translation loop of docs/DATA.md on the tiny model."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 import data_helper
 from sft.data.converters import ConvertStats, clean_text, convert_dolly
-from sft.data.synthesize import (
+from sft.data.templates import get_template
+from sft.inference.synthesize import (
     NearDuplicateIndex,
     SourceText,
     SynthesisFilters,
@@ -29,8 +30,7 @@ from sft.data.synthesize import (
     synthesis_record,
     words,
 )
-from sft.data.templates import get_template
-from sft.modeling import load_tokenizer
+from sft.modeling.loading import load_tokenizer
 from tests.test_merge import make_adapter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ def test_bad_input_is_one_line(tiny_baichuan_dir, tmp_path, capsys, name, conten
     errors = [line for line in err.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "Traceback" not in err
     assert message.format(path=path) in errors[0]
-    assert "sft.modeling: loaded" not in err  # refused before any weight was loaded
+    assert "sft.modeling.loading: loaded" not in err  # refused before any weight was loaded
     assert not output.parent.exists()
 
 
@@ -336,7 +336,8 @@ def docs_loop_commands() -> list[list[str]]:
 @pytest.mark.slow
 def test_back_translation_loop_from_the_docs(tiny_baichuan_dir, tmp_path, capsys, monkeypatch):
     """dolly --reverse, reverse training, synthesis, forward training: the docs' commands on the tiny model."""
-    from sft.checkpoint import list_checkpoints, read_adapter, read_train_args
+    from sft.checkpoint.adapters import read_adapter
+    from sft.checkpoint.layout import list_checkpoints, read_train_args
     from sft.data.dataset import load_sft_dataset
 
     monkeypatch.chdir(REPO_ROOT)  # the commands name data/ relative to the repository root

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sft.checkpoint import (
-    STATE_DIR,
-    CheckpointError,
-    TrainProgress,
-    best_checkpoint,
-    check_resume_args,
-    checkpoint_name,
-    list_checkpoints,
-    load_checkpoint,
-    read_progress,
-    resolve_resume_dir,
-    rotate_checkpoints,
-)
+from sft.checkpoint.layout import STATE_DIR, CheckpointError, checkpoint_name, list_checkpoints
+from sft.checkpoint.resume import check_resume_args
+from sft.checkpoint.runs import best_checkpoint, resolve_resume_dir, rotate_checkpoints
+from sft.checkpoint.save import load_checkpoint
+from sft.checkpoint.state import TrainProgress, read_progress
 
 
 def _fake(output_dir: Path, epoch: int, step: int, ppl: float | None, *, complete: bool = True) -> Path:

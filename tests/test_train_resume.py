@@ -133,7 +133,7 @@ def train_child(
 @pytest.fixture(scope="session", autouse=True)
 def _leave_the_process_group():
     yield
-    from sft.distributed import destroy
+    from sft.core.distributed import destroy
 
     destroy()
 
@@ -199,7 +199,7 @@ def test_sigterm_mid_epoch_checkpoints_the_step_it_came_in(reference, tmp_path):
     assert sorted(saved) == [5, 6, 8]
     assert state(saved[8])["eval"] == {}  # no evaluation ran at step 8
     assert f"stopped by SIGTERM after saving {saved[8]}" in run.log
-    from sft.checkpoint import best_checkpoint
+    from sft.checkpoint.runs import best_checkpoint
 
     assert best_checkpoint(out) in (saved[5], saved[6])  # by the evaluations that ran
 
@@ -281,7 +281,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(reference, tmp_pa
     before it, TensorBoard counts it, training goes on. --max_bad_steps such steps in a row stop the run
     (exit 1) and leave the last good checkpoint as the newest."""
     import train
-    from sft.checkpoint import resolve_resume_dir
+    from sft.checkpoint.runs import resolve_resume_dir
 
     model, data = reference["model"], reference["data"]
     flags = (*REFERENCE_FLAGS, "--max_steps", "7", "--save_model_step", "1")
@@ -362,10 +362,11 @@ def test_a_checkpoint_only_fits_the_base_model_it_was_trained_on(reference, tiny
             f"({how}" in run.errors[0]
         )
         assert f"pass --model_name_or_path {trained_on} to resume it" in run.errors[0]
-        assert "sft.modeling: loaded" not in run.log  # refused before the model load
+        assert "sft.modeling.loading: loaded" not in run.log  # refused before the model load
 
-    from sft.checkpoint import BaseModelMismatch, check_adapter_fits_base, read_adapter
-    from sft.merge import plan_merge
+    from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
+    from sft.checkpoint.identity import BaseModelMismatch
+    from sft.export.merge import plan_merge
 
     info = read_adapter(ckpt)
     with pytest.raises(BaseModelMismatch, match="pass the base it was trained on") as refused:
@@ -419,7 +420,7 @@ def test_a_full_disk_is_one_clear_error_and_never_a_checkpoint(reference, small_
     """The disk fills up during step 10's save: one error line naming the checkpoint, the fix and the last
     complete checkpoint, exit 1, no partial directory; resuming on the still-full disk fails at once the
     same way; TensorBoard on a full disk is one error, not a thread traceback; with space, the resume is exact."""
-    from sft.metrics import Metrics
+    from sft.train.metrics import Metrics
 
     model, data, out = reference["model"], reference["data"], small_disk / "out"
     run = train_here(model, data, out, *REFERENCE_FLAGS)
@@ -446,7 +447,7 @@ def test_a_full_disk_is_one_clear_error_and_never_a_checkpoint(reference, small_
         rf"--output_dir {re.escape(str(out))} has 0\.\d MiB free, but a checkpoint like ", run.errors[0]
     )
     assert "free space on that disk or pass another --output_dir" in run.errors[0]
-    assert "sft.modeling: loaded" not in run.log
+    assert "sft.modeling.loading: loaded" not in run.log
 
     capfd.readouterr()
     fill_the_disk()  # what the failed run left (its cleaned-up leftovers) is taken too
@@ -475,22 +476,22 @@ def test_a_gpu_asked_for_but_missing_stops_the_run(tiny_baichuan_dir, tmp_path, 
     assert len(run.errors) == 1, run.errors
     assert run.errors[0].startswith("CUDA_VISIBLE_DEVICES=0 asks for GPU(s), but this PyTorch")
     assert "unset CUDA_VISIBLE_DEVICES (or set it empty) to train on the CPU on purpose" in run.errors[0]
-    assert "sft.modeling: loaded" not in run.log
+    assert "sft.modeling.loading: loaded" not in run.log
 
 
 def test_the_guard_refuses_deepspeed_settings_that_apply_nonfinite_updates(tmp_path):
-    from sft.args import TrainArgs
-    from sft.cli import ArgsError
-    from sft.ds_config import build_ds_config
+    from sft.core.errors import ArgsError
+    from sft.train.args import TrainArgs
+    from sft.train.ds_config import build_ds_config
 
     config = tmp_path / "zero0.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"check_grad_overflow": False}}))
     args = TrainArgs(ds_config=str(config), precision="bf16")
     with pytest.raises(ArgsError) as refused:
-        build_ds_config(args, world_size=1)
+        build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)
     text = str(refused.value)
     assert "ZeRO stage 0 applies non-finite updates in bf16" in text
     assert "bf16.check_grad_overflow=false lets non-finite updates through" in text
     assert "--max_bad_steps 0" in text
     args.max_bad_steps = 0  # the guard off: the user's config stands
-    build_ds_config(args, world_size=1)
+    build_ds_config(args, path=args.ds_config, precision=args.precision, world_size=1)

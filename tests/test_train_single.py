@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Environment of runs that must use CPU ranks, also on a machine with GPUs: two ranks need not find two GPUs, and
 # gloo is the backend either way. CUDA_VISIBLE_DEVICES="" hides the GPUs from torchrun's ranks; the deepspeed
 # launcher sets CUDA_VISIBLE_DEVICES for its ranks itself, so DS_ACCELERATOR=cpu makes DeepSpeed (and with it
-# sft.distributed) choose the CPU.
+# sft.core.distributed) choose the CPU.
 CPU_RANKS_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 # Relative tolerance between a single-process run and a CPU reference (the hand perplexity, evaluate.py on the CPU)
@@ -115,7 +115,7 @@ def run(
 
 
 def scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from sft.plotting import read_scalars
+    from sft.train.plotting import read_scalars
 
     return read_scalars(output_dir / "runs")
 
@@ -132,7 +132,7 @@ def hand_perplexity(
 
     from sft.data.formats import read_conversations
     from sft.data.templates import default_template_name, get_template
-    from sft.modeling import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
+    from sft.modeling.loading import keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir, quantization, torch.float32, device_map={"": "cpu"})
@@ -206,7 +206,7 @@ def test_checkpoints_hold_the_adapter_only(single_run):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from sft.modeling import load_base_model
+    from sft.modeling.loading import load_base_model
 
     output_dir = single_run["output_dir"]
     names = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("epoch-"))

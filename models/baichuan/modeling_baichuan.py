@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
-from sft.loss import token_loss_sums
+from sft.train.objectives.sft import token_loss_sums
 
 from .configuration_baichuan import BaichuanConfig
 
@@ -193,7 +193,7 @@ class BaichuanNormHead(nn.Module):
     def linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight of the equivalent linear layer, in `dtype`: `logits = F.linear(h, head.linear_weight(h.dtype))`.
 
-        A fused linear + cross-entropy loss (`sft.loss`) calls this to compute the loss without the logits.
+        A fused linear + cross-entropy loss (`sft.train.objectives.sft`) calls this to compute the loss without the logits.
         """
         weight = self.weight
         if (
@@ -654,7 +654,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
         What `liger_kernel.transformers.apply_liger_kernel_to_llama(model=...)` does for a Llama instance: each
         module's `forward` is replaced on the instance, so the weights, the state dict and peft/LoRA layers
         inside (`gate_proj`, `up_proj`, ...) stay as they are. Liger's fused linear cross-entropy is applied by
-        the training loss (`sft.loss.batch_loss_sums(head_loss="liger")`). Returns the kernels swapped in.
+        the training loss (`sft.train.objectives.sft.batch_loss_sums(head_loss="liger")`). Returns the kernels swapped in.
         """
         if swiglu and self.config.hidden_act not in ("silu", "swish"):
             raise ValueError(
@@ -773,7 +773,7 @@ def causal_lm_loss(
     """Mean next-token cross-entropy over learned tokens, plus `z_loss_weight * mean(logsumexp(logits)^2)`.
 
     `labels` are the unshifted input labels (-100 = no loss); the logit at position t predicts `labels[t + 1]`.
-    Computed by the project's one loss implementation (`sft.loss`): fp32 chunks recomputed in backward, so
+    Computed by the project's one loss implementation (`sft.train.objectives.sft`): fp32 chunks recomputed in backward, so
     neither pass holds a (B, T, V) fp32 tensor.
     """
     total, n_tokens = token_loss_sums(logits, labels, z_loss_weight=z_loss_weight)

@@ -37,9 +37,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from sft.atomic import replacing_dir, write_file_atomic
+from sft.core.atomic import replacing_dir, write_file_atomic
 
 ROLES = ("user", "assistant", "tool", "observation")
+# Labels of a tokenised sample: the token ids to learn, this value where nothing is learned (everywhere in the
+# project: templates, datasets, losses).
+IGNORE_INDEX = -100
 # Which roles may follow which (None = start of the conversation).
 _ALLOWED_NEXT: dict[str | None, tuple[str, ...]] = {
     None: ("user",),

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sft.checkpoint import AdapterInfo, check_adapter_fits_base, read_adapter
-from sft.cli import REQUIRED, flag, require_local_dir
+from sft.checkpoint.adapters import AdapterInfo, check_adapter_fits_base, read_adapter
+from sft.core.flags import REQUIRED, flag
+from sft.core.paths import require_local_dir
 from sft.data.templates import Template, get_template, resolve_template_name
-from sft.modeling import DTYPES, QUANTIZATIONS, keep_4bit_weights_unpacked, load_base_model, load_tokenizer
+from sft.modeling import QUANTIZATIONS
+from sft.modeling.loading import DTYPES, keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -116,7 +118,7 @@ def load_for_inference(
 
     Args:
         model_path: local model directory (a merged model or the adapter's base).
-        adapter: an adapter directory, or one read by :func:`sft.checkpoint.read_adapter` (kept
+        adapter: an adapter directory, or one read by :func:`sft.checkpoint.adapters.read_adapter` (kept
             unmerged: the same numbers as in training).
         quantization: how to load the base weights (``nf4``/``fp4``/``int8``/``none``), normally the
             adapter's training quantisation.

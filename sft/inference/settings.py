@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sft.cli import ArgsError, flag
-from sft.model_files import ModelFileError, weight_files_problem
+from sft.core.errors import ArgsError
+from sft.core.flags import flag
+from sft.modeling.files import ModelFileError, weight_files_problem
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase

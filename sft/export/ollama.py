@@ -1,0 +1,278 @@
+"""Chat templates for llama.cpp and Ollama: recognise the model's template, write an Ollama `Modelfile`.
+
+A model directory's chat template is a Jinja string (`tokenizer.chat_template`); llama.cpp reads it from the GGUF
+file, Ollama needs the same format as a Go template in its `Modelfile`. Jinja cannot be translated to Go in
+general, so four formats are known by name: their Jinja form is the named training template's own
+(`sft.data.templates`, `Template.chat_template()`), their Go form is written here:
+
+    chatml     <|im_start|>role\\ntext<|im_end|>\\n                (Qwen, SmolLM2, our chatml template)
+    llama2     <s>[INST] <<SYS>>\\nsys\\n<</SYS>>\\n\\nuser [/INST] answer </s>
+    llama3     <|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>
+    baichuan2  system <user_token> user <assistant_token> answer </s>  (turn tokens from generation_config.json)
+
+A tokenizer's template is *recognised* as one of them when both Jinja strings render the same text for probe
+conversations (with and without a system prompt); a template that adds a default system prompt when none is
+given (SmolLM2 does) is recognised too, and that prompt becomes the Modelfile's `SYSTEM`. A template that is none
+of the four is kept in the GGUF file as it is (llama.cpp renders Jinja itself), and the Modelfile falls back to
+the format our training uses for the model type (`sft.data.templates.default_template_name`), with a warning.
+A model without any chat template gets the training default in both places.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.data.templates.base import single_token_id
+
+logger = logging.getLogger(__name__)
+
+NAMED_TEMPLATES = ("chatml", "llama2", "llama3", "baichuan2")
+
+# Go templates for Ollama (text/template over .System and .Messages with .Role/.Content). The system prompt is
+# rendered from .System only, as Ollama's own templates do; BOS is added by the tokenizer (tokenizer.ggml.add_bos_token),
+# so the first <s> / <|begin_of_text|> of the Jinja form is not in the text.
+_GO = {
+    "chatml": (
+        "{{- if .System }}<|im_start|>system\n{{ .System }}{IM_END}\n{{ end }}\n"
+        "{{- range .Messages }}\n"
+        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}{IM_END}\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{IM_END}\n'
+        "{{ end }}\n"
+        "{{- end }}<|im_start|>assistant\n"
+    ),
+    "llama2": (
+        "{{- $first := true }}\n"
+        "{{- range .Messages }}\n"
+        '{{- if eq .Role "user" }}\n'
+        "{{- if $first }}[INST] {{ if $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}\n"
+        "{{- else }}{BOS}[INST] {{ end }}{{ .Content }} [/INST]\n"
+        "{{- $first = false }}\n"
+        '{{- else if eq .Role "assistant" }} {{ .Content }}{EOS}\n'
+        "{{- end }}\n"
+        "{{- end }}"
+    ),
+    "llama3": (
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}{EOT}\n{{- end }}\n"
+        "{{- range .Messages }}\n"
+        '{{- if or (eq .Role "user") (eq .Role "assistant") }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+        "{{ .Content }}{EOT}\n"
+        "{{- end }}\n"
+        "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "baichuan2": (
+        "{{- if .System }}{{ .System }}{{ end }}\n"
+        "{{- range .Messages }}\n"
+        '{{- if eq .Role "user" }}{USER}{{ .Content }}\n'
+        '{{- else if eq .Role "assistant" }}{ASSISTANT}{{ .Content }}{EOS}\n'
+        "{{- end }}\n"
+        "{{- end }}{ASSISTANT}"
+    ),
+}
+
+# Probe conversations for recognition: with a system prompt, without one; two rounds, ending with a user turn.
+_PROBE_SYSTEM = "You are a poet."
+_PROBE_TURNS = [
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi! How can I help?"},
+    {"role": "user", "content": "写一首诗"},
+]
+_SYSTEM_MARK = "\x00SYSTEM\x00"
+
+
+@dataclass
+class ChatFormat:
+    """The chat format chosen for a GGUF file and its Modelfile.
+
+    Attributes:
+        name: One of NAMED_TEMPLATES.
+        source: How it was chosen: "flag", "recognised", "fallback (unrecognised template)", "default for model type".
+        jinja: What goes into the GGUF's tokenizer.chat_template (the tokenizer's own when it has one).
+        go_template: The Modelfile TEMPLATE.
+        stops: End-of-turn strings (Modelfile PARAMETER stop).
+        default_system: A system prompt the template inserts when none is given (Modelfile SYSTEM), or None.
+    """
+
+    name: str
+    source: str
+    jinja: str
+    go_template: str
+    stops: list[str]
+    default_system: str | None = None
+
+
+def _pieces(tokenizer: Any, model_dir: Path) -> dict[str, str]:
+    """Text of the special pieces the templates use, from this tokenizer (and baichuan2's turn ids)."""
+    pieces = {"BOS": tokenizer.bos_token or "", "EOS": tokenizer.eos_token or ""}
+    # chatml ends a turn with <|im_end|> where the vocabulary has it as one token, else with EOS (as training does).
+    pieces["IM_END"] = "<|im_end|>" if single_token_id(tokenizer, "<|im_end|>") is not None else pieces["EOS"]
+    pieces["EOT"] = (
+        "<|eot_id|>" if single_token_id(tokenizer, "<|eot_id|>") is not None else pieces["EOS"]
+    )  # llama3
+    gen_path = model_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    for key, field in (("USER", "user_token_id"), ("ASSISTANT", "assistant_token_id")):
+        if gen.get(field) is not None:
+            pieces[key] = tokenizer.convert_ids_to_tokens(int(gen[field]))
+    return pieces
+
+
+def _fill(text: str, pieces: dict[str, str]) -> str:
+    for key, value in pieces.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def _render(jinja: str, tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
+    )
+
+
+def named_jinja(name: str, tokenizer: Any, model_dir: Path) -> str | None:
+    """The Jinja form of a named template for this tokenizer (the template's own ``chat_template()``, the one
+    training writes into checkpoints), or None when the model lacks what it needs (baichuan2's turn ids)."""
+    from sft.data.templates import get_template
+
+    try:
+        return get_template(name, tokenizer, model_dir).chat_template()
+    except ValueError:
+        return None
+
+
+def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | None] | None:
+    """(name, default system prompt) of the named template that renders like `jinja`, or None."""
+    with_system = [{"role": "system", "content": _PROBE_SYSTEM}, *_PROBE_TURNS]
+    try:
+        theirs_sys = _render(jinja, tokenizer, with_system)
+        theirs_plain = _render(jinja, tokenizer, _PROBE_TURNS)
+    except Exception as err:  # a template may reject the probe (e.g. demand alternating roles); not ours then
+        logger.warning("the tokenizer's chat template failed on a probe conversation (%s)", err)
+        return None
+    for name in NAMED_TEMPLATES:
+        ours = named_jinja(name, tokenizer, model_dir)
+        if ours is None or _render(ours, tokenizer, with_system) != theirs_sys:
+            continue
+        if _render(ours, tokenizer, _PROBE_TURNS) == theirs_plain:
+            return name, None
+        # Does it insert a default system prompt S? Then theirs_plain is ours rendered with system S.
+        marked = _render(ours, tokenizer, [{"role": "system", "content": _SYSTEM_MARK}, *_PROBE_TURNS])
+        head, _, tail = marked.partition(_SYSTEM_MARK)
+        if theirs_plain.startswith(head) and theirs_plain.endswith(tail):
+            system = theirs_plain[len(head) : len(theirs_plain) - len(tail)]
+            if system and _render(
+                ours, tokenizer, [{"role": "system", "content": system}, *_PROBE_TURNS]
+            ) == (theirs_plain):
+                return name, system
+    return None
+
+
+def _stops(name: str, pieces: dict[str, str], tokenizer: Any) -> list[str]:
+    if name == "chatml":
+        return [pieces["IM_END"]]
+    if name == "llama3":
+        return [pieces["EOT"]]
+    if name == "llama2":
+        return [pieces["EOS"], "[INST]"]
+    return [pieces["EOS"], pieces["USER"]]  # baichuan2: a model that starts the next user turn is done
+
+
+def choose_chat_format(
+    tokenizer: Any, model_dir: Path, model_type: str, template: str | None = None
+) -> ChatFormat:
+    """Pick the chat format: `template` when given, else the tokenizer's recognised template, else the default.
+
+    Args:
+        tokenizer: The model directory's transformers tokenizer.
+        model_dir: The model directory (generation_config.json holds baichuan2's turn-token ids).
+        model_type: config.model_type, for the training default (baichuan -> baichuan2, llama -> llama2, ...).
+        template: One of NAMED_TEMPLATES to force (e.g. the --template the model was fine-tuned with).
+    """
+    from sft.data.templates import default_template_name
+
+    pieces = _pieces(tokenizer, model_dir)
+    own = getattr(tokenizer, "chat_template", None)
+    own = own if isinstance(own, str) and own.strip() else None
+    default_system = None
+    if template is not None:
+        if template not in NAMED_TEMPLATES:
+            raise ValueError(f"--template {template!r} is not one of {list(NAMED_TEMPLATES)}")
+        name, source = template, "flag"
+    elif own is not None and (found := _recognise(own, tokenizer, model_dir)) is not None:
+        (name, default_system), source = found, "recognised"
+    else:
+        name = default_template_name(model_type)
+        if name not in NAMED_TEMPLATES:
+            name = "chatml"
+        if own is not None:
+            source = "fallback (unrecognised template)"
+            logger.warning(
+                "the tokenizer's chat template is none of %s; the GGUF keeps it as it is (llama.cpp renders Jinja), "
+                "the Modelfile uses %r, the training default for model type %r: check it against the template, or "
+                "pass --template",
+                list(NAMED_TEMPLATES),
+                name,
+                model_type,
+            )
+        else:
+            source = "default for model type"
+    jinja = named_jinja(name, tokenizer, model_dir)
+    if jinja is None:
+        raise ValueError(
+            f"{model_dir / 'generation_config.json'}: template {name!r} needs user_token_id/assistant_token_id "
+            "(195/196 in the official Baichuan2 files)"
+        )
+    if own is not None and source != "flag":
+        jinja = own  # the model's own template is the authority for llama.cpp
+    return ChatFormat(
+        name=name,
+        source=source,
+        jinja=jinja,
+        go_template=_fill(_GO[name], pieces),
+        stops=_stops(name, pieces, tokenizer),
+        default_system=default_system,
+    )
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
+    """Ollama PARAMETERs from generation_config.json: temperature/top_p/top_k/repeat_penalty, or greedy."""
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not gen.get("do_sample", False):
+        return {"temperature": 0} if gen else {}  # transformers' default is greedy decoding
+    params: dict[str, float | int] = {}
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("repetition_penalty", "repeat_penalty"),
+    ):
+        if gen.get(ours) is not None:
+            params[theirs] = gen[ours]
+    return params
+
+
+def _quote(text: str, what: str) -> str:
+    if '"""' in text:
+        raise ValueError(f'the {what} contains """, which a Modelfile cannot quote')
+    return f'"""{text}"""'
+
+
+def render_modelfile(
+    gguf_name: str, chat: ChatFormat, params: dict[str, float | int], source_dir: Path
+) -> str:
+    """Text of an Ollama Modelfile next to `gguf_name` (relative: the two files travel together)."""
+    lines = [
+        f"# Ollama Modelfile written by export_gguf.py from {source_dir}",
+        f"# chat template: {chat.name} ({chat.source}). Create the model with: ollama create NAME -f Modelfile",
+        f"FROM ./{gguf_name}",
+        f"TEMPLATE {_quote(chat.go_template, 'template')}",
+    ]
+    if chat.default_system:
+        lines.append(f"SYSTEM {_quote(chat.default_system, 'default system prompt')}")
+    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in chat.stops]
+    lines += [f"PARAMETER {key} {value}" for key, value in params.items()]
+    return "\n".join(lines) + "\n"
