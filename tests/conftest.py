@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,58 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"real data directory {SHARED_DATA_DIR} not found")
     return SHARED_DATA_DIR
+
+
+_GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// Ollama executes a Modelfile TEMPLATE with text/template over .System (the system messages joined) and
+// .Messages (all messages, system ones included).
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		System   string    `json:"system"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("modelfile").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"System": in.System, "Messages": in.Messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def ollama_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, list[dict]], str]:
+    """``render(go_template, system, messages) -> text``: a Modelfile TEMPLATE executed by Go's text/template
+    as Ollama executes it. Tests using it skip without the Go toolchain."""
+    if shutil.which("go") is None:
+        pytest.skip("needs the Go toolchain (apt-get install golang-go)")
+    folder = tmp_path_factory.mktemp("ollama_render")
+    (folder / "render.go").write_text(_GO_RENDER)
+    subprocess.run(["go", "build", "-o", "render", "render.go"], check=True, cwd=folder)
+
+    def render(go_template: str, system: str, messages: list[dict]) -> str:
+        request = json.dumps({"template": go_template, "system": system, "messages": messages})
+        run = subprocess.run(
+            [str(folder / "render")], input=request, capture_output=True, text=True, check=True
+        )
+        return run.stdout
+
+    return render
 
 
 # Multi-process tests start launchers (deepspeed, torchrun) whose ranks outlive a launcher killed by a timeout.

@@ -239,54 +239,28 @@ def test_chat_template_recognised_with_default_system(tiny_llama_dir: Path) -> N
     assert chat.jinja == tokenizer.chat_template
 
 
-_GO_RENDER = """package main
+def test_unrecognised_template_without_generation_config_falls_back(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Trying baichuan2 on a model without generation_config.json rules it out, it does not stop the export."""
+    from transformers import AutoTokenizer
 
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
-}
-
-// Ollama executes a Modelfile TEMPLATE with text/template over .System (the system messages joined) and
-// .Messages (all messages, system ones included).
-func main() {
-	var in struct {
-		Template string    `json:"template"`
-		System   string    `json:"system"`
-		Messages []Message `json:"messages"`
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
-		panic(err)
-	}
-	t := template.Must(template.New("modelfile").Parse(in.Template))
-	if err := t.Execute(os.Stdout, map[string]any{"System": in.System, "Messages": in.Messages}); err != nil {
-		panic(err)
-	}
-}
-"""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir, ignore=shutil.ignore_patterns("generation_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    chat = choose_chat_format(tokenizer, model_dir, "llama")
+    assert (chat.name, chat.source) == ("llama2", "fallback (unrecognised template)")
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain (apt-get install golang-go)")
 def test_go_templates_render_like_the_jinja_templates(
-    tiny_llama_dir: Path, tiny_baichuan_dir: Path, tmp_path: Path
+    tiny_llama_dir: Path, tiny_baichuan_dir: Path, ollama_render
 ) -> None:
     """Each Modelfile TEMPLATE, executed by Go's text/template as Ollama does, renders the text its Jinja twin
     renders (less the first BOS, which llama.cpp's tokenizer adds)."""
-    import subprocess
-
     from transformers import AutoTokenizer
 
     from models.baichuan.tokenization_baichuan import BaichuanTokenizer
-
-    program = tmp_path / "render.go"
-    program.write_text(_GO_RENDER)
-    binary = tmp_path / "render"
-    subprocess.run(["go", "build", "-o", str(binary), str(program)], check=True, cwd=tmp_path)
 
     turns = [
         {"role": "user", "content": "Hello there"},
@@ -306,13 +280,7 @@ def test_go_templates_render_like_the_jinja_templates(
             )
             if tokenizer.bos_token and jinja.startswith(tokenizer.bos_token):
                 jinja = jinja[len(tokenizer.bos_token) :]
-            go = subprocess.run(
-                [str(binary)],
-                input=json.dumps({"template": chat.go_template, "system": system, "messages": messages}),
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            go = ollama_render(chat.go_template, system, messages)
             assert go == jinja, (name, system)
 
 

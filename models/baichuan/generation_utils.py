@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from sft.data.templates import Baichuan2Template
+from sft.data.templates.baichuan2 import Baichuan2Template
 from sft.inference.chat import fit_history
 from sft.inference.generate import stream_reply
 

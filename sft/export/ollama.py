@@ -2,18 +2,14 @@
 
 A model directory's chat template is a Jinja string (`tokenizer.chat_template`); llama.cpp reads it from the GGUF
 file, Ollama needs the same format as a Go template in its `Modelfile`. Jinja cannot be translated to Go in
-general, so four formats are known by name: their Jinja form is the named training template's own
-(`sft.data.templates`, `Template.chat_template()`), their Go form is written here:
-
-    chatml     <|im_start|>role\\ntext<|im_end|>\\n                (Qwen, SmolLM2, our chatml template)
-    llama2     <s>[INST] <<SYS>>\\nsys\\n<</SYS>>\\n\\nuser [/INST] answer </s>
-    llama3     <|start_header_id|>role<|end_header_id|>\\n\\ntext<|eot_id|>
-    baichuan2  system <user_token> user <assistant_token> answer </s>  (turn tokens from generation_config.json)
+general, so the formats are known by name: every named training template with a Go form
+(`NAMED_TEMPLATES`: chatml, llama2, llama3, baichuan2). Its module in `sft.data.templates` holds both forms,
+`Template.chat_template()` (Jinja) and `Template.go_template()` with `Template.stop_strings()`.
 
 A tokenizer's template is *recognised* as one of them when both Jinja strings render the same text for probe
 conversations (with and without a system prompt); a template that adds a default system prompt when none is
 given (SmolLM2 does) is recognised too, and that prompt becomes the Modelfile's `SYSTEM`. A template that is none
-of the four is kept in the GGUF file as it is (llama.cpp renders Jinja itself), and the Modelfile falls back to
+of them is kept in the GGUF file as it is (llama.cpp renders Jinja itself), and the Modelfile falls back to
 the format our training uses for the model type (`sft.data.templates.default_template_name`), with a warning.
 A model without any chat template gets the training default in both places.
 """
@@ -26,52 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.data.templates.base import single_token_id
+from sft.data.templates import TEMPLATES, default_template_name, get_template
 
 logger = logging.getLogger(__name__)
 
-NAMED_TEMPLATES = ("chatml", "llama2", "llama3", "baichuan2")
-
-# Go templates for Ollama (text/template over .System and .Messages with .Role/.Content). The system prompt is
-# rendered from .System only, as Ollama's own templates do; BOS is added by the tokenizer (tokenizer.ggml.add_bos_token),
-# so the first <s> / <|begin_of_text|> of the Jinja form is not in the text.
-_GO = {
-    "chatml": (
-        "{{- if .System }}<|im_start|>system\n{{ .System }}{IM_END}\n{{ end }}\n"
-        "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}{IM_END}\n'
-        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{IM_END}\n'
-        "{{ end }}\n"
-        "{{- end }}<|im_start|>assistant\n"
-    ),
-    "llama2": (
-        "{{- $first := true }}\n"
-        "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}\n'
-        "{{- if $first }}[INST] {{ if $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}\n"
-        "{{- else }}{BOS}[INST] {{ end }}{{ .Content }} [/INST]\n"
-        "{{- $first = false }}\n"
-        '{{- else if eq .Role "assistant" }} {{ .Content }}{EOS}\n'
-        "{{- end }}\n"
-        "{{- end }}"
-    ),
-    "llama3": (
-        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}{EOT}\n{{- end }}\n"
-        "{{- range .Messages }}\n"
-        '{{- if or (eq .Role "user") (eq .Role "assistant") }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-        "{{ .Content }}{EOT}\n"
-        "{{- end }}\n"
-        "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-    "baichuan2": (
-        "{{- if .System }}{{ .System }}{{ end }}\n"
-        "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}{USER}{{ .Content }}\n'
-        '{{- else if eq .Role "assistant" }}{ASSISTANT}{{ .Content }}{EOS}\n'
-        "{{- end }}\n"
-        "{{- end }}{ASSISTANT}"
-    ),
-}
+NAMED_TEMPLATES = tuple(name for name, cls in TEMPLATES.items() if cls.GO_TEMPLATE)  # those Ollama can speak
 
 # Probe conversations for recognition: with a system prompt, without one; two rounds, ending with a user turn.
 _PROBE_SYSTEM = "You are a poet."
@@ -104,43 +59,10 @@ class ChatFormat:
     default_system: str | None = None
 
 
-def _pieces(tokenizer: Any, model_dir: Path) -> dict[str, str]:
-    """Text of the special pieces the templates use, from this tokenizer (and baichuan2's turn ids)."""
-    pieces = {"BOS": tokenizer.bos_token or "", "EOS": tokenizer.eos_token or ""}
-    # chatml ends a turn with <|im_end|> where the vocabulary has it as one token, else with EOS (as training does).
-    pieces["IM_END"] = "<|im_end|>" if single_token_id(tokenizer, "<|im_end|>") is not None else pieces["EOS"]
-    pieces["EOT"] = (
-        "<|eot_id|>" if single_token_id(tokenizer, "<|eot_id|>") is not None else pieces["EOS"]
-    )  # llama3
-    gen_path = model_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    for key, field in (("USER", "user_token_id"), ("ASSISTANT", "assistant_token_id")):
-        if gen.get(field) is not None:
-            pieces[key] = tokenizer.convert_ids_to_tokens(int(gen[field]))
-    return pieces
-
-
-def _fill(text: str, pieces: dict[str, str]) -> str:
-    for key, value in pieces.items():
-        text = text.replace("{" + key + "}", value)
-    return text
-
-
 def _render(jinja: str, tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(
         messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
     )
-
-
-def named_jinja(name: str, tokenizer: Any, model_dir: Path) -> str | None:
-    """The Jinja form of a named template for this tokenizer (the template's own ``chat_template()``, the one
-    training writes into checkpoints), or None when the model lacks what it needs (baichuan2's turn ids)."""
-    from sft.data.templates import get_template
-
-    try:
-        return get_template(name, tokenizer, model_dir).chat_template()
-    except ValueError:
-        return None
 
 
 def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | None] | None:
@@ -153,7 +75,10 @@ def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | 
         logger.warning("the tokenizer's chat template failed on a probe conversation (%s)", err)
         return None
     for name in NAMED_TEMPLATES:
-        ours = named_jinja(name, tokenizer, model_dir)
+        try:
+            ours = get_template(name, tokenizer, model_dir).chat_template()
+        except (ValueError, OSError):  # the model lacks what it needs (baichuan2: generation_config.json)
+            continue
         if ours is None or _render(ours, tokenizer, with_system) != theirs_sys:
             continue
         if _render(ours, tokenizer, _PROBE_TURNS) == theirs_plain:
@@ -170,16 +95,6 @@ def _recognise(jinja: str, tokenizer: Any, model_dir: Path) -> tuple[str, str | 
     return None
 
 
-def _stops(name: str, pieces: dict[str, str], tokenizer: Any) -> list[str]:
-    if name == "chatml":
-        return [pieces["IM_END"]]
-    if name == "llama3":
-        return [pieces["EOT"]]
-    if name == "llama2":
-        return [pieces["EOS"], "[INST]"]
-    return [pieces["EOS"], pieces["USER"]]  # baichuan2: a model that starts the next user turn is done
-
-
 def choose_chat_format(
     tokenizer: Any, model_dir: Path, model_type: str, template: str | None = None
 ) -> ChatFormat:
@@ -191,9 +106,6 @@ def choose_chat_format(
         model_type: config.model_type, for the training default (baichuan -> baichuan2, llama -> llama2, ...).
         template: One of NAMED_TEMPLATES to force (e.g. the --template the model was fine-tuned with).
     """
-    from sft.data.templates import default_template_name
-
-    pieces = _pieces(tokenizer, model_dir)
     own = getattr(tokenizer, "chat_template", None)
     own = own if isinstance(own, str) and own.strip() else None
     default_system = None
@@ -219,20 +131,15 @@ def choose_chat_format(
             )
         else:
             source = "default for model type"
-    jinja = named_jinja(name, tokenizer, model_dir)
-    if jinja is None:
-        raise ValueError(
-            f"{model_dir / 'generation_config.json'}: template {name!r} needs user_token_id/assistant_token_id "
-            "(195/196 in the official Baichuan2 files)"
-        )
-    if own is not None and source != "flag":
-        jinja = own  # the model's own template is the authority for llama.cpp
+    named = get_template(name, tokenizer, model_dir)  # (raises when baichuan2's turn ids are missing)
+    # The model's own template is the authority for llama.cpp.
+    jinja = own if own is not None and source != "flag" else named.chat_template()
     return ChatFormat(
         name=name,
         source=source,
         jinja=jinja,
-        go_template=_fill(_GO[name], pieces),
-        stops=_stops(name, pieces, tokenizer),
+        go_template=named.go_template(),
+        stops=named.stop_strings(),
         default_system=default_system,
     )
 

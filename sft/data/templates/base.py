@@ -17,7 +17,11 @@ as unlearned context. Every learned answer ends with the end-of-turn id, which i
 
 Truncation (:func:`assemble`): the prompt side is cut to ``max_src_len`` -- oldest history rounds
 first, then the start of the last user text -- and the answer only when it alone overflows
-``max_len`` (its end ids kept). The named templates live in :mod:`sft.data.templates`.
+``max_len`` (its end ids kept).
+
+A named template also carries its format's other renderings, text whose ``{NAME}`` placeholders are
+the special tokens of :meth:`Template.special_texts`: ``JINJA`` (:meth:`Template.chat_template`) and
+Ollama's Go ``GO_TEMPLATE`` with its ``GO_STOPS`` (:mod:`sft.export.ollama`).
 """
 
 from __future__ import annotations
@@ -89,16 +93,28 @@ class AssembleResult:
 
 
 class Template:
-    """Base class: subclasses define :meth:`render_prefix` and :meth:`render_turn`."""
+    """Base class: subclasses define :meth:`render_prefix` and :meth:`render_turn`, and the forms below."""
 
     name = "base"
+    END_TOKEN: str | None = None  # ends an answer where the vocabulary has it as one token (else EOS)
+    JINJA: str | None = None  # a jinja chat template; None where the format has no agreed one (alpaca)
+    GO_TEMPLATE: str | None = None  # Ollama's text/template over .System and .Messages (BOS: the tokenizer's)
+    GO_STOPS: tuple[str, ...] = ()  # the Modelfile's stop strings
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError(f"template {self.name!r}: the tokenizer has no eos_token_id; set eos_token")
+        end = single_token_id(tokenizer, self.END_TOKEN) if self.END_TOKEN else None
+        self._end = end if end is not None else self.eos_id
+        self.bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()  # a piece, or none
         self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, model_dir: Any) -> Template:
+        """The template for a tokenizer and its model directory (``get_template`` builds it so)."""
+        return cls(tokenizer)
 
     # ---- rendering (subclasses) -------------------------------------------------------------
     def render_prefix(self, system: str) -> list[Piece]:
@@ -110,7 +126,17 @@ class Template:
     @property
     def end_id(self) -> int:
         """The id that ends (and is learned at the end of) an assistant answer."""
-        return self.eos_id
+        return self._end
+
+    def special_texts(self) -> dict[str, str]:
+        """Text of the special tokens the forms name: ``{BOS}``, ``{EOS}`` and ``{END}`` (ends an answer)."""
+        token = self.tokenizer.convert_ids_to_tokens
+        return {"BOS": self.tokenizer.bos_token or "", "EOS": token(self.eos_id), "END": token(self.end_id)}
+
+    def _fill(self, form: str) -> str:
+        for key, value in self.special_texts().items():
+            form = form.replace("{" + key + "}", value)
+        return form
 
     def chat_template(self) -> str | None:
         """A jinja chat template that renders this template's prompts, for tokenizers without their own.
@@ -119,7 +145,15 @@ class Template:
         merged from it carry the format training used: ``tokenizer.apply_chat_template`` renders the same
         ids (``llama2``: the same text; None for ``alpaca``, whose blocks have no agreed jinja form).
         """
-        return None
+        return self._fill(self.JINJA) if self.JINJA else None
+
+    def go_template(self) -> str | None:
+        """The format as an Ollama Modelfile ``TEMPLATE`` for this tokenizer, or None where it has none."""
+        return self._fill(self.GO_TEMPLATE) if self.GO_TEMPLATE else None
+
+    def stop_strings(self) -> list[str]:
+        """The Modelfile's ``PARAMETER stop`` strings: where a generated answer is over."""
+        return [self._fill(stop) for stop in self.GO_STOPS]
 
     def fingerprint(self) -> str:
         """Everything that changes the token layout (part of the dataset cache key)."""

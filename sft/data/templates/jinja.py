@@ -173,10 +173,6 @@ class JinjaTemplate(Template):
             raise _refusal(f"the answers end with different tokens {sorted(ends)}")
         self._end = ends.pop()
 
-    @property
-    def end_id(self) -> int:
-        return self._end
-
     def fingerprint(self) -> str:
         source = json.dumps(self.tokenizer.chat_template, sort_keys=True)
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
