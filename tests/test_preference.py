@@ -31,7 +31,7 @@ from sft.train.objectives.preference import (
     sequence_logps,
     simpo_loss,
 )
-from sft.train.reference import compute_reference_logps
+from sft.train.reference import pair_logps
 
 CPU = torch.device("cpu")
 
@@ -240,9 +240,7 @@ def test_precomputed_reference_equals_live_reference(tiny_llama_dir, pairs_setup
     dataset, pad = pairs_setup["dataset"], pairs_setup["tokenizer"].pad_token_id
     model = lora_model(tiny_llama_dir, init_b=False).train()
     objective = PreferenceObjective("dpo")
-    stored = compute_reference_logps(
-        model, dataset, objective, batch_size=2, pad_token_id=pad, packing=True, max_len=96, device=CPU
-    )
+    stored = pair_logps(model, dataset, batch_size=2, pad_token_id=pad, packing=True, max_len=96, device=CPU)
     assert model.training  # the pass leaves the model as it found it
     batch = one_batch(dataset, pad, packing=False)
     with reference_mode(model, adapter=False):

@@ -57,19 +57,21 @@ def reference_fingerprint(args: TrainArgs, datasets: dict[str, PreferenceDataset
 
 
 @torch.no_grad()
-def compute_reference_logps(
+def pair_logps(
     model: torch.nn.Module,
     dataset: PreferenceDataset,
-    objective: PreferenceObjective,
     *,
     batch_size: int,
     pad_token_id: int,
     packing: bool,
     max_len: int,
     device: torch.device,
+    adapter: bool = True,
+    head_loss: str = "fused",
 ) -> np.ndarray:
-    """``(pairs, 2)`` float64 log-probs of every pair under ``model`` as it is now (its adapter on), in eval
-    mode; every rank computes its shard and gets the whole array."""
+    """``(pairs, 2)`` float64 summed log-probs of every pair's (chosen, rejected) reply under ``model`` in eval
+    mode, its adapter on (the policy as it is now) or off (``adapter=False``: the base); every rank computes
+    its shard and gets the whole array."""
     loader = build_eval_dataloader(
         dataset,
         batch_size=batch_size,
@@ -80,9 +82,9 @@ def compute_reference_logps(
         max_len=max_len,
     )
     out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=device)
-    with reference_mode(model, adapter=True):
+    with reference_mode(model, adapter=adapter):
         for batch in loader:
-            logps, _ = sequence_logps(model, batch, device, head_loss=objective.head_loss)
+            logps, _ = sequence_logps(model, batch, device, head_loss=head_loss)
             out[to_device(batch["pair_index"], device)] = logps.view(-1, 2).double()
     return all_reduce_sum(out).cpu().numpy()
 
@@ -120,10 +122,10 @@ def attach_reference_logps(
     start = time.perf_counter()
     computed = {}
     for name, dataset in datasets.items():
-        computed[name] = compute_reference_logps(
+        computed[name] = pair_logps(
             model,
             dataset,
-            objective,
+            head_loss=objective.head_loss,
             batch_size=args.per_device_eval_batch_size,
             pad_token_id=pad_token_id,
             packing=args.packing,
