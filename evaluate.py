@@ -11,16 +11,18 @@ settings default to the adapter's train_args.json. See docs/INFERENCE.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models import register_models
 from sft.checkpoint.layout import TRAIN_ARGS, read_train_args
 from sft.core.errors import ArgsError
-from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.flags import REQUIRED, ArgumentParser, HelpFormatter, add_command, flag, flag_of, parse_command
 from sft.core.paths import check_output_path
 from sft.core.runner import run_entry_point, setup_logging
 from sft.inference.loading import ModelLoadArgs
@@ -29,66 +31,79 @@ from sft.train.args import DataArgs, OptimArgs
 
 logger = logging.getLogger("evaluate")
 
-# ppl data settings that must match training to reproduce its number; default: the adapter's train_args.json.
-PPL_DATA_SETTINGS = ("max_len", "max_src_len", "is_skip", "loss_on", "packing")
-PPL_SETTINGS = (*PPL_DATA_SETTINGS, "per_device_eval_batch_size")
 FROM_TRAINING = "the adapter's train_args.json, else train.py's default"
 
 
+@dataclass
+class RougeArgs:
+    """The flags of ``evaluate.py rouge``."""
+
+    pred_path: str = flag(
+        REQUIRED,
+        "JSONL with 'prediction' and 'references' (predict.py output).",
+        aliases=("--predictions",),
+    )
+    lang: str = flag(
+        "auto",
+        "en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
+        choices=("auto", "en", "zh"),
+    )
+    zh_tokenizer: str = flag("char", "Chinese units: characters or jieba words.", choices=("char", "jieba"))
+    multi_ref: str = flag(
+        "mean",
+        "How a sample with several references is scored: mean over them (default) or the best one.",
+        choices=REDUCTIONS,
+    )
+    output_json: str | None = flag(None, "Also write the scores to this JSON file.")
+
+
+@dataclass
+class PplSettings:
+    """The data settings of ``evaluate.py ppl``; unset: the adapter's train_args.json, else train.py's default."""
+
+    flag_group = "data settings (must match training to reproduce its perplexity)"
+    max_len: int | None = flag_of(DataArgs, "max_len", defaults_from=FROM_TRAINING)
+    max_src_len: int | None = flag_of(DataArgs, "max_src_len", defaults_from=FROM_TRAINING)
+    is_skip: bool | None = flag_of(DataArgs, "is_skip", defaults_from=FROM_TRAINING)
+    loss_on: str | None = flag_of(DataArgs, "loss_on", defaults_from=FROM_TRAINING)
+    packing: bool | None = flag_of(DataArgs, "packing", defaults_from=FROM_TRAINING)
+    per_device_eval_batch_size: int | None = flag_of(
+        OptimArgs, "per_device_eval_batch_size", defaults_from=FROM_TRAINING
+    )
+
+
+PPL_SETTINGS = tuple(f.name for f in dataclasses.fields(PplSettings))
+
+
+@dataclass
+class PplModel(ModelLoadArgs):
+    """The model of ``evaluate.py ppl`` (its dtype as the adapter was trained), and the test set."""
+
+    flag_group = None  # listed under "options" also where it is inherited
+    dtype: str | None = flag_of(
+        ModelLoadArgs, "dtype", defaults_from="the adapter's training precision, else auto"
+    )
+    data_path: str = flag(REQUIRED, "Test conversations (JSONL), as train.py's --test_path.")
+
+
+@dataclass
+class PplArgs(PplSettings, PplModel):
+    """The flags of ``evaluate.py ppl``."""
+
+    output_json: str | None = flag(None, "Also write the result to this JSON file.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``rouge`` and ``ppl`` subcommands."""
+    """The ``rouge`` and ``ppl`` subcommands: the fields of :class:`RougeArgs` and :class:`PplArgs`."""
     parser = ArgumentParser(
         description="ROUGE on predictions and perplexity of model+adapter (see docs/INFERENCE.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = HelpFormatter
-
-    rouge = sub.add_parser("rouge", help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
-    rouge.add_argument(
-        "--pred_path",
-        "--predictions",
-        dest="pred_path",
-        required=True,
-        help="JSONL with 'prediction' and 'references' (predict.py output).",
+    add_command(sub, "rouge", RougeArgs, help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
+    add_command(
+        sub, "ppl", PplArgs, help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt
     )
-    rouge.add_argument(
-        "--lang",
-        choices=("auto", "en", "zh"),
-        default="auto",
-        help="en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
-    )
-    rouge.add_argument(
-        "--zh_tokenizer",
-        choices=("char", "jieba"),
-        default="char",
-        help="Chinese units: characters or jieba words.",
-    )
-    rouge.add_argument(
-        "--multi_ref",
-        choices=REDUCTIONS,
-        default="mean",
-        help="How a sample with several references is scored: mean over them (default) or the best one.",
-    )
-    rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
-
-    ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
-    add_arguments(ppl, ModelLoadArgs, exclude=["dtype"])
-    add_arguments(
-        ppl,
-        ModelLoadArgs,
-        only=["dtype"],
-        defaults_from="the adapter's training precision, else auto",
-        grouped=False,
-    )
-    ppl.add_argument(
-        "--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path."
-    )
-    settings = ppl.add_argument_group("data settings (must match training to reproduce its perplexity)")
-    add_arguments(settings, DataArgs, only=PPL_DATA_SETTINGS, defaults_from=FROM_TRAINING, grouped=False)
-    add_arguments(
-        settings, OptimArgs, only=["per_device_eval_batch_size"], defaults_from=FROM_TRAINING, grouped=False
-    )
-    ppl.add_argument("--output_json", default=None, help="Also write the result to this JSON file.")
     return parser
 
 
@@ -117,7 +132,7 @@ def read_predictions(path: str) -> tuple[list[str], list[list[str]]]:
     return predictions, references
 
 
-def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
+def run_rouge(args: RougeArgs) -> dict[str, Any]:
     """Score ``--pred_path`` and print the table."""
     from sft.inference.rouge import corpus_rouge
 
@@ -144,7 +159,7 @@ def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def ppl_settings(args: PplArgs) -> tuple[dict[str, Any], str]:
     """Data settings for perplexity: flag, else the adapter's train_args.json, else train.py's default.
 
     Checked here, before any model is loaded; an impossible value names its flag and where it came from.
@@ -191,7 +206,7 @@ def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> Non
         raise ArgsError(problems)
 
 
-def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
+def run_ppl(args: PplArgs) -> dict[str, Any]:
     """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
     from sft.data.batching import build_eval_dataloader
     from sft.data.dataset import load_sft_dataset
@@ -202,7 +217,7 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.data_path).is_file():
         raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass the test set (JSONL)")
     logger.info("perplexity settings: %s", described)
-    loaded = load_from_flags(from_namespace(ModelLoadArgs, args), dtype=settings["dtype"])
+    loaded = load_from_flags(args, dtype=settings["dtype"])
     tokenizer = loaded.tokenizer
     dataset = load_sft_dataset(
         args.data_path,
@@ -245,12 +260,12 @@ def run(argv: list[str]) -> None:
     """Parse the flags, compute, print; write --output_json (atomically) when asked."""
     from sft.core.atomic import write_file_atomic
 
-    args = build_parser().parse_args(argv)
+    command, args = parse_command(build_parser(), argv)
     setup_logging()
     register_models()
     if args.output_json:
         check_output_path(args.output_json, "--output_json", kind="file")
-    out = run_rouge(args) if args.command == "rouge" else run_ppl(args)
+    out = run_rouge(args) if command == "rouge" else run_ppl(args)
     if args.output_json:
         write_file_atomic(
             args.output_json, lambda fh: fh.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

@@ -283,8 +283,7 @@ def build_parser() -> Any:
         description="QLoRA/LoRA supervised fine-tuning under DeepSpeed (see docs/TRAINING.md).",
         formatter_class=HelpFormatter,
     )
-    add_arguments(parser, TrainArgs)
-    return parser
+    return add_arguments(parser, TrainArgs)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
