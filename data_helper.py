@@ -6,10 +6,11 @@
     python data_helper.py alpaca --input alpaca_data.json --output data/alpaca.jsonl
     python data_helper.py conversations --input chats.jsonl --output data/chats.jsonl
     python data_helper.py synthesize --model_path BASE --adapter_dir REVERSE_ADAPTER --input texts.txt --output data/alpaca.jsonl
+    python data_helper.py preference --model_path BASE --adapter_dir SFT_ADAPTER --input train.jsonl --output pairs.jsonl
 
 Every sub-command prints its counts: input records read, kept and skipped (with the reasons), and
 samples written (RoleBench counts questions: each kept question gives up to --max_answers samples;
-synthesize counts texts).
+synthesize counts texts; preference counts records and the pairs written).
 A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
 written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed;
 rolebench's train.jsonl and test.jsonl are replaced together, so a killed run leaves the old pair or the new one.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from models import register_models
 from sft.core.flags import REQUIRED, ArgumentParser, add_command, flag, flag_of, parse_command
 from sft.core.paths import check_output_path, require_local_dir
@@ -39,8 +42,9 @@ from sft.data.converters import (
     convert_dolly,
     convert_rolebench,
 )
-from sft.data.formats import DataFormatError, write_jsonl_atomic, write_jsonl_dir_atomic
+from sft.data.formats import DataFormatError, read_conversations, write_jsonl_atomic, write_jsonl_dir_atomic
 from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.self_play import self_play_pairs
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 from sft.inference.synthesize import SynthesisFilters, read_texts, synthesize
 from sft.train.args import DataArgs
@@ -159,6 +163,39 @@ class SynthesizeArgs(GenerationArgs, FilterArgs, TextsArgs, ModelLoadArgs):
         return problems + self.filters({}).problems()
 
 
+@dataclass
+class PairsArgs:
+    """The conversations of ``preference``, its output file, and how its pairs are kept."""
+
+    flag_group = "pairs"
+    input: Path = flag(REQUIRED, "conversation JSONL: each record's last assistant turn is the chosen reply")
+    output: Path = flag(
+        REQUIRED, "output preference JSONL file (chosen = the data set's reply, rejected = the model's)"
+    )
+    skip_invalid: bool = flag_of(ConvertArgs, "skip_invalid")
+    batch_size: int = flag(8, "prompts generated for together (left-padded)")
+    max_src_len: int | None = flag_of(
+        DataArgs, "max_src_len", defaults_from="the adapter's training --max_src_len, else no cut"
+    )
+    max_similarity: float = flag(
+        0.9,
+        "drop a pair whose generation reaches this ROUGE-L F1 against the chosen reply (1 = only identical)",
+    )
+
+
+@dataclass
+class PreferenceArgs(GenerationArgs, PairsArgs, ModelLoadArgs):
+    """The flags of ``preference``."""
+
+    seed: int = flag(1234, "random seed (makes sampling repeatable)")
+
+    def problems(self) -> list[str]:
+        problems = [] if self.batch_size >= 1 else [f"--batch_size={self.batch_size} must be >= 1"]
+        if not 0 < self.max_similarity <= 1:
+            problems.append(f"--max_similarity={self.max_similarity} must be in (0, 1]")
+        return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One sub-command per source: the fields of its dataclass above."""
     parser = ArgumentParser(
@@ -184,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own texts -> Alpaca (instruction, text) pairs, instructions written by a reverse model",
         description="Prompt a reverse model (trained on `dolly --reverse` samples) with each text, as in its "
         "training, and keep the (generated instruction, text) pairs that pass the filters (docs/DATA.md).",
+    )
+    add_command(
+        sub,
+        "preference",
+        PreferenceArgs,
+        help="conversations -> self-play preference pairs: the data set's reply chosen, the model's own rejected",
+        description="Generate the model's own reply (e.g. the SFT adapter on its base) to every prompt of a "
+        "conversation file; each record's own last reply is chosen, the generation rejected; pairs whose "
+        "generation is as good as the reply are dropped and counted (docs/DATA.md).",
     )
     return parser
 
@@ -231,11 +277,40 @@ def run_synthesize(args: SynthesizeArgs) -> None:
     print(f"wrote {len(records)} samples to {args.output}")
 
 
+def run_preference(args: PreferenceArgs) -> None:
+    """Read the conversations and check the generation flags before loading the model; generate; pair; write."""
+    register_models()
+    settings = GenerationArgs(**args.overrides())
+    settings.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))
+    stats = ConvertStats(unit="records")
+    records = read_conversations(args.input, skip_invalid=args.skip_invalid, skipped=stats.skipped)
+    stats.read = len(records) + sum(stats.skipped.values())
+    loaded = load_from_flags(args)
+    train_args = loaded.adapter.train_args if loaded.adapter else {}
+    max_src_len = args.max_src_len if args.max_src_len is not None else train_args.get("max_src_len")
+    set_seed(args.seed)
+    config = build_generation_config(
+        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
+    )
+    logger.info("template %s; generation: %s", loaded.template_name, describe(config))
+    with tqdm(total=len(records), desc="preference", unit="prompt") as bar:
+        pairs = self_play_pairs(
+            records, loaded.model, loaded.tokenizer, loaded.template, config,
+            max_src_len=max_src_len, max_similarity=args.max_similarity, batch_size=args.batch_size,
+            stats=stats, progress=bar.update,
+        )  # fmt: skip
+    _report("preference", stats)
+    if not pairs:
+        raise DataFormatError(f"nothing to write to {args.output}: every record was skipped")
+    write_jsonl_atomic(args.output, pairs)
+    print(f"wrote {len(pairs)} pairs to {args.output}")
+
+
 def run(source: str, args: Any) -> None:
     """Convert everything first, then write: an error leaves no output file behind."""
-    if source == "synthesize":
+    if source in ("synthesize", "preference"):
         check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
-        run_synthesize(args)
+        (run_synthesize if source == "synthesize" else run_preference)(args)
         return
     if source == "rolebench":
         check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})

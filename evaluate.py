@@ -1,9 +1,11 @@
-"""Evaluate a fine-tuned model: ROUGE on a predictions file, perplexity of model+adapter on a test set.
+"""Evaluate a fine-tuned model: ROUGE on a predictions file, perplexity of model+adapter on a test set, reward
+accuracy and margin of a preference-trained adapter on pairs.
 
     python evaluate.py rouge --pred_path preds.jsonl [--lang auto|en|zh] [--zh_tokenizer char|jieba]
     python evaluate.py ppl --model_path BASE --adapter_dir ADAPTER --data_path test.jsonl
+    python evaluate.py preference --model_path BASE --adapter_dir ADAPTER --data_path test_pairs.jsonl
 
-Both print a table and, with ``--output_json FILE``, write the same numbers as JSON. ``ppl`` computes
+Each prints a table and, with ``--output_json FILE``, writes the same numbers as JSON. ``ppl`` computes
 exactly what train.py reports at its save steps (same data pipeline, same loss code); its data
 settings default to the adapter's train_args.json. See docs/INFERENCE.md.
 """
@@ -93,6 +95,28 @@ class PplArgs(PplSettings, PplModel):
     output_json: str | None = flag(None, "Also write the result to this JSON file.")
 
 
+@dataclass
+class PreferenceModel(ModelLoadArgs):
+    """The model of ``evaluate.py preference`` (the adapter evaluated; without it, the reference), the pairs."""
+
+    flag_group = None
+    dtype: str | None = flag_of(
+        ModelLoadArgs, "dtype", defaults_from="the adapter's training precision, else auto"
+    )
+    data_path: str = flag(REQUIRED, "Preference pairs (JSONL, docs/DATA.md), as train.py's --test_path.")
+    pref_beta: float | None = flag(
+        None,
+        "Beta of the rewards beta * (policy - reference) (default: the adapter's training --pref_beta, else 0.1).",
+    )
+
+
+@dataclass
+class PreferenceEvalArgs(PplSettings, PreferenceModel):
+    """The flags of ``evaluate.py preference``."""
+
+    output_json: str | None = flag(None, "Also write the result to this JSON file.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rouge`` and ``ppl`` subcommands: the fields of :class:`RougeArgs` and :class:`PplArgs`."""
     parser = ArgumentParser(
@@ -103,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, "rouge", RougeArgs, help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
     add_command(
         sub, "ppl", PplArgs, help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt
+    )
+    add_command(
+        sub,
+        "preference",
+        PreferenceEvalArgs,
+        help="Reward accuracy and margin of an adapter on preference pairs (the base is the reference).",
+        formatter_class=fmt,
     )
     return parser
 
@@ -256,6 +287,74 @@ def run_ppl(args: PplArgs) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# preference
+# ---------------------------------------------------------------------------------------------
+
+
+def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
+    """Rewards ``beta * (policy - reference)`` of every pair, the adapter being the policy and the model without
+    it the reference, as train.py's DPO evaluation computes them; prints the table."""
+    from sft.data.preference import load_preference_dataset
+    from sft.inference.loading import load_from_flags
+    from sft.train.reference import pair_logps
+
+    if not args.adapter_dir:
+        raise ArgsError(
+            ["--adapter_dir is required: the adapter is the policy, the model without it the reference"]
+        )
+    settings, described = ppl_settings(args)
+    if not Path(args.data_path).is_file():
+        raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass preference pairs (JSONL)")
+    train_args = read_train_args(args.adapter_dir) or {}
+    beta = args.pref_beta if args.pref_beta is not None else train_args.get("pref_beta", 0.1)
+    logger.info("settings: %s, pref_beta=%g", described, beta)
+    loaded = load_from_flags(args, dtype=settings["dtype"])
+    dataset = load_preference_dataset(
+        args.data_path,
+        loaded.template,
+        loaded.tokenizer,
+        max_len=settings["max_len"],
+        max_src_len=settings["max_src_len"],
+        is_skip=settings["is_skip"],
+    )
+    common = {
+        "batch_size": settings["per_device_eval_batch_size"],
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+        "packing": settings["packing"],
+        "max_len": settings["max_len"],
+        "device": loaded.device,
+    }
+    policy = pair_logps(loaded.model, dataset, adapter=True, **common)
+    reference = pair_logps(loaded.model, dataset, adapter=False, **common)
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    logps = {
+        "policy_chosen": float(policy[:, 0].mean()),
+        "policy_rejected": float(policy[:, 1].mean()),
+        "reference_chosen": float(reference[:, 0].mean()),
+        "reference_rejected": float(reference[:, 1].mean()),
+    }
+    out = {
+        "model_path": str(args.model_path),
+        "adapter_dir": args.adapter_dir,
+        "data_path": args.data_path,
+        "pairs": len(dataset),
+        "pref_beta": beta,
+        "reward_accuracy": float((margin > 0).mean()),
+        "reward_margin": float(margin.mean()),
+        "logps": logps,
+    }
+    print(f"preference of {args.adapter_dir} (policy) over {args.model_path} (reference)")
+    print(f"on {args.data_path}: {len(dataset)} pairs, beta {beta:g}")
+    print(f"{'reward accuracy':<18}{out['reward_accuracy']:>10.3f}")
+    print(f"{'reward margin':<18}{out['reward_margin']:>10.4f}")
+    print(f"{'mean log-prob':<18}{'chosen':>10}{'rejected':>10}")
+    print(f"{'  policy':<18}{logps['policy_chosen']:>10.3f}{logps['policy_rejected']:>10.3f}")
+    print(f"{'  reference':<18}{logps['reference_chosen']:>10.3f}{logps['reference_rejected']:>10.3f}")
+    return out
+
+
 def run(argv: list[str]) -> None:
     """Parse the flags, compute, print; write --output_json (atomically) when asked."""
     from sft.core.atomic import write_file_atomic
@@ -265,7 +364,7 @@ def run(argv: list[str]) -> None:
     register_models()
     if args.output_json:
         check_output_path(args.output_json, "--output_json", kind="file")
-    out = run_rouge(args) if command == "rouge" else run_ppl(args)
+    out = {"rouge": run_rouge, "ppl": run_ppl, "preference": run_preference}[command](args)
     if args.output_json:
         write_file_atomic(
             args.output_json, lambda fh: fh.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

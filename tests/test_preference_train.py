@@ -103,3 +103,33 @@ def test_two_ranks_under_zero3_with_the_live_reference_follow_one_rank(
     for tag in ("train/loss", "train/reward_margin", "eval/loss", "eval/reward_accuracy"):
         got, expected = [v for _, v in ours[tag]], [v for _, v in reference[tag]]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), tag
+
+
+def test_evaluate_preference_reproduces_the_training_evaluation(tiny_llama_dir, dpo_reference, tmp_path):
+    """evaluate.py preference on the last checkpoint: the reward accuracy and margin train.py logged there."""
+    import json
+
+    import evaluate
+
+    final = checkpoints(dpo_reference["out"])[6]
+    out_json = tmp_path / "pref.json"
+    code = evaluate.main(
+        [
+            "preference", "--model_path", str(tiny_llama_dir), "--adapter_dir", str(final),
+            "--data_path", str(dpo_reference["data"] / "test.jsonl"), "--output_json", str(out_json),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result, logged = json.loads(out_json.read_text()), state(final)["eval"]
+    assert result["pairs"] == logged["pairs"] == 5
+    assert result["reward_accuracy"] == logged["reward_accuracy"]
+    assert result["reward_margin"] == pytest.approx(logged["reward_margin"], rel=1e-4)
+    assert set(result["logps"]) == {
+        "policy_chosen",
+        "policy_rejected",
+        "reference_chosen",
+        "reference_rejected",
+    }
+    assert (
+        result["logps"]["policy_chosen"] > result["logps"]["reference_chosen"]
+    )  # DPO raised the chosen replies
