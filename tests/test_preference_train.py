@@ -133,3 +133,30 @@ def test_evaluate_preference_reproduces_the_training_evaluation(tiny_llama_dir, 
     assert (
         result["logps"]["policy_chosen"] > result["logps"]["reference_chosen"]
     )  # DPO raised the chosen replies
+
+
+def test_dpo_from_an_adapter_starts_at_ln2_with_it_as_the_reference(tiny_llama_dir, dpo_reference, tmp_path):
+    """--init_adapter: the policy starts as that adapter and the reference is that adapter, frozen (log-probs
+    computed once): the first loss is ln 2 although the adapter is far from the base. Flags equal to the
+    adapter's own settings are accepted, others refused."""
+    from sft.core.errors import ArgsError
+    from sft.train.args import parse_args
+    from sft.train.validate import validate_args
+
+    start = checkpoints(dpo_reference["out"])[6]
+    flags = train_command(tiny_llama_dir, dpo_reference["data"], tmp_path / "out", *DPO_FLAGS)[1:]
+    validate_args(
+        parse_args([*flags, "--init_adapter", str(start)]), cuda_available=False
+    )  # --lora_dim 8 = its r
+    with pytest.raises(ArgsError, match=r"--lora_dim 4 \(the adapter's: 8\)"):
+        validate_args(
+            parse_args([*flags, "--init_adapter", str(start), "--lora_dim", "4"]), cuda_available=False
+        )
+    run = train_here(
+        tiny_llama_dir, dpo_reference["data"], tmp_path / "out", *DPO_FLAGS, "--init_adapter", str(start),
+        "--max_steps", "2",
+    )  # fmt: skip
+    assert run.code == 0, run.log[-3000:]
+    assert "computed in one pass" in run.log
+    first = scalars(tmp_path / "out")["train/loss"][0][1]
+    assert first == pytest.approx(math.log(2), rel=1e-5)

@@ -201,15 +201,31 @@ def init_adapter_problems(args: TrainArgs) -> list[str]:
         problems.append(
             f"--init_adapter {args.init_adapter} is a {info.peft_type} adapter: pass a LoRA adapter"
         )
-    defaults = TrainArgs()
-    shaping = [
-        f"--{name}"
-        for name in ("peft", "lora_dim", "lora_alpha", "lora_target", "use_dora", "use_rslora", "lora_init")
+    defaults, config = TrainArgs(), info.config
+    targets = config.get("target_modules") or []
+    adapter_values = {
+        "lora_dim": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "lora_target": ",".join(sorted(targets)) if isinstance(targets, list) else targets,
+        "use_dora": bool(config.get("use_dora")),
+        "use_rslora": bool(config.get("use_rslora")),
+    }
+    conflicts = [
+        f"--{name} {getattr(args, name)} (the adapter's: {adapter_values.get(name, 'n/a')})"
+        for name in ("peft", "lora_init", *adapter_values)
         if getattr(args, name) != getattr(defaults, name)
+        and (name not in adapter_values or _normalised(name, getattr(args, name)) != adapter_values[name])
     ]
-    if shaping:
+    if conflicts:
         problems.append(
-            f"{', '.join(shaping)}: --init_adapter brings its own LoRA settings (r={info.config.get('r')}); "
-            "drop these flags"
+            f"{'; '.join(conflicts)}: --init_adapter {args.init_adapter} brings its own LoRA settings; drop "
+            "these flags or make them equal to the adapter's"
         )
     return problems
+
+
+def _normalised(name: str, value: object) -> object:
+    """A flag's value as the adapter config spells it (``--lora_target`` as a sorted list)."""
+    if name == "lora_target":
+        return ",".join(sorted(v.strip() for v in str(value).split(",") if v.strip()))
+    return value
