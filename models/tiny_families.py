@@ -1,7 +1,8 @@
 """Tiny random models of the families users bring: Qwen2.5, Qwen3, Llama 3.x, Mistral, Gemma 2/3, Phi-3.
 
 Each builder writes a complete model directory in the layout transformers 5.23's ``save_pretrained`` gives,
-from transformers' own config and model classes, 2 layers of width 64, with the family's features on:
+from transformers' own config and model classes, 2 layers (Gemma 3: 6) of width 64, with the family's
+features on:
 
     qwen2    Qwen2.5-0.5B-Instruct: q/k/v biases, tied embeddings, GQA, vocabulary padded past the tokenizer
     qwen3    Qwen3-0.6B: q_norm/k_norm, head_dim 128 (not hidden/heads), tied embeddings, <think> tokens
@@ -9,7 +10,7 @@ from transformers' own config and model classes, 2 layers of width 64, with the 
     mistral  Mistral-7B-Instruct: a sliding window of 16 tokens, [INST]/[/INST] control tokens (v0.3 ids)
     gemma2   Gemma-2-2b-it: attention (50) and final (30) logit soft-capping, embeddings scaled by
              sqrt(hidden), query_pre_attn_scalar, a sliding window (16) on every other layer, (1 + w) norms
-    gemma3   Gemma-3-1b-it (text only): q/k norms, a sliding layer (local RoPE base), then a global one
+    gemma3   Gemma-3-1b-it (text only): q/k norms, 5 sliding layers (local RoPE base) then a global one
     phi3     Phi-3.5-mini-instruct: fused qkv_proj and gate_up_proj, <|user|>/<|assistant|>/<|end|> tokens
 
 The tokenizer is of the family's kind, trained here on data/corpus_zh_en.txt (about 2,000 pieces): byte-level
@@ -789,16 +790,17 @@ def _config(family: str, tokenizer):
         )
     if family == "gemma3":
         # Gemma-3-1b (text only): q/k norms, head_dim 256 = query_pre_attn_scalar, one KV head, local RoPE
-        # base 10k on the sliding layer and 1M on the global one. The real pattern is 5 sliding layers then 1
-        # global; with 2 layers here it is 1 and 1 (a reader assuming the pattern of 6 makes both sliding).
+        # base 10k on the sliding layers and 1M on the global one. SIX layers, not two: Gemma 3 is 5 sliding
+        # layers then 1 global, and neither GGUF nor its readers can say otherwise (llama.cpp and transformers'
+        # GGUF loader assume that pattern), so a 2-layer [sliding, global] model could not be exported.
         return transformers.Gemma3TextConfig(
-            **common,
+            **{**common, "num_hidden_layers": 6},
             vocab_size=n_tokens,
             num_key_value_heads=1,
             head_dim=256,
             query_pre_attn_scalar=256,
             sliding_window=SLIDING_WINDOW,
-            layer_types=["sliding_attention", "full_attention"],
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             hidden_activation="gelu_pytorch_tanh",
@@ -823,16 +825,18 @@ def _config(family: str, tokenizer):
 def _init_weights(model: torch.nn.Module, seed: int) -> None:
     """Re-draw every parameter from a seeded generator so the weights depend on `seed` only.
 
-    Norm weights are 1 (Gemma's (1 + w) norms then scale by 2: still well-conditioned); other tensors
+    Norms scale by 1: weight 1, or 0 in Gemma's (1 + w) norms (a weight of 1 there doubles q and k after
+    Gemma 3's q/k norms and makes attention so peaked that f16 rounding moves logits by 0.1). Other tensors
     N(0, 0.02), except the output head -- the embedding where tied -- at std hidden^-0.5: unit-scale logits
     keep a tiny model trainable by LoRA (with 0.02 they are near-uniform and the loss barely moves).
     """
     generator = torch.Generator().manual_seed(seed)
     head = model.get_output_embeddings().weight
+    unit_norm = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
-                param.fill_(1.0)
+                param.fill_(unit_norm)
             elif param is head:
                 param.copy_(torch.randn(param.shape, generator=generator) * param.shape[1] ** -0.5)
             else:

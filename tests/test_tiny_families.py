@@ -154,7 +154,7 @@ def test_loads_and_runs(family: str, family_dirs: dict[str, Path], tokenizers: d
     model = load(path)
     config = model.config
     assert type(model).__name__ == config.architectures[0]
-    assert (config.num_hidden_layers, config.hidden_size) == (2, 64)
+    assert (config.num_hidden_layers, config.hidden_size) == (6 if family == "gemma3" else 2, 64)
 
     tokenizer = tokenizers[family]
     ids = tokenizer("Hello world, 你好", return_tensors="pt").input_ids
@@ -211,8 +211,10 @@ def test_sliding_window_changes_logits_past_the_window(family: str, family_dirs:
     path = family_dirs[family]
     config = AutoConfig.from_pretrained(path)
     assert config.sliding_window == SLIDING_WINDOW
-    if family != "mistral":
+    if family == "gemma2":  # every other layer
         assert config.layer_types == ["sliding_attention", "full_attention"]
+    if family == "gemma3":  # Gemma 3's pattern: 5 sliding, 1 global
+        assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
     windowed = logits(load(path), length=3 * SLIDING_WINDOW)
     full = logits(load(path, sliding_window=4096), length=3 * SLIDING_WINDOW)
     torch.testing.assert_close(windowed[:SLIDING_WINDOW], full[:SLIDING_WINDOW])
