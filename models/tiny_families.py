@@ -876,9 +876,7 @@ def build_tiny_family(
     config = _config(family, tokenizer)
     config.architectures = [spec.architecture]
 
-    # The constructor's own initialisation, overwritten below, is then deterministic too.
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # every parameter is redrawn below
     if type(model).__name__ != spec.architecture:
         raise RuntimeError(f"tiny {family}: built {type(model).__name__}, expected {spec.architecture}")
     _init_weights(model, seed)
