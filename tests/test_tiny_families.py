@@ -2,7 +2,7 @@
 classes, run, carry their family's distinguishing feature (checked on the weights or the logits, not only on
 the config), and their chat templates render hand-written expected strings whose special tokens are one id.
 
-All seven directories are built once for the module (a few seconds).
+All seven directories are built once for the session (tests/conftest.py, a few seconds).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.tiny_families import FAMILIES, SLIDING_WINDOW, build_all, build_tiny_family, main
+from models.tiny_families import FAMILIES, SLIDING_WINDOW, build_tiny_family, main
 
 SYSTEM_CHAT = [
     {"role": "system", "content": "You are Li Bai."},
@@ -116,9 +116,9 @@ TOOL_TURNS = (
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """family -> a tiny model directory; read-only by convention."""
-    return build_all(tmp_path_factory.mktemp("tiny_families"))
+def family_dirs(tiny_family_dirs: dict[str, Path]) -> dict[str, Path]:
+    """family -> a tiny model directory (the session's, tests/conftest.py); read-only by convention."""
+    return tiny_family_dirs
 
 
 @pytest.fixture(scope="module")
