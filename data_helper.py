@@ -6,10 +6,11 @@
     python data_helper.py alpaca --input alpaca_data.json --output data/alpaca.jsonl
     python data_helper.py conversations --input chats.jsonl --output data/chats.jsonl
     python data_helper.py synthesize --model_path BASE --adapter_dir REVERSE_ADAPTER --input texts.txt --output data/alpaca.jsonl
+    python data_helper.py preference --model_path BASE --adapter_dir SFT_ADAPTER --input train.jsonl --output pairs.jsonl
 
 Every sub-command prints its counts: input records read, kept and skipped (with the reasons), and
 samples written (RoleBench counts questions: each kept question gives up to --max_answers samples;
-synthesize counts texts).
+synthesize counts texts; preference counts records and the pairs written).
 A bad record stops the run with ``file:line: reason`` and exit status 1, and no output file is
 written (``--skip_invalid`` counts such records as skipped instead). Outputs are written to a temp file and renamed;
 rolebench's train.jsonl and test.jsonl are replaced together, so a killed run leaves the old pair or the new one.
@@ -21,11 +22,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
 
 from models import register_models
-from sft.core.errors import ArgsError
-from sft.core.flags import ArgumentParser, add_arguments, from_namespace
+from sft.core.flags import REQUIRED, ArgumentParser, add_command, flag, flag_of, parse_command
 from sft.core.paths import check_output_path, require_local_dir
 from sft.core.runner import run_entry_point, set_seed
 from sft.data.converters import (
@@ -38,8 +42,9 @@ from sft.data.converters import (
     convert_dolly,
     convert_rolebench,
 )
-from sft.data.formats import DataFormatError, write_jsonl_atomic, write_jsonl_dir_atomic
+from sft.data.formats import DataFormatError, read_conversations, write_jsonl_atomic, write_jsonl_dir_atomic
 from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.self_play import self_play_pairs
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 from sft.inference.synthesize import SynthesisFilters, read_texts, synthesize
 from sft.train.args import DataArgs
@@ -47,118 +52,185 @@ from sft.train.args import DataArgs
 logger = logging.getLogger("data_helper")
 
 
-def _add_common(p: argparse.ArgumentParser, *, io: bool = True) -> None:
-    if io:
-        p.add_argument("--input", required=True, type=Path, help="source file (JSONL, or a JSON array)")
-        p.add_argument("--output", required=True, type=Path, help="output conversation JSONL file")
-    p.add_argument(
-        "--skip_invalid",
-        action="store_true",
-        help="count invalid records as skipped instead of stopping with an error",
+@dataclass
+class ConvertArgs:
+    """The flags of a converter: its input, its output and what to do with a bad record (alpaca, conversations)."""
+
+    flag_group = None  # listed under "options" also where it is inherited
+    input: Path = flag(REQUIRED, "source file (JSONL, or a JSON array)")
+    output: Path = flag(REQUIRED, "output conversation JSONL file")
+    skip_invalid: bool = flag(
+        False, "count invalid records as skipped instead of stopping with an error", action="store_true"
     )
 
 
+@dataclass
+class DollyArgs(ConvertArgs):
+    """The flags of ``dolly``."""
+
+    reverse: bool = flag(
+        False, "instruction back-translation: learn response (+context) -> instruction", action="store_true"
+    )
+
+
+@dataclass
+class DialogsumArgs(ConvertArgs):
+    """The flags of ``dialogsum``."""
+
+    prompt: str = flag(DIALOGSUM_PROMPT, "user prompt template with {dialogue}")
+
+
+@dataclass
+class RolebenchArgs:
+    """The flags of ``rolebench``."""
+
+    data_dir: Path = flag(
+        Path("../shared/data/rolebench-zh"),
+        "folder with rolebench-zh_*_{train,test}.jsonl and profiles-zh_desc.json",
+    )
+    out_dir: Path = flag(REQUIRED, "writes train.jsonl and test.jsonl here")
+    roles: list[str] | None = flag(None, "roles to keep (default: every role in the profiles file)")
+    system_template: str = flag(
+        ROLEBENCH_SYSTEM_TEMPLATE,
+        "system prompt template with {role} and {desc} (default: the recipe's Chinese prompt)",
+    )
+    max_answers: int = flag(2, "answers kept per question (seeded shuffle)")
+    seed: int = flag(42, "seed for choosing the answers")
+    splits: list[str] = flag(["train", "test"], "which splits to convert", choices=("train", "test"))
+    skip_invalid: bool = flag_of(ConvertArgs, "skip_invalid")
+
+
+@dataclass
+class TextsArgs:
+    """The texts of ``synthesize``, its output file, and how many texts are generated for together."""
+
+    flag_group = "texts"
+    input: Path = flag(REQUIRED, "texts: .txt (one a line) or .jsonl/.json (see --text_field)")
+    output: Path = flag(REQUIRED, "output Alpaca JSONL file")
+    text_field: str | None = flag(None, "JSONL field holding the text (default: text)")
+    skip_invalid: bool = flag(
+        False,
+        "count JSONL records without a string text field as skipped instead of stopping with an error",
+        action="store_true",
+    )
+    batch_size: int = flag(8, "texts generated for together (left-padded)")
+
+
+@dataclass
+class FilterArgs:
+    """The limits of the quality filters of ``synthesize`` (:class:`SynthesisFilters`)."""
+
+    flag_group = "filters (each drop is counted in the summary)"
+    max_src_len: int | None = flag_of(
+        DataArgs, "max_src_len", defaults_from="the adapter's training --max_src_len, else train.py's"
+    )
+    max_instruction_len: int = flag(
+        SynthesisFilters.max_instruction_len,
+        "drop instructions longer than this (tokens); --max_new_tokens defaults to it + 1",
+    )
+    max_copy_overlap: float = flag(
+        SynthesisFilters.max_copy_overlap,
+        "drop instructions more than this share of whose word 3-grams occur in the text (1 = off)",
+    )
+    near_dup_threshold: float = flag(
+        SynthesisFilters.near_dup_threshold,
+        "drop texts whose word 3-gram Jaccard similarity to an earlier text is at least this",
+    )
+
+    def filters(self, train_args: dict) -> SynthesisFilters:
+        """The filters; --max_src_len defaults to the reverse adapter's training value (its prompts were cut
+        there), else train.py's default."""
+        max_src_len = self.max_src_len
+        if max_src_len is None:
+            max_src_len = train_args.get("max_src_len", DataArgs.max_src_len)
+        return SynthesisFilters(
+            max_src_len=max_src_len,
+            max_instruction_len=self.max_instruction_len,
+            max_copy_overlap=self.max_copy_overlap,
+            near_dup_threshold=self.near_dup_threshold,
+        )
+
+
+@dataclass
+class SynthesizeArgs(GenerationArgs, FilterArgs, TextsArgs, ModelLoadArgs):
+    """The flags of ``synthesize``."""
+
+    seed: int = flag(1234, "random seed (makes sampling repeatable)")
+
+    def problems(self) -> list[str]:
+        """Out-of-range batch size and filter limits."""
+        problems = [] if self.batch_size >= 1 else [f"--batch_size={self.batch_size} must be >= 1"]
+        return problems + self.filters({}).problems()
+
+
+@dataclass
+class PairsArgs:
+    """The conversations of ``preference``, its output file, and how its pairs are kept."""
+
+    flag_group = "pairs"
+    input: Path = flag(REQUIRED, "conversation JSONL: each record's last assistant turn is the chosen reply")
+    output: Path = flag(
+        REQUIRED, "output preference JSONL file (chosen = the data set's reply, rejected = the model's)"
+    )
+    skip_invalid: bool = flag_of(ConvertArgs, "skip_invalid")
+    batch_size: int = flag(8, "prompts generated for together (left-padded)")
+    max_src_len: int | None = flag_of(
+        DataArgs, "max_src_len", defaults_from="the adapter's training --max_src_len, else no cut"
+    )
+    max_similarity: float = flag(
+        0.9,
+        "drop a pair whose generation reaches this ROUGE-L F1 against the chosen reply (1 = only identical)",
+    )
+
+
+@dataclass
+class PreferenceArgs(GenerationArgs, PairsArgs, ModelLoadArgs):
+    """The flags of ``preference``."""
+
+    seed: int = flag(1234, "random seed (makes sampling repeatable)")
+
+    def problems(self) -> list[str]:
+        problems = [] if self.batch_size >= 1 else [f"--batch_size={self.batch_size} must be >= 1"]
+        if not 0 < self.max_similarity <= 1:
+            problems.append(f"--max_similarity={self.max_similarity} must be in (0, 1]")
+        return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One sub-command per source: the fields of its dataclass above."""
     parser = ArgumentParser(
         prog="data_helper.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
-    p = sub.add_parser("rolebench", help="RoleBench-zh (role-specific + general) -> train/test files")
-    p.add_argument(
-        "--data_dir",
-        type=Path,
-        default=Path("../shared/data/rolebench-zh"),
-        help="folder with rolebench-zh_*_{train,test}.jsonl and profiles-zh_desc.json",
+    add_command(
+        sub, "rolebench", RolebenchArgs, help="RoleBench-zh (role-specific + general) -> train/test files"
     )
-    p.add_argument("--out_dir", type=Path, required=True, help="writes train.jsonl and test.jsonl here")
-    p.add_argument(
-        "--roles", nargs="+", default=None, help="roles to keep (default: every role in the profiles file)"
+    add_command(sub, "dolly", DollyArgs, help="Dolly-15k style instruction/context/response records")
+    add_command(sub, "dialogsum", DialogsumArgs, help="DialogSum dialogues -> summarisation samples")
+    add_command(sub, "alpaca", ConvertArgs, help="Alpaca instruction/input/output records")
+    add_command(
+        sub,
+        "conversations",
+        ConvertArgs,
+        help="multi-turn chats with system, tools, tool calls, observations",
     )
-    p.add_argument(
-        "--system_template",
-        default=ROLEBENCH_SYSTEM_TEMPLATE,
-        help="system prompt template with {role} and {desc} (default: the recipe's Chinese prompt)",
-    )
-    p.add_argument("--max_answers", type=int, default=2, help="answers kept per question (seeded shuffle)")
-    p.add_argument("--seed", type=int, default=42, help="seed for choosing the answers")
-    p.add_argument(
-        "--splits",
-        nargs="+",
-        default=["train", "test"],
-        choices=["train", "test"],
-        help="which splits to convert",
-    )
-    _add_common(p, io=False)
-
-    p = sub.add_parser("dolly", help="Dolly-15k style instruction/context/response records")
-    _add_common(p)
-    p.add_argument(
-        "--reverse",
-        action="store_true",
-        help="instruction back-translation: learn response (+context) -> instruction",
-    )
-
-    p = sub.add_parser("dialogsum", help="DialogSum dialogues -> summarisation samples")
-    _add_common(p)
-    p.add_argument("--prompt", default=DIALOGSUM_PROMPT, help="user prompt template with {dialogue}")
-
-    p = sub.add_parser("alpaca", help="Alpaca instruction/input/output records")
-    _add_common(p)
-
-    p = sub.add_parser("conversations", help="multi-turn chats with system, tools, tool calls, observations")
-    _add_common(p)
-
-    p = sub.add_parser(
+    add_command(
+        sub,
         "synthesize",
+        SynthesizeArgs,
         help="your own texts -> Alpaca (instruction, text) pairs, instructions written by a reverse model",
         description="Prompt a reverse model (trained on `dolly --reverse` samples) with each text, as in its "
         "training, and keep the (generated instruction, text) pairs that pass the filters (docs/DATA.md).",
     )
-    add_arguments(p, ModelLoadArgs)
-    io = p.add_argument_group("texts")
-    io.add_argument(
-        "--input",
-        required=True,
-        type=Path,
-        help="texts: .txt (one a line) or .jsonl/.json (see --text_field)",
+    add_command(
+        sub,
+        "preference",
+        PreferenceArgs,
+        help="conversations -> self-play preference pairs: the data set's reply chosen, the model's own rejected",
+        description="Generate the model's own reply (e.g. the SFT adapter on its base) to every prompt of a "
+        "conversation file; each record's own last reply is chosen, the generation rejected; pairs whose "
+        "generation is as good as the reply are dropped and counted (docs/DATA.md).",
     )
-    io.add_argument("--output", required=True, type=Path, help="output Alpaca JSONL file")
-    io.add_argument("--text_field", default=None, help="JSONL field holding the text (default: text)")
-    io.add_argument(
-        "--skip_invalid",
-        action="store_true",
-        help="count JSONL records without a string text field as skipped instead of stopping with an error",
-    )
-    io.add_argument("--batch_size", type=int, default=8, help="texts generated for together (left-padded)")
-    filters = p.add_argument_group("filters (each drop is counted in the summary)")
-    add_arguments(
-        filters,
-        DataArgs,
-        only=["max_src_len"],
-        defaults_from="the adapter's training --max_src_len, else train.py's",
-        grouped=False,
-    )
-    filters.add_argument(
-        "--max_instruction_len",
-        type=int,
-        default=128,
-        help="drop instructions longer than this (tokens); --max_new_tokens defaults to it + 1",
-    )
-    filters.add_argument(
-        "--max_copy_overlap",
-        type=float,
-        default=0.5,
-        help="drop instructions more than this share of whose word 3-grams occur in the text (1 = off)",
-    )
-    filters.add_argument(
-        "--near_dup_threshold",
-        type=float,
-        default=0.8,
-        help="drop texts whose word 3-gram Jaccard similarity to an earlier text is at least this",
-    )
-    add_arguments(p, GenerationArgs)
-    p.add_argument("--seed", type=int, default=1234, help="random seed (makes sampling repeatable)")
     return parser
 
 
@@ -168,28 +240,11 @@ def _report(name: str, stats: ConvertStats) -> None:
         print(line)
 
 
-def synthesis_filters(args: argparse.Namespace, train_args: dict) -> SynthesisFilters:
-    """The filter flags; --max_src_len defaults to the reverse adapter's training value (its prompts were
-    cut there), else train.py's default."""
-    max_src_len = args.max_src_len
-    if max_src_len is None:
-        max_src_len = train_args.get("max_src_len", DataArgs.max_src_len)
-    return SynthesisFilters(
-        max_src_len=max_src_len,
-        max_instruction_len=args.max_instruction_len,
-        max_copy_overlap=args.max_copy_overlap,
-        near_dup_threshold=args.near_dup_threshold,
-    )
-
-
-def run_synthesize(args: argparse.Namespace) -> None:
-    """Check flags and read the texts before loading the model; generate; filter; write atomically."""
+def run_synthesize(args: SynthesizeArgs) -> None:
+    """Check the generation flags and read the texts before loading the model; generate; filter; write
+    atomically."""
     register_models()
-    problems = [] if args.batch_size >= 1 else [f"--batch_size={args.batch_size} must be >= 1"]
-    problems += synthesis_filters(args, {}).problems()
-    if problems:
-        raise ArgsError(problems)
-    settings = from_namespace(GenerationArgs, args)
+    settings = GenerationArgs(**args.overrides())  # a copy: max_new_tokens may be filled in
     if settings.max_new_tokens is None:
         # One token more than the filter allows: an instruction cut by this limit is caught as over-long, and
         # no time goes into generating past it (a chat model's generation_config may allow thousands).
@@ -198,14 +253,14 @@ def run_synthesize(args: argparse.Namespace) -> None:
     stats = ConvertStats(unit="texts")
     texts = read_texts(args.input, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
 
-    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
+    loaded = load_from_flags(args)
     if loaded.adapter is None and args.template is None:
         logger.warning(
             "no --adapter_dir: prompting with the template %s chosen from the model; pass --template as the "
             "reverse model was trained if that differs",
             loaded.template_name,
         )
-    filters = synthesis_filters(args, loaded.adapter.train_args if loaded.adapter else {})
+    filters = args.filters(loaded.adapter.train_args if loaded.adapter else {})
     set_seed(args.seed)
     config = build_generation_config(
         loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
@@ -222,18 +277,47 @@ def run_synthesize(args: argparse.Namespace) -> None:
     print(f"wrote {len(records)} samples to {args.output}")
 
 
-def run(args: argparse.Namespace) -> None:
+def run_preference(args: PreferenceArgs) -> None:
+    """Read the conversations and check the generation flags before loading the model; generate; pair; write."""
+    register_models()
+    settings = GenerationArgs(**args.overrides())
+    settings.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))
+    stats = ConvertStats(unit="records")
+    records = read_conversations(args.input, skip_invalid=args.skip_invalid, skipped=stats.skipped)
+    stats.read = len(records) + sum(stats.skipped.values())
+    loaded = load_from_flags(args)
+    train_args = loaded.adapter.train_args if loaded.adapter else {}
+    max_src_len = args.max_src_len if args.max_src_len is not None else train_args.get("max_src_len")
+    set_seed(args.seed)
+    config = build_generation_config(
+        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
+    )
+    logger.info("template %s; generation: %s", loaded.template_name, describe(config))
+    with tqdm(total=len(records), desc="preference", unit="prompt") as bar:
+        pairs = self_play_pairs(
+            records, loaded.model, loaded.tokenizer, loaded.template, config,
+            max_src_len=max_src_len, max_similarity=args.max_similarity, batch_size=args.batch_size,
+            stats=stats, progress=bar.update,
+        )  # fmt: skip
+    _report("preference", stats)
+    if not pairs:
+        raise DataFormatError(f"nothing to write to {args.output}: every record was skipped")
+    write_jsonl_atomic(args.output, pairs)
+    print(f"wrote {len(pairs)} pairs to {args.output}")
+
+
+def run(source: str, args: Any) -> None:
     """Convert everything first, then write: an error leaves no output file behind."""
-    if args.source == "synthesize":
+    if source in ("synthesize", "preference"):
         check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
-        run_synthesize(args)
+        (run_synthesize if source == "synthesize" else run_preference)(args)
         return
-    if args.source == "rolebench":
+    if source == "rolebench":
         check_output_path(args.out_dir, "--out_dir", kind="dir", inputs={"--data_dir": args.data_dir})
     else:
         check_output_path(args.output, "--output", kind="file", inputs={"--input": args.input})
     outputs: dict[Path, list] = {}
-    if args.source == "rolebench":
+    if source == "rolebench":
         for split in args.splits:
             records, stats = convert_rolebench(
                 args.data_dir,
@@ -247,20 +331,20 @@ def run(args: argparse.Namespace) -> None:
             _report(f"rolebench {split}", stats)
             outputs[args.out_dir / f"{split}.jsonl"] = records
     else:
-        if args.source == "dolly":
+        if source == "dolly":
             records, stats = convert_dolly(args.input, reverse=args.reverse, skip_invalid=args.skip_invalid)
-        elif args.source == "dialogsum":
+        elif source == "dialogsum":
             records, stats = convert_dialogsum(args.input, prompt=args.prompt, skip_invalid=args.skip_invalid)
-        elif args.source == "alpaca":
+        elif source == "alpaca":
             records, stats = convert_alpaca(args.input, skip_invalid=args.skip_invalid)
         else:
             records, stats = convert_conversations(args.input, skip_invalid=args.skip_invalid)
-        _report(args.source, stats)
+        _report(source, stats)
         outputs[args.output] = records
     for path, records in outputs.items():
         if not records:
             raise DataFormatError(f"nothing to write to {path}: every record was skipped")
-    if args.source == "rolebench":
+    if source == "rolebench":
         write_jsonl_dir_atomic(args.out_dir, {path.name: records for path, records in outputs.items()})
     else:
         write_jsonl_atomic(args.output, outputs[args.output])
@@ -270,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (README.md, "When things go wrong")."""
-    return run_entry_point(lambda args: run(build_parser().parse_args(args)), argv, logger=logger)
+    return run_entry_point(lambda args: run(*parse_command(build_parser(), args)), argv, logger=logger)
 
 
 if __name__ == "__main__":

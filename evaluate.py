@@ -1,9 +1,11 @@
-"""Evaluate a fine-tuned model: ROUGE on a predictions file, perplexity of model+adapter on a test set.
+"""Evaluate a fine-tuned model: ROUGE on a predictions file, perplexity of model+adapter on a test set, reward
+accuracy and margin of a preference-trained adapter on pairs.
 
     python evaluate.py rouge --pred_path preds.jsonl [--lang auto|en|zh] [--zh_tokenizer char|jieba]
     python evaluate.py ppl --model_path BASE --adapter_dir ADAPTER --data_path test.jsonl
+    python evaluate.py preference --model_path BASE --adapter_dir ADAPTER --data_path test_pairs.jsonl
 
-Both print a table and, with ``--output_json FILE``, write the same numbers as JSON. ``ppl`` computes
+Each prints a table and, with ``--output_json FILE``, writes the same numbers as JSON. ``ppl`` computes
 exactly what train.py reports at its save steps (same data pipeline, same loss code); its data
 settings default to the adapter's train_args.json. See docs/INFERENCE.md.
 """
@@ -11,16 +13,18 @@ settings default to the adapter's train_args.json. See docs/INFERENCE.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models import register_models
 from sft.checkpoint.layout import TRAIN_ARGS, read_train_args
 from sft.core.errors import ArgsError
-from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.flags import REQUIRED, ArgumentParser, HelpFormatter, add_command, flag, flag_of, parse_command
 from sft.core.paths import check_output_path
 from sft.core.runner import run_entry_point, setup_logging
 from sft.inference.loading import ModelLoadArgs
@@ -29,66 +33,108 @@ from sft.train.args import DataArgs, OptimArgs
 
 logger = logging.getLogger("evaluate")
 
-# ppl data settings that must match training to reproduce its number; default: the adapter's train_args.json.
-PPL_DATA_SETTINGS = ("max_len", "max_src_len", "is_skip", "loss_on", "packing")
-PPL_SETTINGS = (*PPL_DATA_SETTINGS, "per_device_eval_batch_size")
 FROM_TRAINING = "the adapter's train_args.json, else train.py's default"
 
 
+@dataclass
+class RougeArgs:
+    """The flags of ``evaluate.py rouge``."""
+
+    pred_path: str = flag(
+        REQUIRED,
+        "JSONL with 'prediction' and 'references' (predict.py output).",
+        aliases=("--predictions",),
+    )
+    lang: str = flag(
+        "auto",
+        "en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
+        choices=("auto", "en", "zh"),
+    )
+    zh_tokenizer: str = flag("char", "Chinese units: characters or jieba words.", choices=("char", "jieba"))
+    multi_ref: str = flag(
+        "mean",
+        "How a sample with several references is scored: mean over them (default) or the best one.",
+        choices=REDUCTIONS,
+    )
+    output_json: str | None = flag(None, "Also write the scores to this JSON file.")
+
+
+@dataclass
+class PplSettings:
+    """The data settings of ``evaluate.py ppl``; unset: the adapter's train_args.json, else train.py's default."""
+
+    flag_group = "data settings (must match training to reproduce its perplexity)"
+    max_len: int | None = flag_of(DataArgs, "max_len", defaults_from=FROM_TRAINING)
+    max_src_len: int | None = flag_of(DataArgs, "max_src_len", defaults_from=FROM_TRAINING)
+    is_skip: bool | None = flag_of(DataArgs, "is_skip", defaults_from=FROM_TRAINING)
+    loss_on: str | None = flag_of(DataArgs, "loss_on", defaults_from=FROM_TRAINING)
+    packing: bool | None = flag_of(DataArgs, "packing", defaults_from=FROM_TRAINING)
+    per_device_eval_batch_size: int | None = flag_of(
+        OptimArgs, "per_device_eval_batch_size", defaults_from=FROM_TRAINING
+    )
+
+
+PPL_SETTINGS = tuple(f.name for f in dataclasses.fields(PplSettings))
+
+
+@dataclass
+class PplModel(ModelLoadArgs):
+    """The model of ``evaluate.py ppl`` (its dtype as the adapter was trained), and the test set."""
+
+    flag_group = None  # listed under "options" also where it is inherited
+    dtype: str | None = flag_of(
+        ModelLoadArgs, "dtype", defaults_from="the adapter's training precision, else auto"
+    )
+    data_path: str = flag(REQUIRED, "Test conversations (JSONL), as train.py's --test_path.")
+
+
+@dataclass
+class PplArgs(PplSettings, PplModel):
+    """The flags of ``evaluate.py ppl``."""
+
+    output_json: str | None = flag(None, "Also write the result to this JSON file.")
+
+
+@dataclass
+class PreferenceModel(ModelLoadArgs):
+    """The model of ``evaluate.py preference`` (the adapter evaluated; without it, the reference), the pairs."""
+
+    flag_group = None
+    dtype: str | None = flag_of(
+        ModelLoadArgs, "dtype", defaults_from="the adapter's training precision, else auto"
+    )
+    data_path: str = flag(REQUIRED, "Preference pairs (JSONL, docs/DATA.md), as train.py's --test_path.")
+    pref_beta: float | None = flag(
+        None,
+        "Beta of the rewards beta * (policy - reference) (default: the adapter's training --pref_beta, else 0.1).",
+    )
+
+
+@dataclass
+class PreferenceEvalArgs(PplSettings, PreferenceModel):
+    """The flags of ``evaluate.py preference``."""
+
+    output_json: str | None = flag(None, "Also write the result to this JSON file.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``rouge`` and ``ppl`` subcommands."""
+    """The ``rouge`` and ``ppl`` subcommands: the fields of :class:`RougeArgs` and :class:`PplArgs`."""
     parser = ArgumentParser(
         description="ROUGE on predictions and perplexity of model+adapter (see docs/INFERENCE.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = HelpFormatter
-
-    rouge = sub.add_parser("rouge", help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
-    rouge.add_argument(
-        "--pred_path",
-        "--predictions",
-        dest="pred_path",
-        required=True,
-        help="JSONL with 'prediction' and 'references' (predict.py output).",
+    add_command(sub, "rouge", RougeArgs, help="ROUGE-1/2/L of a predict.py output file.", formatter_class=fmt)
+    add_command(
+        sub, "ppl", PplArgs, help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt
     )
-    rouge.add_argument(
-        "--lang",
-        choices=("auto", "en", "zh"),
-        default="auto",
-        help="en: word level with stemming; zh: Chinese (see --zh_tokenizer); auto: decided from the references.",
+    add_command(
+        sub,
+        "preference",
+        PreferenceEvalArgs,
+        help="Reward accuracy and margin of an adapter on preference pairs (the base is the reference).",
+        formatter_class=fmt,
     )
-    rouge.add_argument(
-        "--zh_tokenizer",
-        choices=("char", "jieba"),
-        default="char",
-        help="Chinese units: characters or jieba words.",
-    )
-    rouge.add_argument(
-        "--multi_ref",
-        choices=REDUCTIONS,
-        default="mean",
-        help="How a sample with several references is scored: mean over them (default) or the best one.",
-    )
-    rouge.add_argument("--output_json", default=None, help="Also write the scores to this JSON file.")
-
-    ppl = sub.add_parser("ppl", help="Perplexity of a model (+ adapter) on a test set.", formatter_class=fmt)
-    add_arguments(ppl, ModelLoadArgs, exclude=["dtype"])
-    add_arguments(
-        ppl,
-        ModelLoadArgs,
-        only=["dtype"],
-        defaults_from="the adapter's training precision, else auto",
-        grouped=False,
-    )
-    ppl.add_argument(
-        "--data_path", required=True, help="Test conversations (JSONL), as train.py's --test_path."
-    )
-    settings = ppl.add_argument_group("data settings (must match training to reproduce its perplexity)")
-    add_arguments(settings, DataArgs, only=PPL_DATA_SETTINGS, defaults_from=FROM_TRAINING, grouped=False)
-    add_arguments(
-        settings, OptimArgs, only=["per_device_eval_batch_size"], defaults_from=FROM_TRAINING, grouped=False
-    )
-    ppl.add_argument("--output_json", default=None, help="Also write the result to this JSON file.")
     return parser
 
 
@@ -117,7 +163,7 @@ def read_predictions(path: str) -> tuple[list[str], list[list[str]]]:
     return predictions, references
 
 
-def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
+def run_rouge(args: RougeArgs) -> dict[str, Any]:
     """Score ``--pred_path`` and print the table."""
     from sft.inference.rouge import corpus_rouge
 
@@ -144,7 +190,7 @@ def run_rouge(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def ppl_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def ppl_settings(args: PplArgs) -> tuple[dict[str, Any], str]:
     """Data settings for perplexity: flag, else the adapter's train_args.json, else train.py's default.
 
     Checked here, before any model is loaded; an impossible value names its flag and where it came from.
@@ -191,7 +237,7 @@ def check_ppl_settings(settings: dict[str, Any], sources: dict[str, str]) -> Non
         raise ArgsError(problems)
 
 
-def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
+def run_ppl(args: PplArgs) -> dict[str, Any]:
     """Perplexity of model (+ adapter) on ``--data_path``, as train.py computes it; prints the table."""
     from sft.data.batching import build_eval_dataloader
     from sft.data.dataset import load_sft_dataset
@@ -202,7 +248,7 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.data_path).is_file():
         raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass the test set (JSONL)")
     logger.info("perplexity settings: %s", described)
-    loaded = load_from_flags(from_namespace(ModelLoadArgs, args), dtype=settings["dtype"])
+    loaded = load_from_flags(args, dtype=settings["dtype"])
     tokenizer = loaded.tokenizer
     dataset = load_sft_dataset(
         args.data_path,
@@ -241,16 +287,84 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# preference
+# ---------------------------------------------------------------------------------------------
+
+
+def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
+    """Rewards ``beta * (policy - reference)`` of every pair, the adapter being the policy and the model without
+    it the reference, as train.py's DPO evaluation computes them; prints the table."""
+    from sft.data.preference import load_preference_dataset
+    from sft.inference.loading import load_from_flags
+    from sft.train.reference import pair_logps
+
+    if not args.adapter_dir:
+        raise ArgsError(
+            ["--adapter_dir is required: the adapter is the policy, the model without it the reference"]
+        )
+    settings, described = ppl_settings(args)
+    if not Path(args.data_path).is_file():
+        raise FileNotFoundError(f"--data_path {args.data_path} is not a file: pass preference pairs (JSONL)")
+    train_args = read_train_args(args.adapter_dir) or {}
+    beta = args.pref_beta if args.pref_beta is not None else train_args.get("pref_beta", 0.1)
+    logger.info("settings: %s, pref_beta=%g", described, beta)
+    loaded = load_from_flags(args, dtype=settings["dtype"])
+    dataset = load_preference_dataset(
+        args.data_path,
+        loaded.template,
+        loaded.tokenizer,
+        max_len=settings["max_len"],
+        max_src_len=settings["max_src_len"],
+        is_skip=settings["is_skip"],
+    )
+    common = {
+        "batch_size": settings["per_device_eval_batch_size"],
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+        "packing": settings["packing"],
+        "max_len": settings["max_len"],
+        "device": loaded.device,
+    }
+    policy = pair_logps(loaded.model, dataset, adapter=True, **common)
+    reference = pair_logps(loaded.model, dataset, adapter=False, **common)
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    logps = {
+        "policy_chosen": float(policy[:, 0].mean()),
+        "policy_rejected": float(policy[:, 1].mean()),
+        "reference_chosen": float(reference[:, 0].mean()),
+        "reference_rejected": float(reference[:, 1].mean()),
+    }
+    out = {
+        "model_path": str(args.model_path),
+        "adapter_dir": args.adapter_dir,
+        "data_path": args.data_path,
+        "pairs": len(dataset),
+        "pref_beta": beta,
+        "reward_accuracy": float((margin > 0).mean()),
+        "reward_margin": float(margin.mean()),
+        "logps": logps,
+    }
+    print(f"preference of {args.adapter_dir} (policy) over {args.model_path} (reference)")
+    print(f"on {args.data_path}: {len(dataset)} pairs, beta {beta:g}")
+    print(f"{'reward accuracy':<18}{out['reward_accuracy']:>10.3f}")
+    print(f"{'reward margin':<18}{out['reward_margin']:>10.4f}")
+    print(f"{'mean log-prob':<18}{'chosen':>10}{'rejected':>10}")
+    print(f"{'  policy':<18}{logps['policy_chosen']:>10.3f}{logps['policy_rejected']:>10.3f}")
+    print(f"{'  reference':<18}{logps['reference_chosen']:>10.3f}{logps['reference_rejected']:>10.3f}")
+    return out
+
+
 def run(argv: list[str]) -> None:
     """Parse the flags, compute, print; write --output_json (atomically) when asked."""
     from sft.core.atomic import write_file_atomic
 
-    args = build_parser().parse_args(argv)
+    command, args = parse_command(build_parser(), argv)
     setup_logging()
     register_models()
     if args.output_json:
         check_output_path(args.output_json, "--output_json", kind="file")
-    out = run_rouge(args) if args.command == "rouge" else run_ppl(args)
+    out = {"rouge": run_rouge, "ppl": run_ppl, "preference": run_preference}[command](args)
     if args.output_json:
         write_file_atomic(
             args.output_json, lambda fh: fh.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

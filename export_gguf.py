@@ -12,8 +12,10 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 
 from models import register_models
+from sft.core.flags import REQUIRED, add_arguments, flag, parse_flags
 from sft.core.paths import require_local_dir
 from sft.core.runner import setup_logging
 from sft.export.errors import ExportCheckError, ExportRefused
@@ -23,47 +25,43 @@ from sft.export.ollama import NAMED_TEMPLATES
 logger = logging.getLogger("export_gguf")
 
 
+@dataclass
+class ExportArgs:
+    """The flags of export_gguf.py."""
+
+    model_dir: str = flag(REQUIRED, "Local model directory: config.json, safetensors, tokenizer.")
+    out: str = flag(REQUIRED, "The .gguf file to write.")
+    out_type: str = flag(
+        "f16", "Weight type of the matrices (norms stay f32).", choices=OUT_TYPES, option="--type"
+    )
+    modelfile: bool = flag(False, "Also write an Ollama Modelfile next to the file.", action="store_true")
+    template: str | None = flag(
+        None,
+        "Chat format for the Modelfile and the file (default: recognised from the tokenizer's chat template, "
+        "else the training default for the model type).",
+        choices=NAMED_TEMPLATES,
+    )
+    verify: str = flag(
+        "auto",
+        "Reader that checks the file against the source model: auto = transformers for Llama-architecture "
+        "files, llama_cpp (if installed) for Baichuan2 files.",
+        choices=("auto", "transformers", "llama_cpp", "none"),
+    )
+    overwrite: bool = flag(False, "Replace existing output files.", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: the fields of :class:`ExportArgs`."""
     parser = argparse.ArgumentParser(
         description="Export a model directory to GGUF (llama.cpp, Ollama); see docs/INFERENCE.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model_dir", required=True, help="Local model directory: config.json, safetensors, tokenizer."
-    )
-    parser.add_argument("--out", required=True, help="The .gguf file to write.")
-    parser.add_argument(
-        "--type",
-        dest="out_type",
-        choices=OUT_TYPES,
-        default="f16",
-        help="Weight type of the matrices (norms stay f32).",
-    )
-    parser.add_argument(
-        "--modelfile", action="store_true", help="Also write an Ollama Modelfile next to the file."
-    )
-    parser.add_argument(
-        "--template",
-        choices=NAMED_TEMPLATES,
-        default=None,
-        help="Chat format for the Modelfile and the file (default: recognised from the tokenizer's chat template, "
-        "else the training default for the model type).",
-    )
-    parser.add_argument(
-        "--verify",
-        choices=("auto", "transformers", "llama_cpp", "none"),
-        default="auto",
-        help="Reader that checks the file against the source model: auto = transformers for Llama-architecture "
-        "files, llama_cpp (if installed) for Baichuan2 files.",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
-    return parser
+    return add_arguments(parser, ExportArgs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, export, print the JSON report; exit 1 with a one-line reason on refusal or failed check."""
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), ExportArgs, argv)
     setup_logging()
     register_models()
     # SIGTERM as an exception, so that the export removes its temporary file on the way out.

@@ -13,10 +13,11 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 
 from models import register_models
 from sft.checkpoint.adapters import read_adapter
-from sft.core.flags import ArgumentParser, HelpFormatter
+from sft.core.flags import REQUIRED, ArgumentParser, HelpFormatter, add_arguments, flag, parse_flags
 from sft.core.paths import require_local_dir
 from sft.core.runner import run_entry_point, setup_logging
 from sft.export.gguf import OUT_TYPES, export_gguf, plan_export
@@ -29,71 +30,54 @@ from sft.modeling.loading import DTYPES
 logger = logging.getLogger("merge_params")
 
 
+@dataclass
+class MergeArgs:
+    """The flags of merge_params.py (the RolePlayProj recipe's names for the three directories)."""
+
+    ori_model_dir: str = flag(REQUIRED, "Local directory of the base model the adapter was trained on.")
+    model_dir: str = flag(REQUIRED, "The LoRA adapter directory (a train.py checkpoint).")
+    save_model_dir: str = flag(REQUIRED, "Where to write the merged model (new or empty directory).")
+    merge_into: str = flag(
+        "dequantized",
+        "dequantized: merge into the base as a quantised (QLoRA) training run saw it; original: into the "
+        "unquantised weights. Identical for adapters trained without quantisation.",
+        choices=MERGE_INTO,
+    )
+    quantization: str | None = flag(
+        None,
+        "The adapter's training quantisation, for adapters without train_args.json (otherwise read from it).",
+        choices=QUANTIZATIONS,
+    )
+    double_quant: bool | None = flag(
+        None, "4-bit training used double quantisation (default: from train_args.json, else yes)."
+    )
+    dtype: str = flag("bf16", "dtype of the saved weights.", choices=sorted(DTYPES))
+    max_shard_size: str = flag("5GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
+    device: str = flag("auto", "Where to merge: auto (first GPU, else CPU), cpu, cuda, cuda:N.")
+    overwrite: bool = flag(False, "Replace an existing non-empty --save_model_dir.", action="store_true")
+    tolerance: float = flag(
+        1e-3, "Largest allowed |merged - (base+adapter)| logit difference on the probe inputs (fp32)."
+    )
+    gguf: str | None = flag(
+        None,
+        "Also export the merged model to this .gguf file for llama.cpp / Ollama, verified, with an Ollama "
+        "Modelfile next to it (as export_gguf.py does; see docs/INFERENCE.md).",
+    )
+    gguf_type: str = flag("f16", "Weight type of the --gguf file.", choices=OUT_TYPES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags (the RolePlayProj recipe's names for the three directories)."""
+    """Command-line flags: the fields of :class:`MergeArgs`."""
     parser = ArgumentParser(
         description="Merge a LoRA adapter into its base model (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "--ori_model_dir", required=True, help="Local directory of the base model the adapter was trained on."
-    )
-    parser.add_argument(
-        "--model_dir", required=True, help="The LoRA adapter directory (a train.py checkpoint)."
-    )
-    parser.add_argument(
-        "--save_model_dir", required=True, help="Where to write the merged model (new or empty directory)."
-    )
-    parser.add_argument(
-        "--merge_into",
-        choices=MERGE_INTO,
-        default="dequantized",
-        help="dequantized: merge into the base as a quantised (QLoRA) training run saw it; original: into the "
-        "unquantised weights. Identical for adapters trained without quantisation.",
-    )
-    parser.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="The adapter's training quantisation, for adapters without train_args.json (otherwise read from it).",
-    )
-    parser.add_argument(
-        "--double_quant",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="4-bit training used double quantisation (default: from train_args.json, else yes).",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights.")
-    parser.add_argument(
-        "--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB."
-    )
-    parser.add_argument(
-        "--device", default="auto", help="Where to merge: auto (first GPU, else CPU), cpu, cuda, cuda:N."
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace an existing non-empty --save_model_dir."
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-3,
-        help="Largest allowed |merged - (base+adapter)| logit difference on the probe inputs (fp32).",
-    )
-    parser.add_argument(
-        "--gguf",
-        default=None,
-        help="Also export the merged model to this .gguf file for llama.cpp / Ollama, verified, with an Ollama "
-        "Modelfile next to it (as export_gguf.py does; see docs/INFERENCE.md).",
-    )
-    parser.add_argument(
-        "--gguf_type", choices=OUT_TYPES, default="f16", help="Weight type of the --gguf file."
-    )
-    return parser
+    return add_arguments(parser, MergeArgs)
 
 
 def run(argv: list[str]) -> None:
     """Parse flags, merge, print the report."""
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), MergeArgs, argv)
     setup_logging()
     register_models()
     base_dir = require_local_dir(args.ori_model_dir, "--ori_model_dir")

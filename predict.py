@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from models import register_models
-from sft.core.errors import ArgsError
-from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, flag_of, parse_flags
 from sft.core.paths import check_output_path, require_local_dir
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import context_window, fit_history
@@ -34,83 +34,66 @@ logger = logging.getLogger("predict")
 CHAT_HELP = "Type a message and press Enter; 'clear' starts a new conversation, 'exit' (or Ctrl-D) quits."
 
 
+@dataclass
+class BatchArgs:
+    """Batch prediction: the JSONL file to answer, where the answers go, and how."""
+
+    flag_group = "batch prediction"
+    data_path: str | None = flag(None, "JSONL conversations to answer (docs/DATA.md).", aliases=("--input",))
+    output_path: str | None = flag(None, "Where to write the predictions JSONL.", aliases=("--output",))
+    batch_size: int = flag(8, "Prompts generated together (left-padded).")
+    max_samples: int | None = flag(None, "Answer only the first N records.", aliases=("--limit",))
+    max_src_len: int | None = flag_of(DataArgs, "max_src_len", defaults_from="no cut")
+
+
+@dataclass
+class ChatArgs:
+    """The terminal chat."""
+
+    flag_group = "interactive chat"
+    chat: bool = flag(False, "Chat in the terminal (multi-turn, streamed) instead.", action="store_true")
+    system: str | None = flag(None, "System prompt of the chat (e.g. a role description).")
+
+
+@dataclass
+class PredictArgs(GenerationArgs, ChatArgs, BatchArgs, ModelLoadArgs):
+    """Every flag of predict.py. Generation flags default to the model's generation_config.json."""
+
+    seed: int = flag(1234, "Random seed (makes sampling repeatable).")
+
+    def problems(self) -> list[str]:
+        """Impossible combinations and out-of-range values (the files and the model are checked later)."""
+        problems = []
+        if self.chat:
+            if self.data_path or self.output_path:
+                problems.append(
+                    "--chat is interactive: drop --data_path/--output_path (or drop --chat for batch mode)"
+                )
+            if self.num_beams is not None and self.num_beams > 1:
+                problems.append("--chat streams its replies, which beam search cannot: drop --num_beams")
+        else:
+            if not self.data_path or not self.output_path:
+                problems.append(
+                    "batch mode needs --data_path and --output_path (or pass --chat for a terminal chat)"
+                )
+            if self.system is not None:
+                problems.append("--system only applies to --chat (batch records carry their own 'system')")
+        if self.batch_size < 1:
+            problems.append(f"--batch_size={self.batch_size} must be >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"--max_samples={self.max_samples} must be >= 1")
+        if self.max_src_len is not None and self.max_src_len < 1:
+            problems.append(f"--max_src_len={self.max_src_len} must be >= 1")
+        return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags. Generation flags default to the model's generation_config.json."""
+    """Command-line flags: the fields of :class:`PredictArgs`."""
     parser = ArgumentParser(
         description="Batch generation over a JSONL file, or an interactive chat (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
-    add_arguments(parser, ModelLoadArgs)
-
-    data = parser.add_argument_group("batch prediction")
-    data.add_argument(
-        "--data_path",
-        "--input",
-        dest="data_path",
-        default=None,
-        help="JSONL conversations to answer (docs/DATA.md).",
-    )
-    data.add_argument(
-        "--output_path",
-        "--output",
-        dest="output_path",
-        default=None,
-        help="Where to write the predictions JSONL.",
-    )
-    data.add_argument("--batch_size", type=int, default=8, help="Prompts generated together (left-padded).")
-    data.add_argument(
-        "--max_samples",
-        "--limit",
-        dest="max_samples",
-        type=int,
-        default=None,
-        help="Answer only the first N records.",
-    )
-    add_arguments(data, DataArgs, only=["max_src_len"], defaults_from="no cut", grouped=False)
-
-    chat = parser.add_argument_group("interactive chat")
-    chat.add_argument(
-        "--chat", action="store_true", help="Chat in the terminal (multi-turn, streamed) instead."
-    )
-    chat.add_argument("--system", default=None, help="System prompt of the chat (e.g. a role description).")
-
-    add_arguments(parser, GenerationArgs)
-    parser.add_argument("--seed", type=int, default=1234, help="Random seed (makes sampling repeatable).")
-    return parser
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Refuse impossible flags before loading anything: combinations, ranges, the output path and the
-    generation flags against the model's generation_config.json."""
-    problems = []
-    if args.chat:
-        if args.data_path or args.output_path:
-            problems.append(
-                "--chat is interactive: drop --data_path/--output_path (or drop --chat for batch mode)"
-            )
-        if args.num_beams is not None and args.num_beams > 1:
-            problems.append("--chat streams its replies, which beam search cannot: drop --num_beams")
-    else:
-        if not args.data_path or not args.output_path:
-            problems.append(
-                "batch mode needs --data_path and --output_path (or pass --chat for a terminal chat)"
-            )
-        if args.system is not None:
-            problems.append("--system only applies to --chat (batch records carry their own 'system')")
-    if args.batch_size < 1:
-        problems.append(f"--batch_size={args.batch_size} must be >= 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        problems.append(f"--max_samples={args.max_samples} must be >= 1")
-    if args.max_src_len is not None and args.max_src_len < 1:
-        problems.append(f"--max_src_len={args.max_src_len} must be >= 1")
-    if problems:
-        raise ArgsError(problems)
-    if not args.chat:
-        check_output_path(
-            args.output_path, "--output_path", kind="file", inputs={"--data_path": args.data_path}
-        )
-    model_path = require_local_dir(args.model_path, "--model_path")
-    from_namespace(GenerationArgs, args).check(read_generation_config(model_path))
+    return add_arguments(parser, PredictArgs)
 
 
 def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -126,19 +109,17 @@ def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+def load(args: PredictArgs) -> tuple[Any, Any, Any, Any]:
     """Model, tokenizer, chat template and generation config from the flags."""
-    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
+    loaded = load_from_flags(args)
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = build_generation_config(
-        model, tokenizer, from_namespace(GenerationArgs, args), stop_ids=[loaded.template.end_id]
-    )
+    config = build_generation_config(model, tokenizer, args, stop_ids=[loaded.template.end_id])
     logger.info("template %s; generation: %s", loaded.template_name, describe(config))
     return model, tokenizer, loaded.template, config
 
 
 def predict_file(
-    args: argparse.Namespace,
+    args: PredictArgs,
     records: list[tuple[int, dict[str, Any]]],
     model: Any,
     tokenizer: Any,
@@ -184,7 +165,7 @@ def predict_file(
     return count
 
 
-def chat_loop(args: argparse.Namespace, model: Any, tokenizer: Any, template: Any, config: Any) -> None:
+def chat_loop(args: PredictArgs, model: Any, tokenizer: Any, template: Any, config: Any) -> None:
     """Multi-turn terminal chat: history kept across turns, replies streamed to stdout as generated."""
     room = context_window(model) - config.max_new_tokens
     history: list[dict[str, str]] = []
@@ -227,10 +208,15 @@ def chat_loop(args: argparse.Namespace, model: Any, tokenizer: Any, template: An
 
 def run(argv: list[str]) -> None:
     """Parse and check the flags, load, then answer the file or chat."""
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), PredictArgs, argv)
     setup_logging()
     register_models()
-    validate(args)
+    # Before loading anything: the output path, the model directory, the generation flags against its defaults.
+    if not args.chat:
+        check_output_path(
+            args.output_path, "--output_path", kind="file", inputs={"--data_path": args.data_path}
+        )
+    args.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))
     records = None if args.chat else read_records(args.data_path)
     set_seed(args.seed)
     model, tokenizer, template, config = load(args)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import register_models
+from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
 from sft.checkpoint.layout import CheckpointError, checkpoint_step, list_checkpoints
 from sft.checkpoint.resume import check_resume_args, check_resume_base
 from sft.checkpoint.runs import best_checkpoint, resolve_resume_dir, rotate_checkpoints
@@ -55,13 +56,14 @@ from sft.core.distributed import (
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.data.formats import DataFormatError
 from sft.modeling.loading import load_tokenizer
-from sft.train.args import TrainArgs, parse_args
+from sft.train.args import PREFERENCE_OBJECTIVES, TrainArgs, parse_args
 from sft.train.ds_config import build_ds_config, zero_stage
 from sft.train.evaluation import evaluate
 from sft.train.lora_variants import optimizer_param_groups
 from sft.train.metrics import Metrics
 from sft.train.model import load_model_for_training
 from sft.train.objectives import Objective, build_objective
+from sft.train.reference import attach_reference_logps, needs_precomputed_reference
 from sft.train.stopping import GracefulStop, NonFiniteGuard, TrainingDiverged, TrainingStopped
 from sft.train.validate import validate_args
 
@@ -87,11 +89,12 @@ def setup_args(argv: list[str] | None) -> TrainArgs:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    """This rank's loaders; ``eval`` is None without --test_path."""
+    """This rank's loaders (``eval`` is None without --test_path) and the datasets behind them."""
 
     train: DataLoader
     eval: DataLoader | None
     micro_batches_per_epoch: int  # the same on every rank (the minimum over ranks)
+    datasets: dict  # "train" (and "eval"): the tokenised datasets
 
 
 def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
@@ -104,6 +107,7 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
 
     from sft.data.batching import build_dataloader, build_eval_dataloader
     from sft.data.dataset import load_sft_dataset
+    from sft.data.preference import load_preference_dataset
     from sft.data.templates import get_template, resolve_template_name
 
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
@@ -117,6 +121,16 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
 
     def load(path: str, flag: str):
         try:
+            if args.objective in PREFERENCE_OBJECTIVES:  # pairs of replies, only the final reply learned
+                return load_preference_dataset(
+                    path,
+                    template,
+                    tokenizer,
+                    max_len=args.max_len,
+                    max_src_len=args.max_src_len,
+                    is_skip=args.is_skip,
+                    cache_dir=args.data_cache_dir or None,
+                )
             return load_sft_dataset(
                 path,
                 tokenizer,
@@ -142,8 +156,9 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         "pad_token_id": tokenizer.pad_token_id,
         "pin_memory": device.type == "cuda",  # page-locked batches: their copies to the GPU do not block
     }
+    datasets = {"train": load(args.train_path, "--train_path")}
     train_loader = build_dataloader(
-        load(args.train_path, "--train_path"),
+        datasets["train"],
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         seed=args.seed,
@@ -152,12 +167,13 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     )
     eval_loader = None
     if args.test_path:
+        datasets["eval"] = load(args.test_path, "--test_path")
         eval_loader = build_eval_dataloader(
-            load(args.test_path, "--test_path"), batch_size=args.per_device_eval_batch_size, **common
+            datasets["eval"], batch_size=args.per_device_eval_batch_size, **common
         )
     # Every rank must run the same number of micro-batches (each backward may be a collective).
     n_micro = int(all_reduce_min(torch.tensor(len(train_loader), device=device)).item())
-    return Data(train=train_loader, eval=eval_loader, micro_batches_per_epoch=n_micro)
+    return Data(train=train_loader, eval=eval_loader, micro_batches_per_epoch=n_micro, datasets=datasets)
 
 
 def total_optimizer_steps(args: TrainArgs, data: Data) -> tuple[int, int]:
@@ -449,7 +465,7 @@ def checked_on_rank0(check: Callable[[], None]) -> None:
     if is_main_process():
         try:
             check()
-        except (CheckpointError, OSError) as err:  # what cli() reports as one line
+        except (CheckpointError, OSError, ValueError) as err:  # what cli() reports as one line
             problem = err
     problem = broadcast_object(problem)
     if problem is not None:
@@ -485,6 +501,14 @@ def main(argv: list[str] | None = None) -> TrainProgress:
         checked_on_rank0(
             lambda: check_free_space(args.output_dir, directory_bytes(resume), f"a checkpoint like {resume}")
         )
+    if args.init_adapter:  # before the model is loaded: an adapter of another base fails fast
+        checked_on_rank0(
+            lambda: check_adapter_fits_base(
+                args.model_name_or_path,
+                read_adapter(args.init_adapter, "--init_adapter"),
+                base_flag="--model_name_or_path",
+            )
+        )
     # Same seed right before the adapter is created: its initial weights do not depend on data set-up.
     set_seed(args.seed)
     engine = setup_engine(args, device, total_steps)
@@ -494,7 +518,9 @@ def main(argv: list[str] | None = None) -> TrainProgress:
                 args.output_dir, estimated_checkpoint_bytes(engine.module), "a checkpoint"
             )
         )
-    objective = build_objective("sft", head_loss="liger" if args.liger else "fused")
+    objective = build_objective(args, head_loss="liger" if args.liger else "fused")
+    if needs_precomputed_reference(args):
+        attach_reference_logps(args, engine, objective, data.datasets, device, tokenizer.pad_token_id)
     progress = train(args, engine, objective, tokenizer, data, device, resume)
     if is_main_process():
         checkpoints = list_checkpoints(args.output_dir)

@@ -20,11 +20,12 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from models import register_models
-from sft.core.errors import ArgsError, UserError
-from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, from_namespace
+from sft.core.errors import UserError
+from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, parse_flags
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import context_window, fit_history
 from sft.inference.generate import stream_reply
@@ -36,36 +37,49 @@ logger = logging.getLogger("web_demo")
 MAX_NEW_TOKENS_LIMIT = 2048  # slider maximum
 
 
+@dataclass
+class WebDemoArgs(ModelLoadArgs):
+    """Every flag of web_demo.py: the model, the page's roles (or a plain assistant), where it listens."""
+
+    desc_path: str | None = flag(
+        None,
+        "Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json); without it the page "
+        "is a plain assistant with no roles.",
+    )
+    system_template: str | None = flag(
+        None,
+        "With --desc_path: system prompt with {role} and {desc}; default: the RoleBench template training used.",
+    )
+    system: str | None = flag(
+        None,
+        "Without --desc_path: the assistant's system prompt; default: none sent, so the chat template's own "
+        "default applies.",
+    )
+    host: str = flag("127.0.0.1", "Interface to listen on (0.0.0.0 exposes the demo).")
+    port: int = flag(7860, "TCP port of the page.")
+    seed: int = flag(1234, "Random seed for sampling.")
+
+    def problems(self) -> list[str]:
+        """Role prompts and a plain assistant's prompt do not mix."""
+        problems = []
+        if self.desc_path is None and self.system_template is not None:
+            problems.append(
+                "--system_template fills in role profiles: pass --desc_path too (or --system for a plain assistant)"
+            )
+        if self.desc_path is not None and self.system is not None:
+            problems.append(
+                "--system is the plain assistant's prompt; roles take theirs from --system_template: drop --system"
+            )
+        return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: the fields of :class:`WebDemoArgs`."""
     parser = ArgumentParser(
         description="Gradio chat demo: role play, or a plain assistant (see docs/INFERENCE.md).",
         formatter_class=HelpFormatter,
     )
-    add_arguments(parser, ModelLoadArgs)
-    parser.add_argument(
-        "--desc_path",
-        default=None,
-        help="Role profiles JSON: {role name: description} (RoleBench profiles-zh_desc.json); without it the page "
-        "is a plain assistant with no roles.",
-    )
-    parser.add_argument(
-        "--system_template",
-        default=None,
-        help="With --desc_path: system prompt with {role} and {desc}; default: the RoleBench template training used.",
-    )
-    parser.add_argument(
-        "--system",
-        default=None,
-        help="Without --desc_path: the assistant's system prompt; default: none sent, so the chat template's own "
-        "default applies.",
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the demo)."
-    )
-    parser.add_argument("--port", type=int, default=7860, help="TCP port of the page.")
-    parser.add_argument("--seed", type=int, default=1234, help="Random seed for sampling.")
-    return parser
+    return add_arguments(parser, WebDemoArgs)
 
 
 def text_of(content: Any) -> str:
@@ -255,24 +269,12 @@ def build_demo(chat: RolePlayChat, title: str) -> Any:
 
 def run(argv: list[str]) -> None:
     """Load the model, build the page and serve it until interrupted."""
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), WebDemoArgs, argv)
     setup_logging()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
     register_models()
     from sft.data.converters import ROLEBENCH_SYSTEM_TEMPLATE, check_system_template, load_profiles
 
-    if args.desc_path is None and args.system_template is not None:
-        raise ArgsError(
-            [
-                "--system_template fills in role profiles: pass --desc_path too (or --system for a plain assistant)"
-            ]
-        )
-    if args.desc_path is not None and args.system is not None:
-        raise ArgsError(
-            [
-                "--system is the plain assistant's prompt; roles take theirs from --system_template: drop --system"
-            ]
-        )
     try:
         import gradio  # noqa: F401
     except ImportError as err:
@@ -283,7 +285,7 @@ def run(argv: list[str]) -> None:
         system_template = args.system_template or ROLEBENCH_SYSTEM_TEMPLATE
         check_system_template(system_template)
     set_seed(args.seed)
-    loaded = load_from_flags(from_namespace(ModelLoadArgs, args))
+    loaded = load_from_flags(args)
     chat = RolePlayChat(
         loaded.model, loaded.tokenizer, loaded.template, profiles, system_template, args.system
     )

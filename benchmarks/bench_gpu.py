@@ -57,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
 
 from benchmarks.bench_train import RecipeCollator, recipe_loss  # noqa: E402
 from models import register_models  # noqa: E402
+from sft.core.flags import add_arguments, flag, parse_flags  # noqa: E402
 from sft.data.batching import build_dataloader  # noqa: E402
 from sft.data.dataset import SFTDataset  # noqa: E402
 from sft.data.formats import IGNORE_INDEX  # noqa: E402
@@ -119,10 +120,10 @@ def write_lengths(data_dir: Path, out_file: Path, *, samples: int, seed: int) ->
     official tokenizer cannot be downloaded). Every record is one user turn and one answer, so a sample is
     `prompt` unlearned tokens followed by `answer` learned ones (the answer and its `</s>`).
     """
-    from benchmarks.bench_train import _load_dataset, build_parser, prepare
+    from benchmarks.bench_train import _load_dataset, parse_args, prepare
 
     with tempfile.TemporaryDirectory(prefix="bench_lengths_") as tmp:
-        args = build_parser().parse_args(
+        args = parse_args(
             ["--data_dir", str(data_dir), "--samples", str(samples), "--seed", str(seed), "--max_len", "4096"]
         )
         args.max_src_len = 4000
@@ -619,37 +620,33 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class BenchGpuArgs:
+    """The flags of bench_gpu.py."""
+
+    out: Path = flag(Path("bench_gpu_out"), "where bench_gpu.md/.json are written")
+    work_dir: Path | None = flag(None, "where the random model is saved (default: temp)")
+    budget_s: float = flag(300.0, "seconds for everything; parts that would not fit are skipped")
+    dry_run: bool = flag(False, "tiny model and sizes on the CPU", option="--dry-run", action="store_true")
+    variants: list[str] = flag(list(VARIANTS), "variants to run", choices=VARIANTS)
+    workloads: list[str] = flag(["R", "D", "L"], "workloads", choices=("R", "D", "L"))
+    write_lengths: bool = flag(False, f"regenerate {LENGTHS_FILE.name} and exit", action="store_true")
+    data_dir: Path = flag(
+        REPO_ROOT.parent / "shared" / "data" / "rolebench-zh", "RoleBench-zh folder (for --write_lengths)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/bench_gpu.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--out", type=Path, default=Path("bench_gpu_out"), help="where bench_gpu.md/.json are written"
-    )
-    p.add_argument(
-        "--work_dir", type=Path, default=None, help="where the random model is saved (default: temp)"
-    )
-    p.add_argument(
-        "--budget_s",
-        type=float,
-        default=300.0,
-        help="seconds for everything; parts that would not fit are skipped",
-    )
-    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny model and sizes on the CPU")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to run")
-    p.add_argument(
-        "--workloads", nargs="+", choices=("R", "D", "L"), default=["R", "D", "L"], help="workloads"
-    )
-    p.add_argument("--write_lengths", action="store_true", help=f"regenerate {LENGTHS_FILE.name} and exit")
-    p.add_argument("--data_dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "rolebench-zh",
-                   help="RoleBench-zh folder (for --write_lengths)")  # fmt: skip
-    return p
+    return add_arguments(p, BenchGpuArgs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), BenchGpuArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     register_models()
     if args.write_lengths:

@@ -71,7 +71,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project's packages live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
-from sft.core.flags import HelpFormatter  # noqa: E402
+from sft.core.flags import HelpFormatter, add_arguments, flag, parse_flags  # noqa: E402
 from sft.core.runner import setup_logging  # noqa: E402
 from sft.data.formats import iter_json_records  # noqa: E402
 from sft.inference.rouge import read_f1  # noqa: E402
@@ -98,6 +98,69 @@ class DescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatt
     """--help: the module docstring as written, and each flag's default."""
 
 
+@dataclass
+class InputArgs:
+    """The model, the data and where everything goes."""
+
+    flag_group = None  # listed under "options" also where it is inherited
+    model_dir: Path | None = flag(
+        None,
+        "an existing SmolLM2-135M-Instruct directory (default: imported with `python -m models.smollm2` "
+        "into --out, ~20 s)",
+    )
+    dialogsum_dir: Path = flag(
+        DIALOGSUM_DIR,
+        "folder with DialogSum's dialogsum.dev.jsonl (training) and dialogsum.test.jsonl (scoring)",
+    )
+    out: Path | None = flag(
+        None,
+        "new or empty folder for every artefact (data, adapters, merged models, predictions); "
+        "default: a new temporary folder, kept",
+    )
+    json: Path | None = flag(None, "also write the results to this JSON file")
+
+
+@dataclass
+class SizeArgs:
+    """The sizes of the run."""
+
+    flag_group = "sizes"
+    steps: int = flag(12, "optimizer steps of training (both sides)")
+    rows_per_step: int = flag(1, "packed rows per optimizer step")
+    max_len: int = flag(1024, "tokens per packed row (and per sample)")
+    max_src_len: int = flag(960, "most prompt tokens of a sample (train.py's flag)")
+    test_dialogues: int = flag(32, "score on the first K DialogSum test dialogues")
+    max_new_tokens: int = flag(64, "summary length limit (greedy decoding)")
+    batch_size: int = flag(8, "predict.py: prompts generated together")
+
+
+@dataclass
+class HyperArgs:
+    """The hyperparameters, the same on both sides."""
+
+    flag_group = "hyperparameters (the same on both sides)"
+    quantization: str = flag(
+        "nf4", "base weights: nf4 (QLoRA, double quantisation) or none (fp32)", choices=("nf4", "none")
+    )
+    learning_rate: float = flag(1e-3, "peak learning rate of AdamW")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "gradient clipping; 0 = off")
+    warmup_ratio: float = flag(0.03, "warm-up steps = ceil(ratio * steps), from lr 0")
+    lr_scheduler: str = flag("cosine", "schedule after warm-up", choices=tuple(SCHEDULES))
+    lora_dim: int = flag(16, "LoRA rank r")
+    lora_alpha: int = flag(32, "LoRA alpha (update scaled by alpha / r)")
+    seed: int = flag(1234, "data order and adapter initialisation")
+
+
+@dataclass
+class BenchQualityArgs(HyperArgs, SizeArgs, InputArgs):
+    """Every flag of bench_quality.py."""
+
+    # Internal: a worker subprocess runs one side (or TRL's merge) from a spec file and writes a result file.
+    worker: str | None = flag(None, argparse.SUPPRESS, choices=WORKERS)
+    spec: Path | None = flag(None, argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags: the model, the data, the run's sizes and its hyperparameters."""
     p = argparse.ArgumentParser(
@@ -105,65 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=DescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model_dir",
-        type=Path,
-        default=None,
-        help="an existing SmolLM2-135M-Instruct directory (default: imported with `python -m models.smollm2` "
-        "into --out, ~20 s)",
-    )
-    p.add_argument(
-        "--dialogsum_dir",
-        type=Path,
-        default=DIALOGSUM_DIR,
-        help="folder with DialogSum's dialogsum.dev.jsonl (training) and dialogsum.test.jsonl (scoring)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="new or empty folder for every artefact (data, adapters, merged models, predictions); "
-        "default: a new temporary folder, kept",
-    )
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    size = p.add_argument_group("sizes")
-    size.add_argument("--steps", type=int, default=12, help="optimizer steps of training (both sides)")
-    size.add_argument("--rows_per_step", type=int, default=1, help="packed rows per optimizer step")
-    size.add_argument("--max_len", type=int, default=1024, help="tokens per packed row (and per sample)")
-    size.add_argument(
-        "--max_src_len", type=int, default=960, help="most prompt tokens of a sample (train.py's flag)"
-    )
-    size.add_argument(
-        "--test_dialogues", type=int, default=32, help="score on the first K DialogSum test dialogues"
-    )
-    size.add_argument("--max_new_tokens", type=int, default=64, help="summary length limit (greedy decoding)")
-    size.add_argument("--batch_size", type=int, default=8, help="predict.py: prompts generated together")
-    hyper = p.add_argument_group("hyperparameters (the same on both sides)")
-    hyper.add_argument(
-        "--quantization",
-        choices=("nf4", "none"),
-        default="nf4",
-        help="base weights: nf4 (QLoRA, double quantisation) or none (fp32)",
-    )
-    hyper.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate of AdamW")
-    hyper.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    hyper.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 = off")
-    hyper.add_argument(
-        "--warmup_ratio", type=float, default=0.03, help="warm-up steps = ceil(ratio * steps), from lr 0"
-    )
-    hyper.add_argument(
-        "--lr_scheduler", choices=tuple(SCHEDULES), default="cosine", help="schedule after warm-up"
-    )
-    hyper.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
-    hyper.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (update scaled by alpha / r)")
-    hyper.add_argument("--seed", type=int, default=1234, help="data order and adapter initialisation")
-    # Internal: a worker subprocess runs one side (or TRL's merge) from a spec file and writes a result file.
-    p.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
-    return p
+    return add_arguments(p, BenchQualityArgs)
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: BenchQualityArgs) -> None:
     """Every problem with the flags at once, before any work."""
     problems = []
     for name in ("steps", "rows_per_step", "test_dialogues", "max_new_tokens", "batch_size", "lora_dim"):
@@ -410,7 +418,7 @@ class Rows:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def training_rows(args: argparse.Namespace, model_dir: Path, train_file: Path) -> Rows:
+def training_rows(args: BenchQualityArgs, model_dir: Path, train_file: Path) -> Rows:
     """Encode and pack the training data as train.py does, and take the rows of its first --steps steps.
 
     The same calls with the same arguments as train.py's setup_data (sft.data.dataset), so train.py's own
@@ -472,7 +480,7 @@ def training_rows(args: argparse.Namespace, model_dir: Path, train_file: Path) -
     return Rows(rows, step_inputs, stats)
 
 
-def our_train_argv(args: argparse.Namespace, model_dir: Path, train_file: Path, out_dir: Path) -> list[str]:
+def our_train_argv(args: BenchQualityArgs, model_dir: Path, train_file: Path, out_dir: Path) -> list[str]:
     """train.py's flags: demo.py's QLoRA run, with every hyperparameter of the comparison spelled out."""
     return [
         "--model_name_or_path", str(model_dir),
@@ -632,7 +640,7 @@ class Trained:
 
 
 def train_ours(
-    args: argparse.Namespace, stages: Stages, model_dir: Path, train_file: Path, rows: Rows, out: Path
+    args: BenchQualityArgs, stages: Stages, model_dir: Path, train_file: Path, rows: Rows, out: Path
 ) -> Trained:
     """train.py in its own process; losses and step times from its TensorBoard events."""
     from sft.checkpoint.layout import list_checkpoints
@@ -652,9 +660,7 @@ def train_ours(
     return Trained(list_checkpoints(ckpts)[-1], cost, result["peak_rss_mb"], losses, loop_s)
 
 
-def train_trl(
-    args: argparse.Namespace, stages: Stages, model_dir: Path, rows_file: Path, out: Path
-) -> Trained:
+def train_trl(args: BenchQualityArgs, stages: Stages, model_dir: Path, rows_file: Path, out: Path) -> Trained:
     """TRL's SFTTrainer in its own process, with train.py's hyperparameters."""
     betas, eps = adam_settings()
     spec = {
@@ -681,7 +687,7 @@ def train_trl(
     return Trained(Path(spec["adapter_dir"]), cost, result["peak_rss_mb"], result["losses"], result["loop_s"])
 
 
-def warmup_steps(args: argparse.Namespace) -> int:
+def warmup_steps(args: BenchQualityArgs) -> int:
     """Warm-up optimizer steps, as train.py computes them."""
     return math.ceil(args.warmup_ratio * args.steps)
 
@@ -706,7 +712,7 @@ def compare_losses(steps: int, ours: list[float], trl: list[float]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the whole comparison (or, with --worker, one worker)."""
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), BenchQualityArgs, argv)
     setup_logging()
     require_trl()
     if args.worker is not None:

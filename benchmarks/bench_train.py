@@ -50,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
 
 from models import register_models  # noqa: E402
 from models.tiny import build_tiny_baichuan  # noqa: E402
+from sft.core.flags import add_arguments, flag, parse_flags  # noqa: E402
 from sft.data.batching import build_dataloader  # noqa: E402
 from sft.data.converters import convert_rolebench  # noqa: E402
 from sft.data.dataset import SFTDataset, load_sft_dataset  # noqa: E402
@@ -74,84 +75,66 @@ BAICHUAN2_VOCAB_SIZE = 125696
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class BenchTrainArgs:
+    """The flags of bench_train.py: the data, the model, the run, and a worker's (hidden)."""
+
+    data_dir: Path = flag(
+        REPO_ROOT.parent / "shared" / "data" / "rolebench-zh",
+        "RoleBench-zh folder (rolebench-zh_*_train.jsonl, profiles-zh_desc.json)",
+    )
+    work_dir: Path | None = flag(
+        None, "where the model, converted data and results are written (default: a temp dir, removed)"
+    )
+    samples: int = flag(96, "training samples (a seeded subset of the train split)")
+    max_len: int = flag(512, "most tokens per sample, and the packed row size")
+    max_src_len: int = flag(384, "most prompt tokens per sample")
+    recipe_batch_size: int = flag(8, "samples per step of the recipe")
+    packed_batch_size: int = flag(
+        0, "packed rows per step of ours; 0 = as many rows as hold the recipe's real tokens per step"
+    )
+    probe_samples: int = flag(16, "samples of the step-0 loss check")
+    vocab_size: int = flag(BAICHUAN2_VOCAB_SIZE, "model vocabulary (output head)")
+    tokenizer_vocab_size: int = flag(
+        8000, "pieces of the tokenizer trained on the train split (sets the token lengths of the samples)"
+    )
+    hidden_size: int = flag(256, "model width")
+    num_layers: int = flag(2, "decoder layers")
+    num_heads: int = flag(4, "attention heads")
+    lora_r: int = flag(8, "LoRA rank (all linear layers but the head)")
+    lora_alpha: int = flag(16, "LoRA alpha")
+    lr: float = flag(1e-4, "AdamW learning rate")
+    device: str = flag("cpu", "cpu or cuda (cuda:N)")
+    precision: str = flag("fp32", "model/compute dtype", choices=("fp32", "bf16", "fp16"))
+    quantization: str = flag("none", "storage of the frozen base", choices=("none", "nf4"))
+    attn_implementation: str = flag("sdpa", "sdpa, eager or flash_attention_2")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    seed: int = flag(42, "seed of the subset, the order and the LoRA init")
+    variants: list[str] = flag(list(VARIANTS), "variants to run, in this order", choices=VARIANTS)
+    repeats: int = flag(1, "runs per variant (alternating); the fastest is kept")
+    json: Path | None = flag(None, "also write the results to this JSON file")
+    loss_rtol: float = flag(1e-4, "largest relative step-0 loss difference accepted")
+    # Internal: a worker subprocess runs one variant and writes its result to a file.
+    worker: str | None = flag(None, argparse.SUPPRESS, choices=VARIANTS)
+    spec: Path | None = flag(None, argparse.SUPPRESS)
+    result: Path | None = flag(None, argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/bench_train.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--data_dir",
-        type=Path,
-        default=REPO_ROOT.parent / "shared" / "data" / "rolebench-zh",
-        help="RoleBench-zh folder (rolebench-zh_*_train.jsonl, profiles-zh_desc.json)",
-    )
-    p.add_argument(
-        "--work_dir",
-        type=Path,
-        default=None,
-        help="where the model, converted data and results are written (default: a temp dir, removed)",
-    )
-    p.add_argument(
-        "--samples", type=int, default=96, help="training samples (a seeded subset of the train split)"
-    )
-    p.add_argument("--max_len", type=int, default=512, help="most tokens per sample, and the packed row size")
-    p.add_argument("--max_src_len", type=int, default=384, help="most prompt tokens per sample")
-    p.add_argument("--recipe_batch_size", type=int, default=8, help="samples per step of the recipe")
-    p.add_argument(
-        "--packed_batch_size",
-        type=int,
-        default=0,
-        help="packed rows per step of ours; 0 = as many rows as hold the recipe's real tokens per step",
-    )
-    p.add_argument("--probe_samples", type=int, default=16, help="samples of the step-0 loss check")
-    p.add_argument(
-        "--vocab_size", type=int, default=BAICHUAN2_VOCAB_SIZE, help="model vocabulary (output head)"
-    )
-    p.add_argument(
-        "--tokenizer_vocab_size",
-        type=int,
-        default=8000,
-        help="pieces of the tokenizer trained on the train split (sets the token lengths of the samples)",
-    )
-    p.add_argument("--hidden_size", type=int, default=256, help="model width")
-    p.add_argument("--num_layers", type=int, default=2, help="decoder layers")
-    p.add_argument("--num_heads", type=int, default=4, help="attention heads")
-    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank (all linear layers but the head)")
-    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    p.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="model/compute dtype"
-    )
-    p.add_argument(
-        "--quantization", choices=("none", "nf4"), default="none", help="storage of the frozen base"
-    )
-    p.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the subset, the order and the LoRA init")
-    p.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANTS,
-        default=list(VARIANTS),
-        help="variants to run, in this order",
-    )
-    p.add_argument(
-        "--repeats", type=int, default=1, help="runs per variant (alternating); the fastest is kept"
-    )
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument(
-        "--loss_rtol", type=float, default=1e-4, help="largest relative step-0 loss difference accepted"
-    )
-    # Internal: a worker subprocess runs one variant and writes its result to a file.
-    p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
-    return p
+    return add_arguments(p, BenchTrainArgs)
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def parse_args(argv: list[str] | None) -> BenchTrainArgs:
+    """The command line as a :class:`BenchTrainArgs` (checked by :func:`validate_args`)."""
+    return parse_flags(build_parser(), BenchTrainArgs, argv)
+
+
+def validate_args(args: BenchTrainArgs) -> None:
     """Collect every problem, then fail once with all of them."""
     problems = []
     if args.repeats < 1:
@@ -174,7 +157,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("bench_train.py: " + "; ".join(problems))
 
 
-def prepare(args: argparse.Namespace, work_dir: Path) -> dict:
+def prepare(args: BenchTrainArgs, work_dir: Path) -> dict:
     """Convert the data, train a tokenizer on it, build the model; return the spec the workers read."""
     records, _ = convert_rolebench(args.data_dir, "train")
     # An in-domain tokenizer: its token lengths are of the order a large Chinese vocabulary gives (the
@@ -665,7 +648,7 @@ def check_same_work(results: dict[str, VariantResult]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     register_models()
     if args.worker:

@@ -6,7 +6,8 @@
 #      transformers/peft, liger-kernel);
 #   2. runs the tests marked `gpu` (tests/test_gpu.py): QLoRA bf16 NF4 training under DeepSpeed with the loss
 #      falling, resume, merge and greedy equality; a right-padded batch on SDPA's FlashAttention backend;
-#      FlashAttention-2 = SDPA and Liger = plain where importable; torch.compile (inductor) = eager;
+#      FlashAttention-2 = SDPA and Liger = plain where importable; torch.compile (inductor) = eager; DPO on
+#      packed pairs (bf16, NF4 base) starting at ln 2 with the loss falling;
 #   3. runs benchmarks/bench_gpu.py: workloads R, D, L on a random Baichuan2-7B-shaped model against the
 #      recipe (docs/PERFORMANCE.md, "GPU check");
 #   4. prints what it skipped. Results under $OUT: gpu_check.log, gpu_tests.log, bench_gpu.md, bench_gpu.json.

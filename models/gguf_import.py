@@ -27,7 +27,6 @@ CLI:  python -m models.gguf_import FILE.gguf --out DIR [--dtype float32|bfloat16
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -35,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 
 from sft.core.atomic import replacing_dir, restore_default_modes
 from sft.core.errors import UserError
-from sft.core.flags import ArgumentParser
+from sft.core.flags import REQUIRED, ArgumentParser, add_arguments, flag, flag_of, parse_flags
 from sft.core.runner import run_entry_point
 
 logger = logging.getLogger(__name__)
@@ -249,18 +249,27 @@ def _same_import(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return all(existing.get(k) == wanted[k] for k in keys)
 
 
-def add_output_flags(parser: argparse.ArgumentParser) -> None:
-    """``--out``, ``--dtype`` and ``--force``: how an import is written (this CLI and ``models.smollm2``'s)."""
-    parser.add_argument("--out", required=True, type=Path, help="Model directory to write.")
-    parser.add_argument(
-        "--dtype",
+@dataclass
+class ImportOutputArgs:
+    """How an import is written: ``--out``, ``--dtype`` and ``--force`` (this CLI and ``models.smollm2``'s)."""
+
+    out: Path = flag(REQUIRED, "Model directory to write.")
+    dtype: str = flag(
+        "float32",
+        "dtype of the saved weights; float32 reproduces the GGUF model exactly (default: float32).",
         choices=tuple(DTYPES),
-        default="float32",
-        help="dtype of the saved weights; float32 reproduces the GGUF model exactly (default: float32).",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="Replace --out even if it is not a previous import."
-    )
+    force: bool = flag(False, "Replace --out even if it is not a previous import.", action="store_true")
+
+
+@dataclass
+class GgufImportArgs:
+    """The flags of ``python -m models.gguf_import``: the file, then how it is written."""
+
+    gguf: Path = flag(REQUIRED, "The .gguf file to import.", positional=True)
+    out: Path = flag_of(ImportOutputArgs, "out")
+    dtype: str = flag_of(ImportOutputArgs, "dtype")
+    force: bool = flag_of(ImportOutputArgs, "force")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,11 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Import a GGUF file into a transformers model directory (safetensors, config, tokenizer "
         "with its chat template, generation config).",
     )
-    parser.add_argument("gguf", type=Path, help="The .gguf file to import.")
-    add_output_flags(parser)
+    add_arguments(parser, GgufImportArgs)
 
     def run(args: list[str]) -> None:
-        flags = parser.parse_args(args)
+        flags = parse_flags(parser, GgufImportArgs, args)
         print(import_gguf(flags.gguf, flags.out, dtype=flags.dtype, force=flags.force))
 
     return run_entry_point(run, None if argv is None else list(argv), logger=logger)

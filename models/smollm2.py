@@ -20,8 +20,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.gguf_import import add_output_flags, import_gguf
-from sft.core.flags import ArgumentParser
+from models.gguf_import import ImportOutputArgs, import_gguf
+from sft.core.flags import ArgumentParser, add_arguments, parse_flags
 from sft.core.runner import run_entry_point
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=f"Write SmolLM2-135M-Instruct (from the {DISTRIBUTION} package's GGUF file) as a transformers "
         "model directory.",
     )
-    add_output_flags(parser)
+    add_arguments(parser, ImportOutputArgs)
 
     def run(args: list[str]) -> None:
-        flags = parser.parse_args(args)
+        flags = parse_flags(parser, ImportOutputArgs, args)
         print(import_smollm2(flags.out, dtype=flags.dtype, force=flags.force))
 
     return run_entry_point(run, None if argv is None else list(argv), logger=logger)

@@ -25,10 +25,13 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from sft.core.flags import REQUIRED, add_arguments, flag, parse_flags
 
 logger = logging.getLogger(__name__)
 
@@ -298,32 +301,34 @@ def build_tiny_llama(
     return out
 
 
+@dataclass
+class TinyArgs:
+    """The flags of ``python -m models.tiny``."""
+
+    out: Path = flag(REQUIRED, "Output directory (created if missing).")
+    arch: str = flag(
+        "baichuan",
+        "baichuan: Baichuan2-7B layout (RoPE); baichuan-alibi: 13B layout (ALiBi); llama: LlamaForCausalLM.",
+        choices=("baichuan", "baichuan-alibi", "llama"),
+    )
+    vocab_size: int = flag(3000, "Requested tokenizer vocabulary size.", option="--vocab-size")
+    hidden_size: int = flag(64, "Model width.", option="--hidden-size")
+    num_layers: int = flag(2, "Number of decoder layers.", option="--num-layers")
+    num_heads: int = flag(4, "Number of attention heads.", option="--num-heads")
+    seed: int = flag(0, "Seed of weights and tokenizer training.")
+    corpus: list[Path] | None = flag(
+        None, "Text files to train the tokenizer on (default: data/corpus_zh_en.txt)."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point: write one tiny model directory."""
     parser = argparse.ArgumentParser(
         prog="python -m models.tiny",
         description="Write a tiny random model directory (config, weights, trained tokenizer, generation config).",
     )
-    parser.add_argument("--out", required=True, type=Path, help="Output directory (created if missing).")
-    parser.add_argument(
-        "--arch",
-        choices=("baichuan", "baichuan-alibi", "llama"),
-        default="baichuan",
-        help="baichuan: Baichuan2-7B layout (RoPE); baichuan-alibi: 13B layout (ALiBi); llama: LlamaForCausalLM.",
-    )
-    parser.add_argument("--vocab-size", type=int, default=3000, help="Requested tokenizer vocabulary size.")
-    parser.add_argument("--hidden-size", type=int, default=64, help="Model width.")
-    parser.add_argument("--num-layers", type=int, default=2, help="Number of decoder layers.")
-    parser.add_argument("--num-heads", type=int, default=4, help="Number of attention heads.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and tokenizer training.")
-    parser.add_argument(
-        "--corpus",
-        nargs="+",
-        type=Path,
-        default=None,
-        help="Text files to train the tokenizer on (default: data/corpus_zh_en.txt).",
-    )
-    args = parser.parse_args(argv)
+    add_arguments(parser, TinyArgs)
+    args = parse_flags(parser, TinyArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     sizes = {

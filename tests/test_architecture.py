@@ -234,3 +234,18 @@ def test_checkpoint_file_names_have_one_owner():
             if isinstance(node, ast.Constant) and node.value in names:
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, "use the names in sft.checkpoint.layout instead:\n" + "\n".join(offenders)
+
+
+def test_flags_are_dataclass_fields():
+    """Every script declares its flags as fields of a dataclass (``sft.core.flags.flag``), added to its parser
+    by ``add_arguments``: only sft/core calls argparse's ``add_argument`` itself."""
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+        for path in _project_python()
+        if path.parent != REPO_ROOT / "sft" / "core"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("add_argument", "add_argument_group")
+    ]
+    assert not offenders, "declare the flag as a dataclass field made with flag():\n" + "\n".join(offenders)

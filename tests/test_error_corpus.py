@@ -32,6 +32,7 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 HUB_ID = "baichuan-inc/Baichuan2-7B-Chat"
 GOOD = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}
 PROMPT = {"conversations": [{"role": "user", "content": "Tell me a story."}]}
+PAIR = {"prompt": "Q", "chosen": "A", "rejected": "B"}
 
 
 class Workspace:
@@ -357,6 +358,24 @@ CASES = [
     Case("train/wrong-field", "train",
          lambda w: train_argv(w, data=w.jsonl("t.jsonl", GOOD, {"conversations": [{"role": "bot", "content": "x"}]})),
          1, r"t\.jsonl:2: turn 0: unknown role 'bot'", creates=TRAIN_OUT),
+    # ---- train.py --objective dpo: one line naming file:line for each bad preference record ----
+    Case("train/dpo-missing-chosen", "train",
+         lambda w: train_argv(w, "--objective", "dpo", data=w.jsonl("pairs.jsonl", PAIR, {"prompt": "Q", "rejected": "B"})),
+         1, r"pairs\.jsonl:2: missing field 'chosen'", creates=TRAIN_OUT),
+    Case("train/dpo-empty-chosen", "train",
+         lambda w: train_argv(w, "--objective", "dpo", data=w.jsonl("pairs.jsonl", {**PAIR, "chosen": " "})),
+         1, r"pairs\.jsonl:1: 'chosen' is empty", creates=TRAIN_OUT),
+    Case("train/dpo-chosen-equals-rejected", "train",
+         lambda w: train_argv(w, "--objective", "dpo", data=w.jsonl("pairs.jsonl", PAIR, {**PAIR, "rejected": "A"})),
+         1, r"pairs\.jsonl:2: 'chosen' and 'rejected' are the same reply", creates=TRAIN_OUT),
+    Case("train/dpo-prompt-ends-with-assistant", "train",
+         lambda w: train_argv(w, "--objective", "dpo", data=w.jsonl("pairs.jsonl", {**PAIR, "prompt": GOOD["conversations"]})),
+         1, r"pairs\.jsonl:1: the prompt ends with a 'assistant' turn", creates=TRAIN_OUT),
+    Case("train/dpo-non-string-content", "train",
+         lambda w: train_argv(w, "--objective", "dpo", data=w.jsonl("pairs.jsonl", {**PAIR, "prompt": [{"role": "user", "content": 7}]})),
+         1, r"pairs\.jsonl:1: turn 0 \(user\): 'content' must be a string", creates=TRAIN_OUT),
+    Case("train/dpo-flag-of-another-objective", "train", lambda w: train_argv(w, "--objective", "orpo", "--precompute_ref"),
+         2, r"--precompute_ref: --objective orpo has no reference model"),
     Case("train/truncated-model-safetensors", "train", lambda w: train_argv(w, model=w.damaged_model("weights")),
          1, r"model\.safetensors is truncated", creates=TRAIN_OUT),
     Case("train/corrupt-tokenizer-model", "train", lambda w: train_argv(w, model=w.damaged_model("tokenizer")),

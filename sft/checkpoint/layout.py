@@ -22,6 +22,7 @@ TRAINER_STATE = "trainer_state.json"
 BASE_MODEL = "base_model.json"
 STATE_DIR = "training_state"
 STATE_TAG = "state"
+REFERENCE_LOGPS = "reference_logps.npz"  # in the run directory: preference pairs' reference log-probs
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the adapter's tensor names
 
 

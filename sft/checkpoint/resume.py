@@ -27,6 +27,8 @@ RESUME_MUST_MATCH = (
     "lora_init",  # PiSSA/OLoRA rebuild the residual base the trained factors belong to
     "pissa_niter",
     "loraplus_lr_ratio",  # the optimizer's parameter groups
+    "objective",  # another loss and another kind of data
+    "init_adapter",  # the adapter's shapes, and the reference it defines
 )
 # ... and flags whose change makes the resume inexact (data order and position, accumulation windows).
 RESUME_SHOULD_MATCH = (
@@ -41,6 +43,11 @@ RESUME_SHOULD_MATCH = (
     "gradient_accumulation_steps",
     "seed",
     "neftune_alpha",
+    "pref_loss",
+    "pref_beta",
+    "label_smoothing",
+    "pref_ftx",
+    "simpo_gamma",
 )
 
 

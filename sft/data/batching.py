@@ -441,6 +441,8 @@ def build_eval_dataloader(
 
 
 def _items_and_collate(dataset: SFTDataset, packing: bool, max_len: int, pad_token_id: int):
+    if hasattr(dataset, "loader_items"):  # a dataset of another objective (preference pairs) batches itself
+        return dataset.loader_items(packing, max_len, pad_token_id)
     if packing:
         rows = PackedRows(dataset, max_len)
         logger.info(

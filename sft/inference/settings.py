@@ -41,28 +41,28 @@ class GenerationArgs:
     num_beams: int | None = flag(None, "Beam search width (1 = no beam search).")
 
     def overrides(self) -> dict[str, Any]:
-        """The settings that were given (None = keep the model's value)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The settings that were given (None = keep the model's value), also of a subclass (``PredictArgs``)."""
+        return {
+            f.name: v for f in dataclasses.fields(GenerationArgs) if (v := getattr(self, f.name)) is not None
+        }
 
     def check(self, defaults: GenerationConfig) -> None:
-        """Refuse impossible settings with an :class:`ArgsError` naming the flag.
+        """Refuse impossible settings with one :class:`ArgsError` naming each flag.
 
         Sampling parameters without sampling (they would be silently ignored) and out-of-range values.
         ``defaults`` is the model's generation config (:func:`read_generation_config` before loading,
         ``model.generation_config`` after): it decides whether sampling is on when ``do_sample`` is None.
         """
+        problems = []
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         effective_sample = self.do_sample if self.do_sample is not None else bool(defaults.do_sample)
-        if not effective_sample:
-            given = [f"--{name}" for name, value in sampling.items() if value is not None]
-            if given:
-                raise ArgsError(
-                    [
-                        f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
-                        f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
-                        "add --do_sample or drop them"
-                    ]
-                )
+        given = [f"--{name}" for name, value in sampling.items() if value is not None]
+        if given and not effective_sample:
+            problems.append(
+                f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but sampling "
+                f"is off ({'--no-do_sample' if self.do_sample is False else 'the generation_config has do_sample=false'}): "
+                "add --do_sample or drop them"
+            )
         checks = [
             ("max_new_tokens", lambda v: v > 0, "must be > 0"),
             ("temperature", lambda v: v > 0, "must be > 0 (for greedy decoding use --no-do_sample)"),
@@ -74,7 +74,9 @@ class GenerationArgs:
         for name, ok, why in checks:
             value = getattr(self, name)
             if value is not None and not ok(value):
-                raise ArgsError([f"--{name}={value} {why}"])
+                problems.append(f"--{name}={value} {why}")
+        if problems:
+            raise ArgsError(problems)
 
 
 def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:

@@ -8,7 +8,7 @@ raises them together, each naming the flag and the fix. This module is a leaf: p
 vocabularies of their choices; the modules that use the settings take the groups they need.
 
 Groups: :class:`ModelArgs`, :class:`AdapterArgs`, :class:`DataArgs` (also ``evaluate.py ppl`` and
-``predict.py``), :class:`OptimArgs`, :class:`DistributedArgs`, :class:`OutputArgs`. The DeepSpeed
+``predict.py``), :class:`PreferenceArgs`, :class:`OptimArgs`, :class:`DistributedArgs`, :class:`OutputArgs`. The DeepSpeed
 config (``--ds_config``) is completed from these flags by :func:`sft.train.ds_config.build_ds_config`.
 """
 
@@ -29,6 +29,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
@@ -142,6 +145,48 @@ class DataArgs:
 
 
 @dataclass
+class PreferenceArgs:
+    """Objective: what is learned (docs/TRAINING.md, "Preference alignment")."""
+
+    objective: str = flag(
+        "sft",
+        "sft: supervised fine-tuning on conversations; dpo / orpo / simpo: preference alignment on pairs of "
+        "replies (--train_path and --test_path hold preference records, docs/DATA.md).",
+        choices=OBJECTIVES,
+    )
+    pref_loss: str = flag(
+        "sigmoid",
+        "--objective dpo: sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge (SLiC).",
+        choices=PREF_LOSSES,
+    )
+    pref_beta: float = flag(
+        0.1,
+        "Preference objectives: beta, the strength of the preference term (DPO's KL weight; SimPO's reward "
+        "scale, which wants ~2; ORPO's odds-ratio weight).",
+    )
+    label_smoothing: float = flag(
+        0.0,
+        "--objective dpo --pref_loss sigmoid: the assumed share of flipped labels (conservative DPO), < 0.5.",
+    )
+    pref_ftx: float = flag(
+        0.0,
+        "DPO / SimPO: weight of the chosen reply's NLL (per-token mean) added to each pair's loss; 0 = off.",
+    )
+    simpo_gamma: float = flag(0.5, "--objective simpo: the target reward margin gamma.")
+    precompute_ref: bool = flag(
+        False,
+        "--objective dpo: compute the reference log-probs of every pair in one pass before training and store "
+        "them with the run (resume reuses them): no reference forward in the steps.",
+    )
+    init_adapter: str = flag(
+        "",
+        "Start from this adapter checkpoint (e.g. an SFT run's epoch-E-step-S) instead of a fresh LoRA; its "
+        "LoRA settings are used. With --objective dpo it is also the reference, frozen (log-probs computed "
+        "once before training).",
+    )
+
+
+@dataclass
 class OptimArgs:
     """Optimisation: batch sizes, learning rate and schedule, length of the run."""
 
@@ -223,7 +268,7 @@ class OutputArgs:
 
 
 @dataclass
-class TrainArgs(OutputArgs, DistributedArgs, OptimArgs, DataArgs, AdapterArgs, ModelArgs):
+class TrainArgs(OutputArgs, DistributedArgs, OptimArgs, PreferenceArgs, DataArgs, AdapterArgs, ModelArgs):
     """Every setting of a training run (the groups above, flattened). See docs/TRAINING.md."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,8 +283,7 @@ def build_parser() -> Any:
         description="QLoRA/LoRA supervised fine-tuning under DeepSpeed (see docs/TRAINING.md).",
         formatter_class=HelpFormatter,
     )
-    add_arguments(parser, TrainArgs)
-    return parser
+    return add_arguments(parser, TrainArgs)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:

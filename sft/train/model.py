@@ -8,12 +8,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from sft.checkpoint.layout import ADAPTER_WEIGHTS
+from sft.checkpoint.plain_lora import remember_initial_adapter
 from sft.core.errors import ArgsError
+from sft.modeling.loading import (
+    is_partitioned,
+    keep_4bit_weights_unpacked,
+    load_base_model,
+    parameter_count,
+    torch_dtype,
+)
 from sft.train.attention import use_document_sdpa
 from sft.train.lora_variants import changes_base_weights, peft_init_lora_weights
 from sft.train.neftune import add_neftune_hook
@@ -23,14 +33,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from sft.train.args import AdapterArgs, TrainArgs
-from sft.checkpoint.plain_lora import remember_initial_adapter
-from sft.modeling.loading import (
-    is_partitioned,
-    keep_4bit_weights_unpacked,
-    load_base_model,
-    parameter_count,
-    torch_dtype,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,11 @@ def _build_model_for_training(
         # packed-row kernel anyway).
         logger.info("attention: SDPA one document at a time (packed rows without T x T masked attention)")
     keep_4bit_weights_unpacked(model)
-    peft_model = get_peft_model(model, build_peft_config(args, model))
+    if args.init_adapter:
+        peft_model = get_peft_model(model, init_adapter_config(args.init_adapter))
+        load_adapter_weights(peft_model, args.init_adapter)
+    else:
+        peft_model = get_peft_model(model, build_peft_config(args, model))
     if base_init:
         # Checkpoints convert the adapter to plain LoRA relative to the original base with these.
         remember_initial_adapter(peft_model)
@@ -240,3 +246,47 @@ def _zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
         yield
     finally:
         del config
+
+
+def init_adapter_config(adapter_dir: str) -> PeftConfig:
+    """The peft config of ``--init_adapter``, trainable: its own rank, alpha, targets, DoRA and rsLoRA."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.inference_mode = False
+    logger.info(
+        "adapter from --init_adapter %s (%s, r=%s)", adapter_dir, config.peft_type, getattr(config, "r", "-")
+    )
+    return config
+
+
+def load_adapter_weights(model: PeftModel, adapter_dir: str) -> None:
+    """Load the weights of ``adapter_dir`` into the fresh adapter of ``model``, every tensor of it.
+
+    Under ZeRO-3 the adapter was partitioned as it was created: its parameters are gathered, written on every
+    rank (each reads the same file) and partitioned again.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with _gathered_for_update(trainable):
+        result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"--init_adapter {adapter_dir}: {len(result.unexpected_keys)} tensors do not fit the model (e.g. "
+            f"{result.unexpected_keys[0]}): pass an adapter trained on this base"
+        )
+
+
+@contextlib.contextmanager
+def _gathered_for_update(params: list[nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3 partitioned ``params`` made whole for the block and partitioned again after (no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield

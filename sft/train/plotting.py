@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from sft.core.flags import REQUIRED, add_arguments, flag, parse_flags
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +83,19 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
+@dataclass
+class PlotArgs:
+    """The flags of ``python -m sft.train.plotting``."""
+
+    run_dir: str = flag(REQUIRED, "TensorBoard directory of the run (<output_dir>/runs).", positional=True)
+    out: str = flag("curves.png", "PNG file to write.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m sft.train.plotting RUN_DIR --out curves.png``."""
     parser = argparse.ArgumentParser(description="Render the train/eval curves of a run to a PNG.")
-    parser.add_argument("run_dir", help="TensorBoard directory of the run (<output_dir>/runs).")
-    parser.add_argument("--out", default="curves.png", help="PNG file to write.")
-    args = parser.parse_args(argv)
+    add_arguments(parser, PlotArgs)
+    args = parse_flags(parser, PlotArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.info("wrote %s", plot_run(args.run_dir, args.out))
 

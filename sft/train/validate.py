@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from sft.checkpoint.adapters import read_adapter
 from sft.checkpoint.layout import resume_dir_problem
 from sft.core.errors import ArgsError
 from sft.core.paths import output_path_problem, require_local_dir
@@ -21,6 +22,7 @@ from sft.train.args import PROMPT_LEARNING, TrainArgs
 from sft.train.ds_config import build_ds_config, ds_config_path, zero_stage
 from sft.train.kernels import liger_problem
 from sft.train.lora_variants import lora_variant_problems
+from sft.train.objectives.preference import preference_problems
 
 
 def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> None:
@@ -179,6 +181,35 @@ def validate_args(args: TrainArgs, *, cuda_available: bool | None = None) -> Non
             )
 
     problems.extend(lora_variant_problems(args, cuda_available=cuda_available, stage=stage))
+    problems.extend(preference_problems(args))
+    problems.extend(init_adapter_problems(args))
 
     if problems:
         raise ArgsError(problems)
+
+
+def init_adapter_problems(args: TrainArgs) -> list[str]:
+    """``--init_adapter`` must be a LoRA adapter directory, and it brings its own LoRA settings."""
+    if not args.init_adapter:
+        return []
+    try:
+        info = read_adapter(args.init_adapter, "--init_adapter")
+    except (OSError, ValueError) as err:
+        return [str(err)]
+    problems = []
+    if info.peft_type != "LORA":
+        problems.append(
+            f"--init_adapter {args.init_adapter} is a {info.peft_type} adapter: pass a LoRA adapter"
+        )
+    defaults = TrainArgs()
+    shaping = [
+        f"--{name}"
+        for name in ("peft", "lora_dim", "lora_alpha", "lora_target", "use_dora", "use_rslora", "lora_init")
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    if shaping:
+        problems.append(
+            f"{', '.join(shaping)}: --init_adapter brings its own LoRA settings (r={info.config.get('r')}); "
+            "drop these flags"
+        )
+    return problems

@@ -30,6 +30,7 @@ A collated batch becomes the model's inputs in :mod:`sft.train.inputs`. Labels u
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,25 @@ def flat_loss_sums(
     return total, (targets != IGNORE_INDEX).sum()
 
 
+def _chunk_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def flat_token_nll(
+    logits: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """Per-row NLL ``(N,)`` of ``(N, V)`` logits (0 where the target is -100), chunked as :func:`flat_loss_sums`."""
+    targets = targets.to(logits.device)
+    parts = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk, chunk_targets = logits[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            parts.append(checkpoint(_chunk_token_nll, chunk, chunk_targets, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_nll(chunk, chunk_targets))
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` targets aligned with the logits: position ``t`` predicts ``labels[:, t + 1]`` (last: none)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -125,13 +145,40 @@ def token_loss_sums(
     )
 
 
+def _linear_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss_weight: float, needs_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One chunk of rows of the fused linear + cross-entropy: ``(nll (c,), lse**2 (c,) or None, d/dhidden)``.
+
+    ``nll`` and ``lse**2`` are 0 on unlearned rows. The gradient of row i's ``nll + z * lse**2`` with respect
+    to its hidden state is ``(softmax * (1 + 2 z lse) - onehot) @ weight``, computed here while the chunk's
+    logits exist anyway.
+    """
+    learned = targets != IGNORE_INDEX
+    safe_targets = targets.clamp_min(0)
+    # The head's matmul in the model's dtype, as F.linear computes the logits; the loss in fp32.
+    logits = F.linear(hidden, weight).float()  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    nll = (lse - target_logits).masked_fill(~learned, 0.0)
+    z_term = lse.square().masked_fill(~learned, 0.0) if z_loss_weight else None
+    grad = None
+    if needs_grad:
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
+        if z_loss_weight:
+            probs.mul_((1.0 + 2.0 * z_loss_weight * lse)[:, None])
+        probs[torch.arange(probs.shape[0], device=probs.device), safe_targets] -= 1.0
+        probs.mul_(learned[:, None])
+        grad = probs.to(weight.dtype) @ weight  # (c, H)
+    return nll, z_term, grad
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of NLL (+ z-loss) of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time.
 
     The gradient with respect to ``hidden`` is computed in the forward pass, chunk by chunk, while each
-    chunk's logits exist anyway (``(softmax * (1 + 2 z lse) - onehot) @ weight`` on learned rows), and kept
-    as one ``(N, H)`` tensor: neither pass holds the ``(N, V)`` logits or their gradient, and nothing is
-    recomputed. ``weight`` must be frozen (no gradient is computed for it).
+    chunk's logits exist anyway, and kept as one ``(N, H)`` tensor: neither pass holds the ``(N, V)`` logits
+    or their gradient, and nothing is recomputed. ``weight`` must be frozen (no gradient is computed for it).
     """
 
     @staticmethod
@@ -140,24 +187,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            chunk_targets = targets[rows]
-            learned = chunk_targets != IGNORE_INDEX
-            safe_targets = chunk_targets.clamp_min(0)
-            # The head's matmul in the model's dtype, as F.linear computes the logits; the loss in fp32.
-            logits = F.linear(hidden[rows], weight).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
-            nll = (lse - target_logits).masked_fill(~learned, 0.0)
+            nll, z_term, grad = _linear_chunk(hidden[rows], weight, targets[rows], z_loss_weight, needs_grad)
             total = total + nll.sum()
-            if z_loss_weight:
-                total = total + z_loss_weight * lse.square().masked_fill(~learned, 0.0).sum()
+            if z_term is not None:
+                total = total + z_loss_weight * z_term.sum()
             if needs_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
-                if z_loss_weight:
-                    probs.mul_((1.0 + 2.0 * z_loss_weight * lse)[:, None])
-                probs[torch.arange(probs.shape[0], device=probs.device), safe_targets] -= 1.0
-                probs.mul_(learned[:, None])
-                grad_hidden[rows] = probs.to(weight.dtype) @ weight  # (c, H)
+                grad_hidden[rows] = grad
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -165,6 +200,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+
+
+class _LinearTokenNLL(torch.autograd.Function):
+    """Per-row NLL ``(N,)`` of ``hidden @ weight.T`` against ``targets``: :class:`_LinearCrossEntropy` before
+    the sum (0 on unlearned rows), for objectives that weigh tokens by sequence (preference losses)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, needs_grad):
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            out[rows], _, grad = _linear_chunk(hidden[rows], weight, targets[rows], 0.0, needs_grad)
+            if needs_grad:
+                grad_hidden[rows] = grad
+        ctx.save_for_backward(grad_hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_rows.to(grad_hidden.dtype)[:, None], None, None, None, None
 
 
 def linear_loss_sums(
@@ -257,6 +314,40 @@ def batch_loss_sums(
     """
     if head_loss not in HEAD_LOSSES:
         raise ValueError(f"head_loss={head_loss!r}: choose one of {', '.join(HEAD_LOSSES)}")
+    out = _forward_learned(model, batch, device, head_loss)
+    z = z_loss_weight(model)
+    if out.weight is None:
+        return flat_loss_sums(out.logits, out.targets, z_loss_weight=z)
+    if head_loss == "liger":
+        return liger_linear_loss_sums(out.hidden, out.weight, out.targets, z_loss_weight=z)
+    return linear_loss_sums(out.hidden, out.weight, out.targets, z_loss_weight=z)
+
+
+@dataclass
+class LearnedOutputs:
+    """What the forward of :func:`_forward_learned` gives for the learned (row, position) pairs of a batch.
+
+    Attributes:
+        positions: ``(K,)`` host positions kept (``logits_to_keep``).
+        flat_index: ``(N,)`` host indices of the learned pairs in the flattened ``(B, K)`` grid.
+        targets: ``(N,)`` their target ids, on the device.
+        logits: ``(N, V)`` logits, where the head is not a frozen linear map (else None).
+        hidden: ``(N, H)`` inputs of the head, where it is (else None).
+        weight: ``(V, H)`` the head's weight in ``hidden``'s dtype, where it is (else None).
+    """
+
+    positions: torch.Tensor
+    flat_index: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+
+def _forward_learned(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, head_loss: str
+) -> LearnedOutputs:
+    """Forward ``batch`` with the head computed (or skipped, for a frozen linear head) at learned pairs only."""
     labels = batch["labels"]
     positions = learned_positions(labels)  # (K,) on the host
     targets = kept_targets(labels, positions)  # (B, K)
@@ -267,17 +358,32 @@ def batch_loss_sums(
     learned_targets = to_device(targets.flatten()[flat_index], device)  # (N,): copied while the forward runs
     head = unwrap_model(model).get_output_embeddings()
     head_weight = frozen_linear_head(model, head) if head_loss != "logits" else None
+    out = LearnedOutputs(positions=positions, flat_index=flat_index, targets=learned_targets)
     if head_weight is None:
         with head_only_on(head, head_index):
-            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
-        return flat_loss_sums(logits, learned_targets, z_loss_weight=z_loss_weight(model))
-
+            out.logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
+        return out
     with head_inputs_only(head, head_index):
-        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, H): no logits computed
-    weight = head_weight(hidden.dtype)
-    if head_loss == "liger":
-        return liger_linear_loss_sums(hidden, weight, learned_targets, z_loss_weight=z_loss_weight(model))
-    return linear_loss_sums(hidden, weight, learned_targets, z_loss_weight=z_loss_weight(model))
+        out.hidden = model(
+            **inputs, logits_to_keep=keep, use_cache=False
+        ).logits  # (N, H): no logits computed
+    out.weight = head_weight(out.hidden.dtype)
+    return out
+
+
+def learned_token_nll(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, *, head_loss: str = "fused"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one batch and return the NLL of every learned token, ``(N,)`` on ``device``, with where they
+    are: ``(nll, positions, flat_index)`` as in :class:`LearnedOutputs` (host tensors). Pure NLL, no z-loss;
+    ``head_loss="liger"`` computes as ``"fused"`` (Liger's kernel returns sums only)."""
+    out = _forward_learned(model, batch, device, "logits" if head_loss == "logits" else "fused")
+    if out.weight is None:
+        nll = flat_token_nll(out.logits, out.targets)
+    else:
+        needs_grad = torch.is_grad_enabled() and out.hidden.requires_grad
+        nll = _LinearTokenNLL.apply(out.hidden, out.weight, out.targets, DEFAULT_CHUNK_ROWS, needs_grad)
+    return nll, out.positions, out.flat_index
 
 
 class SFTObjective:
