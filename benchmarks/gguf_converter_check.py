@@ -24,8 +24,8 @@ Three workarounds can be switched on, each for a failure this script reports wit
                           converts a staged copy whose tokenizer_config.json states both again (the added tokens
                           from tokenizer.json, add_bos/eos_token from what the tokenizer does).
 
-This is a research tool for docs/notes_issue17.md, not the export path: the converter's install and invocation
-are described there.
+This is the research tool behind docs/notes_issue17.md; the export path (sft/export/gguf/) runs the converter the
+way the notes recommend, with the staging and the pre-tokenizer name built in, and keeps our own Baichuan2 writer.
 
     python benchmarks/gguf_converter_check.py --out /work/tools/exp/check --converter-python \
         /work/tools/convert-venv/bin/python --outtype f16 --name-pre-tokenizer --fix-baichuan
@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from models import register_models  # noqa: E402
 from models.tiny import build_tiny_baichuan  # noqa: E402
 from models.tiny_families import FAMILIES, build_tiny_family  # noqa: E402
+from sft.core.flags import REQUIRED, add_arguments, flag, parse_flags  # noqa: E402
 
 # What llama.cpp's converter would have found for the real tokenizers of these families.
 PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe"}
@@ -210,23 +212,44 @@ def read_back(family: str, model_dir: Path, gguf_file: Path) -> dict:
     return result
 
 
+@dataclass
+class CheckArgs:
+    """The flags of this check."""
+
+    out: Path = flag(REQUIRED, "Work directory (models/, gguf/ inside).")
+    converter_python: Path | None = flag(
+        None, "Interpreter of a venv holding the converter.", option="--converter-python"
+    )
+    converter_target: Path | None = flag(
+        None, "A `pip install --target` directory of it.", option="--converter-target"
+    )
+    target_last: bool = flag(
+        False, "Put the target directory after ours.", option="--target-last", action="store_true"
+    )
+    outtype: str = flag("f16", "The converter's --outtype.")
+    families: list[str] = flag([*FAMILIES, "baichuan"], "Which to convert.")
+    name_pre_tokenizer: bool = flag(
+        False, "Name BPE pre-tokenizers (see above).", option="--name-pre-tokenizer", action="store_true"
+    )
+    fix_baichuan: bool = flag(
+        False, "Patch 0.1.1's Baichuan recursion.", option="--fix-baichuan", action="store_true"
+    )
+    restore_tokenizer_config: bool = flag(
+        False,
+        "Convert a copy stating them (see above).",
+        option="--restore-tokenizer-config",
+        action="store_true",
+    )
+
+    def problems(self) -> list[str]:
+        if (self.converter_python is None) == (self.converter_target is None):
+            return ["pass one of --converter-python, --converter-target"]
+        return []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="Work directory (models/, gguf/ inside).")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--converter-python", type=Path, help="Interpreter of a venv holding the converter.")
-    where.add_argument("--converter-target", type=Path, help="A `pip install --target` directory of it.")
-    parser.add_argument("--target-last", action="store_true", help="Put the target directory after ours.")
-    parser.add_argument("--outtype", default="f16", help="The converter's --outtype.")
-    parser.add_argument("--families", nargs="+", default=[*FAMILIES, "baichuan"], help="Which to convert.")
-    parser.add_argument(
-        "--name-pre-tokenizer", action="store_true", help="Name BPE pre-tokenizers (see above)."
-    )
-    parser.add_argument("--fix-baichuan", action="store_true", help="Patch 0.1.1's Baichuan recursion.")
-    parser.add_argument(
-        "--restore-tokenizer-config", action="store_true", help="Convert a copy stating them (see above)."
-    )
-    args = parser.parse_args()
+    args = parse_flags(add_arguments(parser, CheckArgs), CheckArgs, None)
 
     register_models()
     torch.set_num_threads(2)

@@ -43,6 +43,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from sft.core.flags import REQUIRED, add_arguments, flag, parse_flags
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -896,6 +898,15 @@ def build_all(out_dir: str | Path, families: Sequence[str] = FAMILIES, *, seed: 
     return {family: build_tiny_family(family, Path(out_dir) / family, seed=seed) for family in families}
 
 
+@dataclass
+class FamiliesArgs:
+    """The flags of ``python -m models.tiny_families``."""
+
+    out_dir: Path = flag(REQUIRED, "Parent directory; each family goes to OUT_DIR/<family>.", positional=True)
+    family: list[str] = flag(list(FAMILIES), "Families to build (default: all).", choices=FAMILIES)
+    seed: int = flag(0, "Seed of weights and tokenizer training.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point: write tiny model directories of the chosen families."""
     parser = argparse.ArgumentParser(
@@ -903,16 +914,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Write tiny random model directories (config, weights, trained tokenizer with the "
         "family's special tokens and chat template, generation config) of the families users bring.",
     )
-    parser.add_argument("out_dir", type=Path, help="Parent directory; each family goes to OUT_DIR/<family>.")
-    parser.add_argument(
-        "--family",
-        nargs="+",
-        choices=FAMILIES,
-        default=list(FAMILIES),
-        help="Families to build (default: all).",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and tokenizer training.")
-    args = parser.parse_args(argv)
+    args = parse_flags(add_arguments(parser, FamiliesArgs), FamiliesArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     build_all(args.out_dir, args.family, seed=args.seed)

@@ -15,10 +15,11 @@ What is compared:
    user-defined token in the file, not text to split; BOS/EOS ids and whether BOS is added are the source's;
 2. **tokens**: the reader's tokenizer gives the source tokenizer's ids for probe texts (English, Chinese, code);
 3. **logits**: on those probes and on a conversation rendered by the model's chat template, the reader's logits
-   against the source model's (fp32), within a tolerance relative to the largest |logit| of the probe: the type
-   rounds the weights by design (f16 by about 1e-3 of the logit scale, bf16 1e-2, q8_0 3e-2 on the tiny models;
-   llama.cpp also rounds activations to the weights' type, about as much again), while a wrong layout, name or
-   hyperparameter is off by the logits' own size;
+   against the source model's (fp32). The type rounds the weights by design, so the tolerance is the larger of a
+   fraction of the probe's largest |logit| (:data:`TOLERANCE`: f16 moves the tiny models' logits by about 1e-3
+   of it, bf16 1e-2, q8_0 3e-2) and :data:`ROUNDING_FACTOR` times how far rounding the source's own weights to
+   the type moves its logits (weights with outliers round worse; llama.cpp also rounds activations to the
+   weights' type, about as much again). A wrong layout, name or hyperparameter is off by the logits' own size;
 4. **greedy tokens**: a few greedy steps of the reader from each probe; every token it picks is within the
    tolerance of the source's best at that step (a near tie may flip under rounding, a wrong file would not).
 
@@ -51,6 +52,7 @@ PROBE_CHAT = [
 ]
 # Largest |logit difference| allowed, as a fraction of the probe's largest |logit| (module docstring).
 TOLERANCE = {"f16": 5e-3, "bf16": 3e-2, "q8_0": 8e-2}
+ROUNDING_FACTOR = 3.0
 N_GREEDY = 6
 TRANSFORMERS_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
@@ -132,6 +134,23 @@ class _LlamaCppReader:
 
     def close(self) -> None:
         self.llm.close()
+
+
+@torch.no_grad()
+def _round_weights(model: torch.nn.Module, out_type: str) -> None:
+    """Round the matrices in place as the file stores them (vectors stay f32; q8_0 where rows are blocks of 32)."""
+    from gguf import GGMLQuantizationType, quants
+
+    q8 = GGMLQuantizationType.Q8_0
+    for param in model.parameters():
+        w = param.data
+        if w.dim() < 2:
+            continue
+        if out_type == "q8_0" and w.shape[-1] % 32 == 0:
+            stored = quants.dequantize(quants.quantize(w.numpy(), q8), q8)
+            param.data = torch.from_numpy(stored.copy()).reshape(w.shape)
+        else:
+            param.data = w.to(torch.bfloat16 if out_type == "bf16" else torch.float16).float()
 
 
 def _metadata(gguf_path: Path) -> dict[str, Any]:
@@ -219,12 +238,15 @@ def verify_gguf(
         file_reader.close()
 
     report, failure = [], problems[0] if problems else None
-    tolerance = TOLERANCE[out_type]
-    for text, ids, reader_ids, got, seq in runs:
-        with torch.no_grad():
-            want = source(input_ids=torch.tensor([seq])).logits[0].float()
+    with torch.no_grad():
+        wants = [source(input_ids=torch.tensor([seq])).logits[0].float() for *_, seq in runs]
+        _round_weights(source, out_type)
+        rounded = [source(input_ids=torch.tensor([seq])).logits[0].float() for *_, seq in runs]
+    for (text, ids, reader_ids, got, seq), want, want_rounded in zip(runs, wants, rounded):
         n, chosen = len(ids), torch.tensor(seq[len(ids) :])
         scale = float(want[:n].abs().max())
+        rounding = float((want_rounded - want).abs().max())
+        tolerance = max(TOLERANCE[out_type] * scale, ROUNDING_FACTOR * rounding)
         diff = float((got - want[:n]).abs().max())
         steps = want[n - 1 : -1]
         gap = float((steps.max(dim=1).values - steps.gather(1, chosen[:, None])[:, 0]).max())
@@ -234,6 +256,8 @@ def verify_gguf(
             "tokens_equal": None if reader_ids is None else reader_ids == ids,
             "max_abs_logit_diff": diff,
             "logit_scale": scale,
+            "rounding_max_abs": rounding,
+            "tolerance": tolerance,
             "greedy_equal": bool((steps.argmax(dim=1) == chosen).all()),
             "greedy_worst_gap": gap,
         }
@@ -241,26 +265,25 @@ def verify_gguf(
         if failure is None:
             if probe["tokens_equal"] is False:
                 failure = f"tokenizer: {text[:24]!r} -> {reader_ids[:12]} instead of {ids[:12]}"
-            elif diff > tolerance * scale:
-                failure = (
-                    f"max |logit diff| {diff:.3g} > {tolerance:g} x logit scale {scale:.3g} on {text[:24]!r}"
-                )
-            elif gap > tolerance * scale:
+            elif diff > tolerance:
+                failure = f"max |logit diff| {diff:.3g} > {tolerance:.3g} on {text[:24]!r}"
+            elif gap > tolerance:
                 failure = f"a greedy token is {gap:.3g} below the source's best on {text[:24]!r}"
     result = {
         "reader": reader,
         "passed": failure is None,
         "failure": failure,
-        "tolerance": tolerance,
         "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in report),
         "max_relative_diff": max(p["max_abs_logit_diff"] / p["logit_scale"] for p in report),
+        "rounding_max_abs": max(p["rounding_max_abs"] for p in report),
         "probes": report,
     }
     logger.info(
-        "%s reader: max |logit diff| %.3g (%.2g of the logit scale; tolerance %g)",
+        "%s reader: max |logit diff| %.3g (%.2g of the logit scale); rounding to %s alone moves them by %.3g",
         reader,
         result["max_abs_logit_diff"],
         result["max_relative_diff"],
-        tolerance,
+        out_type,
+        result["rounding_max_abs"],
     )
     return result
