@@ -153,6 +153,16 @@ def test_packed_equals_unpacked_and_lora_trains_the_full_base(family, attention,
         assert losses[-1] < losses[0] - 1.0, losses
 
 
+def test_an_attention_a_family_cannot_use_is_refused_in_one_line(tiny_family_dirs):
+    from sft.modeling.loading import load_base_model
+
+    with pytest.raises(
+        ValueError, match=r"Gemma2ForCausalLM cannot attend with --attn_implementation sdpa"
+    ) as err:
+        load_base_model(tiny_family_dirs["gemma2"], "none", torch.float32, attn_implementation="sdpa")
+    assert "--attn_implementation eager, or auto" in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def pipelines(tiny_family_dirs, data_dir, tmp_path_factory):
     """family -> {"run", "checkpoint", "merged", "merge", "losses"}: train.py on a 4-bit base, then the merge

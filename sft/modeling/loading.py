@@ -147,8 +147,9 @@ def load_base_model(
             raise ModelFileError(problem) from err
         if isinstance(err, ValueError) and "does not support an attention implementation" in str(err):
             raise ValueError(
-                f"{path}: {str(err).split('.', 1)[0]} (Gemma 2: its attention soft-caps its logits); "
-                "pass --attn_implementation eager, or auto"
+                f"{path}: {str(err).split(' ', 1)[0]} cannot attend with --attn_implementation "
+                f"{attn_implementation} (Gemma 2 soft-caps its attention logits, which SDPA cannot); pass "
+                "--attn_implementation eager, or auto"
             ) from None
         raise
     logger.info(
