@@ -9,6 +9,7 @@ every prompt is ``apply_chat_template(history, add_generation_prompt=True)``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,25 @@ def test_prompt_is_the_generation_prompt(family, tokenizers):
         assert template.build_prompt(history) == tokenizer(text, add_special_tokens=False)["input_ids"]
         # A record that ends with its reference answer is prompted without it.
         assert template.build_prompt(record) == template.build_prompt(history)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_preference_pairs_with_a_template_that_is_not_prefix_stable(family, tokenizers, tmp_path):
+    """DPO data: each reply is the final answer of its own rendering, learned with its end-of-turn token."""
+    from sft.data.preference import load_preference_dataset
+
+    tokenizer = tokenizers[family]
+    template = get_template("tokenizer", tokenizer)
+    pair = {**CHAT, "conversations": CHAT["conversations"][:3], "chosen": "I am a poet.", "rejected": "No."}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    pairs = load_preference_dataset(
+        tmp_path / "pairs.jsonl", template, tokenizer, max_len=256, max_src_len=200, is_skip=False
+    )
+    learned = []
+    for reply, (ids, labels) in zip(("I am a poet.", "No."), (pairs.sequences.arrays(i) for i in (0, 1))):
+        messages = [*messages_of(pair), {"role": "assistant", "content": reply}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        learned += learned_texts(tokenizer, text, list(ids), list(labels))
+    think = "<think>\n\n</think>\n\n" if family == "qwen3" else ""
+    end = "<|im_end|>" if family == "qwen3" else "<|end|>\n"
+    assert learned == [f"{think}I am a poet.{end}", f"{think}No.{end}"]
