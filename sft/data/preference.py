@@ -242,7 +242,9 @@ def load_preference_dataset(
         for k in range(0, len(rendered), 2):
             results = []
             for r in rendered[k : k + 2]:
-                results += template.samples(r, "last", max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
+                results += template.samples(
+                    r, "last", max_len=max_len, max_src_len=max_src_len, is_skip=is_skip
+                )
             dropped = next((res.dropped for res in results if res.dropped), None)
             if dropped:
                 skipped[SKIP_REASONS.get(dropped, dropped)] += 1

@@ -196,7 +196,8 @@ def export_gguf(
             raise ExportRefused(f"{target} exists; pass --overwrite to replace it")
     plan = plan_export(model_dir, pre_tokenizer=pre_tokenizer, converter_dir=converter_dir)
     arch = plan.baichuan.arch if plan.baichuan else ""
-    reader = _resolve_verify(verify, plan, arch)
+    # The converter's architecture is known once it has written the file: "auto" is resolved then.
+    reader = _resolve_verify(verify, plan, arch) if plan.baichuan or verify != "auto" else "auto"
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -222,7 +223,7 @@ def export_gguf(
             finally:
                 shutil.rmtree(staging)
             types, arch = _tensor_types(tmp)
-            reader = _resolve_verify(verify, plan, arch) if verify == "auto" else reader
+            reader = _resolve_verify(verify, plan, arch) if reader == "auto" else reader
         export_seconds = time.perf_counter() - start
         logger.info(
             "wrote %s (%s, %.1f MB) in %.1f s",
