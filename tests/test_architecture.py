@@ -123,11 +123,12 @@ def test_core_is_a_leaf():
 
 
 def _project_python() -> list[Path]:
-    """Every Python file of the project except the tests (the library, the models, the scripts, benchmarks)."""
+    """Every Python file of the project except the tests (the library, the models, the scripts, benchmarks); not
+    the tools installed into .tools/ (llama.cpp's converter)."""
     return [
         p
         for p in sorted(REPO_ROOT.rglob("*.py"))
-        if not {".venv", ".git", "tests", ".whl"} & set(p.relative_to(REPO_ROOT).parts)
+        if not {".venv", ".git", "tests", ".whl", ".tools"} & set(p.relative_to(REPO_ROOT).parts)
     ]
 
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from sft.data.batching import build_dataloader
 from sft.data.dataset import load_sft_dataset
-from sft.data.formats import IGNORE_INDEX
+from sft.data.formats import IGNORE_INDEX, normalize_record
 from sft.data.templates import TEMPLATE_NAMES, assemble, get_template, resolve_template_name, sample_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,6 +170,28 @@ UPPER = (
     "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content | upper + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Earlier answers rewritten (upper case), the last one verbatim: only the last answer can be learned.
+REWRITES_HISTORY = (
+    "{% for m in messages %}{% set text = m.content | upper if m.role == 'assistant' and not loop.last "
+    "else m.content %}{{ '<|im_start|>' + m.role + '\\n' + text + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# An end-of-turn marker that is plain text, not a special token.
+PLAIN_END = (
+    "{% for m in messages %}{{ m.role + ': ' + m.content + '\\n### End\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+# Answers marked for transformers' assistant-token mask, with and without the end-of-turn token in the block.
+GENERATION = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERATION_NO_END = GENERATION.replace(
+    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}",
+    "{{ m.content }}{% endgeneration %}{{ '<|im_end|>\\n' }}",
+)
 
 STYLES = {
     # name: (chat template, bos, eos, pad, end-of-turn token)
@@ -179,6 +201,10 @@ STYLES = {
     "llama30": (LLAMA30, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|eot_id|>"),
     "thinking": (THINKING, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>"),
     "upper": (UPPER, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>"),
+    "rewrites_history": (REWRITES_HISTORY, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>"),
+    "plain_end": (PLAIN_END, None, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"),
+    "generation": (GENERATION, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>"),
+    "generation_no_end": (GENERATION_NO_END, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>"),
 }
 
 SYSTEM = "你是李白，为人爽朗大方。"
@@ -443,10 +469,124 @@ def test_truncation_keeps_what_the_template_puts_first(style, toks):
     assert template.build_prompt(history, max_src_len=prompt_len) == kept[:prompt_len]
 
 
-@pytest.mark.parametrize("style", ["thinking", "upper"])
-def test_template_without_findable_answers_is_refused(style, toks):
-    with pytest.raises(ValueError, match=r"cannot find the assistant answers.*--template NAME"):
-        get_template("tokenizer", toks[style])
+@pytest.mark.parametrize("loss_on", ["all", "last", "each"])
+def test_template_that_is_not_prefix_stable_learns_every_answer(toks, loss_on):
+    """Qwen3-style: a longer conversation renders an earlier answer without the thinking block it had when it
+    was last. Each sample is the template's own rendering; the final answer is learned with its block."""
+    tok = toks["thinking"]
+    template = get_template("tokenizer", tok)
+    messages, _ = hf_messages(WITH_SYSTEM)
+    samples = template.encode(WITH_SYSTEM, loss_on)
+    expected = expected_samples(messages, loss_on)
+    assert len(samples) == len(expected)
+    think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for (ids, labels), (sample_messages, learned) in zip(samples, expected):
+        assert ids == tok.apply_chat_template(sample_messages, tokenize=True)["input_ids"]
+        last = len(sample_messages) - 1
+        want = [
+            ("<think>\n\n</think>\n\n" if i == last else "") + sample_messages[i]["content"] + "<|im_end|>"
+            for i in sorted(learned)
+        ]
+        assert [tok.decode(s) for s in learned_spans(ids, labels)] == want
+        assert tok.decode(ids).count(think) == 1
+    # Prompts are the generation prompt, as for any template.
+    history = {**WITH_SYSTEM, "conversations": WITH_SYSTEM["conversations"][:3]}
+    assert (
+        template.build_prompt(history)
+        == tok.apply_chat_template(messages[:4], add_generation_prompt=True)["input_ids"]
+    )
+
+
+def test_truncation_of_a_template_that_is_not_prefix_stable(toks):
+    """Oldest rounds dropped: the sample is the template's rendering of the kept rounds, then the start of the
+    last question is cut; a long answer keeps its end-of-turn token."""
+    tok = toks["thinking"]
+    template = get_template("tokenizer", tok)
+    record = {"conversations": WITH_SYSTEM["conversations"]}
+    messages, _ = hf_messages(record)
+    render = template.render(normalize_record(record), "all")
+    kept = tok.apply_chat_template(messages[2:], tokenize=True)["input_ids"]
+    prompt_len = len(tok.apply_chat_template(messages[2:5], add_generation_prompt=True)["input_ids"])
+    (res,) = template.samples(render, "all", max_len=512, max_src_len=prompt_len)
+    assert res.truncated_prompt and res.input_ids == kept
+    assert len(learned_spans(res.input_ids, res.labels)) == 2
+    last_prompt_len = len(tok.apply_chat_template(messages[4:5], add_generation_prompt=True)["input_ids"])
+    (res,) = template.samples(render, "all", max_len=512, max_src_len=last_prompt_len - 1)
+    last = tok.apply_chat_template(messages[4:], tokenize=True)["input_ids"]
+    assert len(res.input_ids) == len(last) - 1 and res.input_ids[-20:] == last[-20:]
+    (res,) = template.samples(render, "all", max_len=len(kept) - 3, max_src_len=prompt_len)
+    assert res.truncated_answer and len(res.input_ids) == len(kept) - 3
+    assert learned_spans(res.input_ids, res.labels)[-1][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    (res,) = template.samples(render, "all", max_len=512, max_src_len=prompt_len, is_skip=True)
+    assert res.dropped == "too long (is_skip)"
+    (res,) = template.samples(render, "all", max_len=512, max_src_len=3)
+    assert res.dropped == "prompt longer than max_src_len even after truncation"
+    history = {"conversations": record["conversations"][:-1]}
+    assert template.build_prompt(history, max_src_len=prompt_len) == kept[:prompt_len]
+
+
+@pytest.mark.parametrize("style", ["generation", "generation_no_end"])
+def test_generation_marked_template_learns_the_assistant_mask(style, toks):
+    """``{% generation %}`` blocks: transformers' assistant-token mask is what is learned, with the end-of-turn
+    token after a block that leaves it out."""
+    tok = toks[style]
+    template = get_template("tokenizer", tok)
+    assert template.marks_generation and template.end_id == tok.convert_tokens_to_ids("<|im_end|>")
+    messages, _ = hf_messages(WITH_SYSTEM)
+    out = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ((ids, labels),) = template.encode(WITH_SYSTEM)
+    assert ids == out["input_ids"]
+    mask = [i for i, on in enumerate(out["assistant_masks"]) if on]
+    learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert set(mask) <= set(learned) and len(learned) - len(mask) == (
+        3 if style == "generation_no_end" else 0
+    )
+    assert [tok.decode(s) for s in learned_spans(ids, labels)] == [
+        a + "<|im_end|>" for a in answers_of(messages, style)
+    ]
+    samples = template.encode(WITH_SYSTEM, "each")
+    assert [len(learned_spans(i, lab)) for i, lab in samples] == [1, 1, 1]
+
+
+def test_answers_a_template_rewrites_are_refused_for_training_only(toks):
+    """Prompts never need answer spans: a template that rewrites answers still prompts the model. Training
+    is refused in one line naming --template (and --loss_on where only earlier answers are rewritten)."""
+    record = {
+        "conversations": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "Goodbye now."},
+        ]
+    }
+    messages, _ = hf_messages(record)
+    history = {"conversations": record["conversations"][:3]}
+    for style in ("upper", "rewrites_history"):
+        tok = toks[style]
+        template = get_template("tokenizer", tok)
+        expected = tok.apply_chat_template(messages[:3], add_generation_prompt=True)["input_ids"]
+        assert template.build_prompt(history) == expected
+        with pytest.raises(ValueError, match=r"cannot find the assistant answers.*--template NAME") as err:
+            template.encode(record)
+        assert ("--loss_on last" in str(err.value)) == (style == "rewrites_history")
+        assert "\n" not in str(err.value)
+    ((ids, labels),) = template.encode(record, "last")
+    assert [tok.decode(s) for s in learned_spans(ids, labels)] == ["Goodbye now.<|im_end|>"]
+
+
+def test_plain_text_end_marker_prompts_but_does_not_train(toks):
+    tok = toks["plain_end"]
+    template = get_template("tokenizer", tok)
+    assert template.end_id == tok.eos_token_id  # generation stops at EOS (and the model's stop ids)
+    messages, _ = hf_messages(NO_SYSTEM)
+    history = {"conversations": NO_SYSTEM["conversations"][:3]}
+    text = tok.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("### End\nassistant: ")
+    assert template.build_prompt(history) == tok(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match=r"no special token ends an answer.*--template NAME"):
+        template.encode(NO_SYSTEM)
 
 
 def test_llama3_named_template_equals_llama3_jinja(toks):

@@ -295,8 +295,10 @@ def test_merge_with_gguf_export(tiny_llama_dir, tiny_baichuan_alibi_dir, tmp_pat
     assert code == 0 and gguf.is_file() and (tmp_path / "merged" / "config.json").is_file()
     report = json.loads(capsys.readouterr().out.split("\n}\n", 1)[1])
     assert report["out_type"] == "q8_0" and report["verification"]["passed"]
-    assert all(p["greedy_equal"] for p in report["verification"]["probes"])
-    assert "<|im_start|>" in (gguf.parent / "Modelfile").read_text()  # the template the adapter trained with
+    assert all(p["greedy_worst_gap"] <= p["tolerance"] for p in report["verification"]["probes"])
+    assert (
+        "<|im_start|>" in (gguf.parent / "model.Modelfile").read_text()
+    )  # the template the adapter trained with
 
     alibi_adapter = make_adapter(tiny_baichuan_alibi_dir, tmp_path / "alibi_adapter")
     out = tmp_path / "alibi_merged"

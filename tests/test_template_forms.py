@@ -29,8 +29,11 @@ SPACED_BY_DUMMY_PREFIX = {"llama2"}
 
 
 def test_registry_is_the_modules_of_the_package():
-    """Each module of sft/data/templates (but base.py) defines one template, found without a hand-kept list."""
-    modules = {p.stem for p in Path(templates.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    """Each module (or subpackage: jinja/) of sft/data/templates but base.py defines one template, found without
+    a hand-kept list."""
+    folder = Path(templates.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "base"}
+    modules |= {p.parent.name for p in folder.glob("*/__init__.py")}
     assert sorted(cls.__module__.rsplit(".", 1)[1] for cls in TEMPLATES.values()) == sorted(modules)
     assert all(cls.name == name for name, cls in TEMPLATES.items())
     assert tuple(TEMPLATES) == templates.TEMPLATE_NAMES and "tokenizer" in TEMPLATES

@@ -73,6 +73,7 @@ def flag(
     option: str | None = None,
     positional: bool = False,
     action: str | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field that becomes the flag ``--<name>`` (plus ``aliases``) with this help text.
 
@@ -80,10 +81,11 @@ def flag(
     ``--x``), ``list[T]`` one or more values (a list default is copied for each instance), ``T | None`` a
     ``T`` that may be left out. ``default=REQUIRED`` makes a required flag; ``option`` spells the flag when it
     is not ``--<name>`` (``--type`` for ``out_type``, ``--vocab-size``); ``positional`` makes a required
-    argument without a flag name. Fields are keyword-only, so required ones may follow defaults.
+    argument without a flag name. ``const``: the value may be left out, and the bare flag gives ``const``
+    (``--modelfile`` / ``--modelfile PATH``). Fields are keyword-only, so required ones may follow defaults.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "option": option, "positional": positional}
-    metadata.update(choices=choices and tuple(choices), action=action)
+    metadata.update(choices=choices and tuple(choices), action=action, const=const)
     if isinstance(default, list):
         return dataclasses.field(default_factory=default.copy, metadata=metadata, kw_only=True)
     return dataclasses.field(default=default, metadata=metadata, kw_only=True)
@@ -128,6 +130,8 @@ def _add_flag(target: Any, f: dataclasses.Field, tp: Any) -> None:
         if typing.get_origin(tp) is list:
             kwargs["nargs"], tp = "+", typing.get_args(tp)[0]
         kwargs["type"] = tp
+        if meta.get("const") is not None:
+            kwargs.update(nargs="?", const=meta["const"])
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
     if meta["positional"]:

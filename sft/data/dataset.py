@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from sft.core.atomic import write_file_atomic
 from sft.data.formats import IGNORE_INDEX, read_conversations
-from sft.data.templates import LOSS_PLACEMENTS, Template, assemble, sample_plan
+from sft.data.templates import LOSS_PLACEMENTS, Template
 
 logger = logging.getLogger(__name__)
 
@@ -278,16 +278,14 @@ def _encode_files(
     records = []
     for p in paths:
         records.extend(read_conversations(p))
-    rendered = [template.render(r) for r in records]
+    rendered = [template.render(r, loss_on) for r in records]
     # One batched tokenizer pass over every distinct string (system prompts repeat a lot).
     template.tokenize_texts([text for r in rendered for text in template.texts_of(r)])
     samples: list[tuple[list[int], list[int]]] = []
     skipped: Counter = Counter()
     truncated_prompt = truncated_answer = 0
     for r in rendered:
-        conv = template.tokenize_rendered(r)
-        for target, learned in sample_plan(conv, loss_on):
-            res = assemble(conv, target, learned, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
+        for res in template.samples(r, loss_on, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip):
             if res.dropped:
                 skipped[SKIP_REASONS.get(res.dropped, res.dropped)] += 1
                 continue

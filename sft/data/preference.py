@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from sft.data.batching import PackedCollator, PaddedCollator, pack_first_fit_decreasing
 from sft.data.dataset import SKIP_FIXES, SKIP_REASONS, SFTDataset, _cache_key, _load_cache
 from sft.data.formats import DataFormatError, iter_json_records, normalize_record
-from sft.data.templates import Template, assemble, sample_plan
+from sft.data.templates import Template
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def load_preference_dataset(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # many small lists: the cyclic GC would rescan them over and over
     try:
-        rendered = [template.render(r) for r in records]
+        rendered = [template.render(r, "last") for r in records]
         template.tokenize_texts([text for r in rendered for text in template.texts_of(r)])
         samples: list[tuple[list[int], list[int]]] = []
         skipped: Counter = Counter()
@@ -242,10 +242,8 @@ def load_preference_dataset(
         for k in range(0, len(rendered), 2):
             results = []
             for r in rendered[k : k + 2]:
-                conv = template.tokenize_rendered(r)
-                ((target, learned),) = sample_plan(conv, "last")
-                results.append(
-                    assemble(conv, target, learned, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
+                results += template.samples(
+                    r, "last", max_len=max_len, max_src_len=max_src_len, is_skip=is_skip
                 )
             dropped = next((res.dropped for res in results if res.dropped), None)
             if dropped:

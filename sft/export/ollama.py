@@ -8,16 +8,18 @@ general, so the formats are known by name: every named training template with a 
 
 A tokenizer's template is *recognised* as one of them when both Jinja strings render the same text for probe
 conversations (with and without a system prompt); a template that adds a default system prompt when none is
-given (SmolLM2 does) is recognised too, and that prompt becomes the Modelfile's `SYSTEM`. A template that is none
-of them is kept in the GGUF file as it is (llama.cpp renders Jinja itself), and the Modelfile falls back to
-the format our training uses for the model type (`sft.data.templates.default_template_name`), with a warning.
-A model without any chat template gets the training default in both places.
+given (SmolLM2, Qwen2.5) is recognised too, and that prompt becomes the Modelfile's `SYSTEM`. A template that is
+none of them (Llama 3.1's, Gemma's, Mistral's, Phi-3's) is kept in the GGUF file as it is: llama.cpp renders
+Jinja itself, and a Modelfile without `TEMPLATE` lets Ollama take the file's template (matched against its own
+library); its stop strings are the special token that ends the template's answers and the generation config's
+EOS tokens. A model without any chat template gets the training default for its model type in both places.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,8 @@ class ChatFormat:
     """The chat format chosen for a GGUF file and its Modelfile.
 
     Attributes:
-        name: One of NAMED_TEMPLATES.
-        source: How it was chosen: "flag", "recognised", "fallback (unrecognised template)", "default for model type".
+        name: One of NAMED_TEMPLATES, or "gguf" (the file's own template, no TEMPLATE line).
+        source: How it was chosen: "flag", "recognised", "the file's own", "default for model type".
         jinja: What goes into the GGUF's tokenizer.chat_template (the tokenizer's own when it has one).
         go_template: The Modelfile TEMPLATE.
         stops: End-of-turn strings (Modelfile PARAMETER stop).
@@ -54,7 +56,7 @@ class ChatFormat:
     name: str
     source: str
     jinja: str
-    go_template: str
+    go_template: str | None  # None: Ollama takes the GGUF's own template
     stops: list[str]
     default_system: str | None = None
 
@@ -115,22 +117,16 @@ def choose_chat_format(
         name, source = template, "flag"
     elif own is not None and (found := _recognise(own, tokenizer, model_dir)) is not None:
         (name, default_system), source = found, "recognised"
+    elif own is not None:
+        logger.info(
+            "the tokenizer's chat template is none of %s: the GGUF keeps it and the Modelfile has no TEMPLATE "
+            "(Ollama takes the file's); pass --template to write one",
+            list(NAMED_TEMPLATES),
+        )
+        return ChatFormat("gguf", "the file's own", own, None, _own_stops(tokenizer, model_dir))
     else:
-        name = default_template_name(model_type)
-        if name not in NAMED_TEMPLATES:
-            name = "chatml"
-        if own is not None:
-            source = "fallback (unrecognised template)"
-            logger.warning(
-                "the tokenizer's chat template is none of %s; the GGUF keeps it as it is (llama.cpp renders Jinja), "
-                "the Modelfile uses %r, the training default for model type %r: check it against the template, or "
-                "pass --template",
-                list(NAMED_TEMPLATES),
-                name,
-                model_type,
-            )
-        else:
-            source = "default for model type"
+        name, source = default_template_name(model_type), "default for model type"
+        name = name if name in NAMED_TEMPLATES else "chatml"
     named = get_template(name, tokenizer, model_dir)  # (raises when baichuan2's turn ids are missing)
     # The model's own template is the authority for llama.cpp.
     jinja = own if own is not None and source != "flag" else named.chat_template()
@@ -142,6 +138,16 @@ def choose_chat_format(
         stops=named.stop_strings(),
         default_system=default_system,
     )
+
+
+def _own_stops(tokenizer: Any, model_dir: Path) -> list[str]:
+    """Where answers end under the tokenizer's own template: the special token after an answer, and the
+    generation config's EOS tokens (a GGUF holds one EOS; Gemma's <end_of_turn>, Phi-3's <|end|> are not it)."""
+    ids = [get_template("tokenizer", tokenizer).end_id]
+    path = model_dir / "generation_config.json"
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(ids)))
 
 
 def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
@@ -169,15 +175,19 @@ def _quote(text: str, what: str) -> str:
 
 
 def render_modelfile(
-    gguf_name: str, chat: ChatFormat, params: dict[str, float | int], source_dir: Path
+    gguf_path: Path, modelfile_path: Path, chat: ChatFormat, params: dict[str, float | int], source_dir: Path
 ) -> str:
-    """Text of an Ollama Modelfile next to `gguf_name` (relative: the two files travel together)."""
+    """Text of an Ollama Modelfile at ``modelfile_path`` for ``gguf_path`` (FROM relative to it: the two travel
+    together)."""
+    relative = Path(os.path.relpath(gguf_path.absolute(), modelfile_path.absolute().parent)).as_posix()
     lines = [
         f"# Ollama Modelfile written by export_gguf.py from {source_dir}",
-        f"# chat template: {chat.name} ({chat.source}). Create the model with: ollama create NAME -f Modelfile",
-        f"FROM ./{gguf_name}",
-        f"TEMPLATE {_quote(chat.go_template, 'template')}",
+        f"# chat template: {chat.name} ({chat.source}). Create the model with: "
+        f"ollama create NAME -f {modelfile_path.name}",
+        f"FROM {relative if relative.startswith('.') else './' + relative}",
     ]
+    if chat.go_template is not None:
+        lines.append(f"TEMPLATE {_quote(chat.go_template, 'template')}")
     if chat.default_system:
         lines.append(f"SYSTEM {_quote(chat.default_system, 'default system prompt')}")
     lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in chat.stops]

@@ -122,7 +122,8 @@ def load_base_model(
         dtype: dtype of the unquantised weights and compute dtype of the 4-bit matmuls.
         device_map: passed to ``from_pretrained`` (e.g. ``{"": "cuda:0"}``, ``"auto"``); quantised
             models need one, so None means the current CUDA device, or the CPU.
-        attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"`` or None (model default).
+        attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, or ``"auto"``/None: the model's
+            default (sdpa where the model class supports it, else eager).
         double_quant: 4-bit only: quantise the quantisation constants too.
         quant_storage: 4-bit only: storage dtype of the packed weights (see :func:`quantization_config`).
     """
@@ -136,7 +137,7 @@ def load_base_model(
     kwargs: dict = {"dtype": dtype, "device_map": device_map}
     if bnb_config is not None:
         kwargs["quantization_config"] = bnb_config
-    if attn_implementation:
+    if attn_implementation and attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -144,6 +145,12 @@ def load_base_model(
         # transformers' traceback does not say which file is damaged: find it and say that instead.
         if problem := weight_files_problem(path):
             raise ModelFileError(problem) from err
+        if isinstance(err, ValueError) and "does not support an attention implementation" in str(err):
+            raise ValueError(
+                f"{path}: {str(err).split(' ', 1)[0]} cannot attend with --attn_implementation "
+                f"{attn_implementation} (Gemma 2 soft-caps its attention logits, which SDPA cannot); pass "
+                "--attn_implementation eager, or auto"
+            ) from None
         raise
     logger.info(
         "loaded %s (%s, %.1fM parameters, quantization=%s, dtype=%s)",

@@ -25,7 +25,7 @@ from sft.modeling import PRECISIONS, QUANTIZATIONS
 
 PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
@@ -43,8 +43,9 @@ class ModelArgs:
         "Local directory of the base model (config, weights, tokenizer). Required; hub ids are not downloaded.",
     )
     attn_implementation: str = flag(
-        "sdpa",
-        "Attention kernel of the base model; flash_attention_2 needs a GPU and the flash-attn package.",
+        "auto",
+        "Attention kernel of the base model: auto = sdpa where the model supports it, else eager (Gemma 2, "
+        "whose attention soft-caps its logits); flash_attention_2 needs a GPU and the flash-attn package.",
         choices=ATTN_IMPLEMENTATIONS,
     )
     quantization: str = flag(

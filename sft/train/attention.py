@@ -10,7 +10,8 @@ its mask from the position ids, once per forward; these calls do not read it.)
 :func:`use_document_sdpa` switches a transformers model to it; the training loop's batches carry the document
 boundaries (``cu_seq_lens_q``, see :func:`sft.train.inputs.model_inputs`). A call without boundaries (a padded batch,
 generation with a cache) goes to transformers' own SDPA unchanged, so the switched model computes what the
-``sdpa`` one does everywhere.
+``sdpa`` one does everywhere. A layer with a sliding window (Mistral, Gemma 3's local layers) attends within its
+window inside each document: a document longer than the window gets a banded causal mask of its own length.
 """
 
 from __future__ import annotations
@@ -52,16 +53,22 @@ def document_sdpa_attention(
 
     boundaries = kwargs.get("cu_seq_lens_q")
     batch, heads, length, dim = query.shape
-    if boundaries is None or key.shape[2] != length or length == 1:
-        return sdpa_attention_forward(
+    if boundaries is None or key.shape[2] != length or length == 1 or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(  # (which refuses soft-capping, as transformers' SDPA does)
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    window = kwargs.get("sliding_window")  # a query sees the `window` latest keys, itself included
     cuts = boundaries.tolist()  # a host copy; on the CPU, where this path pays off, it costs nothing
     pieces = []
     for start, end in itertools.pairwise(cuts):
         if end == start:
             continue
         row, first, last = start // length, start % length, start % length + end - start
+        band = None
+        if window is not None and end - start > window:
+            offset = torch.arange(end - start, device=query.device)
+            offset = offset[:, None] - offset[None, :]  # (L, L): query position - key position
+            band = (offset >= 0) & (offset < window)
         # (1, H, L, D) views of the document: 4-D, so SDPA picks its fused CPU kernel (a 3-D input goes to the
         # math path, which stores every (L, L) attention matrix for the backward pass).
         pieces.append(
@@ -69,9 +76,10 @@ def document_sdpa_attention(
                 query[row : row + 1, :, first:last],
                 key[row : row + 1, :, first:last],
                 value[row : row + 1, :, first:last],
+                attn_mask=band,
                 dropout_p=dropout,
                 scale=scaling,
-                is_causal=True,
+                is_causal=band is None,
                 enable_gqa=key.shape[1] != heads,
             )
         )

@@ -177,7 +177,9 @@ class Template:
             return "[observation] " + turn["content"]
         return turn["content"]
 
-    def render(self, record: dict[str, Any]) -> tuple[list[Piece], list[RenderedTurn]]:
+    def render(self, record: dict[str, Any], loss_on: str = "all") -> tuple[list[Piece], list[RenderedTurn]]:
+        """A normalised record as pieces (``loss_on`` matters only to templates that render each sample
+        on its own, see :meth:`samples`)."""
         system = self.system_text(record)
         turns = [self.render_turn(t["role"], self.turn_text(t), system) for t in record["conversations"]]
         return self.render_prefix(system), turns
@@ -236,6 +238,23 @@ class Template:
     def tokenize_record(self, record: dict[str, Any]) -> TokConversation:
         return self.tokenize_rendered(self.render(record))
 
+    def samples(
+        self,
+        rendered: Any,
+        loss_on: str,
+        *,
+        max_len: int | None = None,
+        max_src_len: int | None = None,
+        is_skip: bool = False,
+    ) -> list[AssembleResult]:
+        """The training samples of a rendered record: one per :func:`sample_plan` entry, cut by
+        :func:`assemble` (``None`` ids where a sample was dropped)."""
+        conv = self.tokenize_rendered(rendered)
+        return [
+            assemble(conv, target, learned, max_len=max_len, max_src_len=max_src_len, is_skip=is_skip)
+            for target, learned in sample_plan(conv, loss_on)
+        ]
+
     def clear_cache(self) -> None:
         """Drop the text -> ids cache (it only grows while a dataset is encoded)."""
         self._cache.clear()
@@ -248,12 +267,7 @@ class Template:
         turn for ``"each"``; labels are unshifted (the model shifts) with -100 where no loss.
         """
         record = normalize_record(record)
-        conv = self.tokenize_record(record)
-        out = []
-        for target, learned in sample_plan(conv, loss_on):
-            res = assemble(conv, target, learned)
-            out.append((res.input_ids, res.labels))
-        return out
+        return [(res.input_ids, res.labels) for res in self.samples(self.render(record, loss_on), loss_on)]
 
     def build_prompt(self, record: dict[str, Any], max_src_len: int | None = None) -> list[int]:
         """Prompt ids ending where the (last) assistant answer starts, for generation.

@@ -6,21 +6,36 @@
 whole, so byte-level BPE merges are those of the full text, never of separately tokenised pieces.
 
 Records map to transformers messages one to one: ``system`` -> a system message; ``user`` and
-``assistant`` as they are; a ``tool`` turn (a call made by the assistant) -> an assistant message with
+``assistant`` as they are (an assistant turn's ``reasoning_content`` goes along, for templates that render
+reasoning, Qwen3's); a ``tool`` turn (a call made by the assistant) -> an assistant message with
 ``tool_calls`` (its ``name``/``parameters``, or the JSON ``{"name", "arguments"|"parameters"}`` in its
 content; other text stays the message's content); an ``observation`` -> a ``tool`` message; ``tools``
 -> ``apply_chat_template(tools=...)`` as ``{"type": "function", "function": ...}`` schemas.
 
-Finding the pieces of the shared model (head / content / end / tail, see :mod:`sft.data.templates`):
-every prefix ``messages[:k]`` is rendered, and turn k is the text that rendering ``messages[:k+1]``
-adds to rendering ``messages[:k]``. An assistant turn must start with the generation prompt
-(``add_generation_prompt=True``), contain its answer verbatim (or stripped), and continue with
-special token(s) that end the turn (``<|im_end|>``, ``<|eot_id|>``): those are learned with the
-answer; what follows them (chatml's ``"\\n"``) is the unlearned tail. A system prompt the template
-adds on its own (SmolLM2's default, Llama-3's date line) lands in the first turn's head, and a
-conversation cut to start at a later round gets the head the template gives a first message.
-A template for which any of this fails (e.g. one that renders the last answer differently from
-earlier ones) is refused with a line that names ``--template``.
+**Inference** needs the template and nothing else: a prompt is ``apply_chat_template(history,
+add_generation_prompt=True)`` tokenised (:meth:`JinjaTemplate.build_prompt`), whatever the template does
+(Qwen3's thinking blocks, an end-of-turn marker that is plain text). Generation stops at the special token
+that follows an answer (``end_id``), the tokenizer's EOS where none does.
+
+**Training** must know which tokens are answers. Per record:
+
+1. *Prefix-stable* templates (a conversation's rendering starts with the rendering of each of its prefixes:
+   chatml, Qwen2.5, Llama 3, Gemma, Mistral v0.1/v0.2) use the piece model of
+   :mod:`sft.data.templates.base`: every prefix ``messages[:k]`` is rendered, and turn k is the text that
+   rendering ``messages[:k+1]`` adds to rendering ``messages[:k]``. An assistant turn starts with the
+   generation prompt (its head), continues with the answer verbatim (or stripped) and special token(s)
+   that end the turn (``<|im_end|>``, ``<|eot_id|>``): all from the generation prompt's end to those
+   tokens is learned (Mistral's space before the answer included); what follows them (chatml's ``"\\n"``)
+   is the unlearned tail. A system prompt the template adds on its own (SmolLM2's default, Llama-3's date
+   line) lands in the first turn's head, and a conversation cut to start at a later round gets the head
+   the template gives a first message.
+2. A template that is not prefix-stable (Qwen3: the last answer gets a ``<think>`` block the earlier ones
+   lose; Phi-3: every rendering ends with ``<|endoftext|>``) gets each answer located in its sample's own
+   rendering, and one that marks its answers with ``{% generation %}`` gets transformers' assistant-token
+   mask (:mod:`sft.data.templates.jinja.located`).
+
+An answer that cannot be found either way (a template that rewrites it) is refused with a line that names
+``--template``, and ``--loss_on`` where only an earlier answer is the problem.
 """
 
 from __future__ import annotations
@@ -34,10 +49,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
-
 from sft.data.formats import normalize_record
-from sft.data.templates.base import Template, TokConversation, TokTurn
+from sft.data.templates.base import AssembleResult, Template, TokConversation, TokTurn
+from sft.data.templates.jinja import located
+from sft.data.templates.jinja.messages import RENDER_ERRORS, Encoding, find_text, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -59,50 +74,11 @@ _PROBES = (
         ]
     },
 )
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def _refusal(reason: str) -> ValueError:
-    return ValueError(
-        f"template 'tokenizer': cannot find the assistant answers in the tokenizer's chat template "
-        f"({reason}); pass --template NAME to use a built-in template instead (e.g. chatml)"
-    )
-
-
-def tool_schema(tool: Any) -> Any:
-    """A record's tool definition as the OpenAI-style schema chat templates expect."""
-    if isinstance(tool, dict) and "type" not in tool and "name" in tool:
-        return {"type": "function", "function": tool}
-    return tool
-
-
-def tool_call_message(turn: dict[str, Any]) -> dict[str, Any]:
-    """A ``tool`` turn as an assistant message with ``tool_calls`` (plain text when it names no call)."""
-    name, arguments = turn.get("name"), turn.get("parameters", {})
-    if not name:
-        try:
-            call = json.loads(turn["content"])
-        except json.JSONDecodeError:
-            call = None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
-            return {"role": "assistant", "content": turn["content"]}
-        name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
-    function = {"name": name, "arguments": arguments}
-    return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]}
-
-
-def to_messages(record: dict[str, Any]) -> tuple[list[dict], list[dict], list[Any] | None]:
-    """``(system messages, one message per turn, tools)`` of a normalised record."""
-    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    messages = []
-    for turn in record["conversations"]:
-        if turn["role"] == "tool":
-            messages.append(tool_call_message(turn))
-        elif turn["role"] == "observation":
-            messages.append({"role": "tool", "content": turn["content"]})
-        else:
-            messages.append({"role": turn["role"], "content": turn["content"]})
-    tools = [tool_schema(t) for t in record.get("tools") or []] or None
-    return system, messages, tools
+class _NotPrefixStable(ValueError):
+    """The piece model does not fit this record's rendering (the located one is tried next)."""
 
 
 @dataclass
@@ -119,25 +95,6 @@ class JinjaRendered:
     roles: list[str]
     spans: list[tuple[int, int, int, int, int]]
     first_heads: dict[int, tuple[int, int, int]]
-
-
-def _find_text(text: str, content: str, start: int, stop: int) -> tuple[int, int] | None:
-    """The last place of ``content`` (or its stripped form, as templates that ``trim`` render it)
-    in ``text[start:stop]``: the last, since a head may contain the same words (a user saying "user")."""
-    for c in dict.fromkeys((content, content.strip())):
-        pos = text.rfind(c, start, stop) if c else -1
-        if pos >= 0:
-            return pos, pos + len(c)
-    return None
-
-
-def _token_cut(offsets: list[tuple[int, int]], ends: list[int], char: int) -> int:
-    """Number of tokens left of character position ``char``; a token that straddles it (a BPE merge
-    across a piece boundary) goes right, so an answer's first token is learned even when merged."""
-    i = bisect.bisect_right(ends, char)
-    while i > 0 and offsets[i - 1][0] >= char:  # empty tokens at ``char`` belong to the right
-        i -= 1
-    return i
 
 
 class JinjaTemplate(Template):
@@ -159,29 +116,35 @@ class JinjaTemplate(Template):
             )
         specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         specials |= set(tokenizer.all_special_tokens)
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-        self._encodings: dict[str, tuple[list[int], list[tuple[int, int]], list[int]]] = {}
+        self.special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        self.special_ids = frozenset(tokenizer.convert_tokens_to_ids(sorted(specials)))
+        self.marks_generation = bool(GENERATION_MARK.search(str(tokenizer.chat_template)))
+        self._encodings: dict[str, Encoding] = {}
         self._system_renders: dict[str, str] = {}  # a data set repeats few system prompts
         self._warned: set[str] = set()
-        # The probe refuses an unusable template now, not in the middle of a data set, and finds the
-        # id that ends an answer (e.g. <|im_end|>).
-        ends = set()
-        for probe in _PROBES:
-            conv = self.tokenize_record(normalize_record(probe))
-            ends.update(t.end[-1] for t in conv.turns if t.role == "assistant")
-        if len(ends) != 1:
-            raise _refusal(f"the answers end with different tokens {sorted(ends)}")
-        self._end = ends.pop()
+        self._end = self._probe_end_id()
+
+    def _probe_end_id(self) -> int:
+        """The special token the template writes right after an answer (``<|im_end|>``, ``<|end|>``):
+        what ends a generated answer. The tokenizer's EOS where it writes none (a plain-text marker)."""
+        system, messages, tools = to_messages(normalize_record(_PROBES[0]))
+        try:
+            (text,) = self.apply([system + messages], tools, False)
+        except RENDER_ERRORS:
+            return self.eos_id
+        found = find_text(text, messages[-1]["content"], 0, len(text))
+        mark = self.special_re.search(text, found[1]) if found else None
+        return self.tokenizer.convert_tokens_to_ids(mark.group()) if mark else self.eos_id
 
     def fingerprint(self) -> str:
         source = json.dumps(self.tokenizer.chat_template, sort_keys=True)
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         # A template that writes today's date (Llama-3.2's strftime_now) renders differently each day.
         today = f":{datetime.date.today()}" if "strftime_now" in source else ""
-        return f"{super().fingerprint()}:jinja={digest}{today}"
+        return f"{super().fingerprint()}:jinja={digest}:v2{today}"
 
     # ---- rendering --------------------------------------------------------------------------
-    def _apply(self, conversations: list[list[dict]], tools: list | None, generation: bool) -> list[str]:
+    def apply(self, conversations: list[list[dict]], tools: list | None, generation: bool) -> list[str]:
         if not conversations:
             return []
         return self.tokenizer.apply_chat_template(
@@ -197,67 +160,71 @@ class JinjaTemplate(Template):
             if len(self._system_renders) > 10_000:
                 self._system_renders.clear()
             try:
-                (self._system_renders[key],) = self._apply([system], tools, False)
+                (self._system_renders[key],) = self.apply([system], tools, False)
             # A template may refuse a conversation without a user message; the system part then
             # stays in the first turn's head (and in the head a later round gets when it opens a sample).
-            except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+            except RENDER_ERRORS:
                 self._system_renders[key] = ""
         text = self._system_renders[key]
         return text if full.startswith(text) else ""
 
-    def render(self, record: dict[str, Any]) -> JinjaRendered:  # type: ignore[override]
+    def render(self, record: dict[str, Any], loss_on: str = "all") -> Any:
+        """The record as pieces of one rendering (prefix-stable templates), else as samples rendered
+        on their own with their answers located (:mod:`sft.data.templates.jinja.located`)."""
+        if not self.marks_generation:
+            try:
+                return self._render_pieces(record)
+            except _NotPrefixStable:
+                pass
+        return located.render_samples(self, record, loss_on)
+
+    def _render_pieces(self, record: dict[str, Any]) -> JinjaRendered:
         system, messages, tools = to_messages(record)
         roles = [t["role"] for t in record["conversations"]]
         n = len(messages)
         round_starts = [i for i in range(1, n) if roles[i] == "user"]
         answers = [k for k in range(n) if roles[k] == "assistant"]
-        texts = self._apply(
+        texts = self.apply(
             [system + messages[: k + 1] for k in range(n)] + [[*system, messages[i]] for i in round_starts],
             tools,
             False,
         )
-        prompts = dict(zip(answers, self._apply([system + messages[:k] for k in answers], tools, True)))
+        prompts = dict(zip(answers, self.apply([system + messages[:k] for k in answers], tools, True)))
         full = texts[n - 1]
         ends = [len(self._system_prefix(system, tools, full))] + [len(t) for t in texts[:n]]
-        for k in range(n):
-            if not full.startswith(texts[k]) or ends[k + 1] < ends[k]:
-                raise _refusal(
-                    f"the rendering up to turn {k + 1} does not start the rendering of all {n} turns"
-                )
+        if any(not full.startswith(texts[k]) or ends[k + 1] < ends[k] for k in range(n)):
+            raise _NotPrefixStable("a prefix of the conversation does not render as a prefix of it")
 
         spans = []
         for k, turn in enumerate(record["conversations"]):
             start, stop = ends[k], ends[k + 1]
             if roles[k] == "tool":
-                self._check_rendered("tool calls", messages[k].get("tool_calls"), full[start:stop])
+                self.check_rendered("tool calls", messages[k].get("tool_calls"), full[start:stop])
             if roles[k] != "assistant":
-                found = _find_text(full, turn["content"], start, stop) if roles[k] != "tool" else None
+                found = find_text(full, turn["content"], start, stop) if roles[k] != "tool" else None
                 a, b = found or (stop, stop)
                 spans.append((start, a, b, b, stop))
                 continue
             prompt = prompts[k]
-            if not full.startswith(prompt) or len(prompt) < start:
-                raise _refusal("an assistant turn does not start with the generation prompt")
-            found = _find_text(full, turn["content"], len(prompt), stop)
-            if found is None:
-                raise _refusal("an answer is not rendered verbatim")
-            a, b = found
-            end_marks = list(self._special_re.finditer(full, b, stop))
-            if not end_marks:
-                raise _refusal("no special end-of-turn token follows an answer")
-            spans.append((start, a, b, end_marks[-1].end(), stop))
+            found = find_text(full, turn["content"], len(prompt), stop)
+            end_marks = list(self.special_re.finditer(full, found[1], stop)) if found else []
+            if not full.startswith(prompt) or len(prompt) < start or not end_marks:
+                raise _NotPrefixStable("an answer is not its generation prompt, its text and a special token")
+            # Learned from the end of the generation prompt: what the template writes between it and the
+            # answer (Mistral's space) is the model's to write.
+            spans.append((start, len(prompt), found[1], end_marks[-1].end(), stop))
 
-        self._check_rendered("tool definitions", tools, full)
+        self.check_rendered("tool definitions", tools, full)
         first_heads = {}
         for j, i in enumerate(round_starts):
             text = texts[n + j]
             if not text.startswith(full[: ends[0]]):
-                raise _refusal("a conversation starting at a later round does not start with the system part")
-            found = _find_text(text, messages[i]["content"], ends[0], len(text))
+                raise _NotPrefixStable("a conversation starting at a later round lacks the system part")
+            found = find_text(text, messages[i]["content"], ends[0], len(text))
             first_heads[i] = (1 + j, ends[0], found[0] if found else len(text))
         return JinjaRendered([full, *texts[n:]], roles, spans, first_heads)
 
-    def _check_rendered(self, what: str, calls: list | None, text: str) -> None:
+    def check_rendered(self, what: str, calls: list | None, text: str) -> None:
         """Warn (once) when the template drops tool calls or definitions it was given: transformers
         renders them the same way, but the model then trains without them."""
         if not calls or what in self._warned:
@@ -274,7 +241,7 @@ class JinjaTemplate(Template):
             )
 
     # ---- tokenising -------------------------------------------------------------------------
-    def texts_of(self, rendered: JinjaRendered) -> list[str]:  # type: ignore[override]
+    def texts_of(self, rendered: Any) -> list[str]:  # type: ignore[override]
         return rendered.texts
 
     def tokenize_texts(self, texts: list[str], batch_size: int = 256) -> None:
@@ -289,44 +256,75 @@ class JinjaTemplate(Template):
                 offsets = [tuple(o) for o in offsets]
                 self._encodings[text] = (ids, offsets, [e for _, e in offsets])
 
-    def _encoded(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    def encoded(self, text: str) -> Encoding:
+        """``(ids, character offsets, offset ends)`` of a rendering (cached)."""
         if text not in self._encodings:
             self.tokenize_texts([text])
         return self._encodings[text]
+
+    def token_cut(self, encoding: Encoding, char: int) -> int:
+        """Number of tokens left of character position ``char``. A token that straddles it goes right
+        (a BPE merge across a piece boundary: an answer's first token is learned even when merged), unless
+        it is a special token that took the whitespace after it along (Phi-3's ``rstrip`` turn tokens)."""
+        ids, offsets, ends = encoding
+        i = bisect.bisect_right(ends, char)
+        while i > 0 and offsets[i - 1][0] >= char:  # empty tokens at ``char`` belong to the right
+            i -= 1
+        if i < len(ids) and offsets[i][0] < char and ids[i] in self.special_ids:
+            i += 1
+        return i
 
     def clear_cache(self) -> None:
         super().clear_cache()
         self._encodings.clear()
 
     def tokenize_rendered(self, rendered: JinjaRendered) -> TokConversation:  # type: ignore[override]
-        ids, offsets, ends = self._encoded(rendered.texts[0])
+        encoding = self.encoded(rendered.texts[0])
+        ids = encoding[0]
 
         def piece(a: int, b: int) -> list[int]:
-            return ids[_token_cut(offsets, ends, a) : _token_cut(offsets, ends, b)]
+            return ids[self.token_cut(encoding, a) : self.token_cut(encoding, b)]
 
         turns = []
         for k, (h, c, e, t, stop) in enumerate(rendered.spans):
             head = piece(h, c)
             if k in rendered.first_heads:
                 i, a, b = rendered.first_heads[k]
-                f_ids, f_offsets, f_ends = self._encoded(rendered.texts[i])
-                first = f_ids[_token_cut(f_offsets, f_ends, a) : _token_cut(f_offsets, f_ends, b)]
+                first_encoding = self.encoded(rendered.texts[i])
+                cut = self.token_cut
+                first = first_encoding[0][cut(first_encoding, a) : cut(first_encoding, b)]
             else:
                 first = head
             turns.append(TokTurn(rendered.roles[k], head, piece(c, e), piece(e, t), piece(t, stop), first))
         return TokConversation(piece(0, rendered.spans[0][0]), turns, keep_final_tail=True)
 
+    def samples(self, rendered: Any, loss_on: str, **cuts: Any) -> list[AssembleResult]:
+        if isinstance(rendered, JinjaRendered):
+            return super().samples(rendered, loss_on, **cuts)
+        return located.samples(self, rendered, **cuts)
+
     # ---- generation -------------------------------------------------------------------------
     def build_prompt(self, record: dict[str, Any], max_src_len: int | None = None) -> list[int]:
         """``apply_chat_template(history, add_generation_prompt=True)`` tokenised; the history is the
-        record without its final assistant turn, if it has one. Longer than ``max_src_len``: cut
-        as in training (oldest rounds first, then the start of the last user text)."""
+        record without its final assistant turn, if it has one. Longer than ``max_src_len``: rendered
+        again without the oldest rounds, then cut at the start of the last user text (as in training)."""
         record = normalize_record(record, for_generation=True)
         turns = record["conversations"]
-        history = {**record, "conversations": turns[:-1] if turns[-1]["role"] == "assistant" else turns}
-        system, messages, tools = to_messages(history)
-        (text,) = self._apply([system + messages], tools, True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_src_len is None or len(ids) <= max_src_len:
-            return ids
-        return super().build_prompt(record, max_src_len)
+        if turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+        system, messages, tools = to_messages({**record, "conversations": turns})
+        for first in [0] + [i for i in range(1, len(turns)) if turns[i]["role"] == "user"]:
+            (text,) = self.apply([system + messages[first:]], tools, True)
+            encoding = self.encoded(text)
+            if max_src_len is None or len(encoding[0]) <= max_src_len:
+                return list(encoding[0])
+        ids = encoding[0]
+        last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+        found = find_text(text, turns[last_user]["content"], 0, len(text))
+        a, b = (self.token_cut(encoding, c) for c in found) if found else (0, 0)
+        cut = len(ids) - max_src_len
+        if cut > b - a:
+            raise ValueError(
+                f"the prompt cannot be cut to max_src_len={max_src_len} tokens (system text too long)"
+            )
+        return ids[:a] + ids[a + cut :]
