@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from models import register_models
+from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
 from sft.checkpoint.layout import TRAIN_ARGS, read_train_args
 from sft.core.errors import ArgsError
 from sft.core.flags import REQUIRED, ArgumentParser, HelpFormatter, add_command, flag, flag_of, parse_command
@@ -108,6 +109,11 @@ class PreferenceModel(ModelLoadArgs):
         None,
         "Beta of the rewards beta * (policy - reference) (default: the adapter's training --pref_beta, else 0.1).",
     )
+    ref_adapter_dir: str | None = flag(
+        None,
+        "The reference: this adapter on --model_path (default: the adapter's training --init_adapter, as DPO "
+        "from an SFT adapter used it; else --model_path alone).",
+    )
 
 
 @dataclass
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "preference",
         PreferenceEvalArgs,
-        help="Reward accuracy and margin of an adapter on preference pairs (the base is the reference).",
+        help="Reward accuracy and margin of an adapter on preference pairs, against its reference.",
         formatter_class=fmt,
     )
     return parser
@@ -326,7 +332,19 @@ def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
         "device": loaded.device,
     }
     policy = pair_logps(loaded.model, dataset, adapter=True, **common)
-    reference = pair_logps(loaded.model, dataset, adapter=False, **common)
+    ref_dir = args.ref_adapter_dir or train_args.get("init_adapter") or None
+    if ref_dir:
+        flag = (
+            "--ref_adapter_dir"
+            if args.ref_adapter_dir
+            else f"--ref_adapter_dir (from {TRAIN_ARGS}: init_adapter)"
+        )
+        check_adapter_fits_base(args.model_path, read_adapter(ref_dir, flag), base_flag="--model_path")
+        loaded.model.load_adapter(ref_dir, adapter_name="reference")
+        loaded.model.set_adapter("reference")
+        reference = pair_logps(loaded.model, dataset, adapter=True, **common)
+    else:
+        reference = pair_logps(loaded.model, dataset, adapter=False, **common)
     rewards = beta * (policy - reference)
     margin = rewards[:, 0] - rewards[:, 1]
     logps = {
@@ -338,6 +356,7 @@ def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
     out = {
         "model_path": str(args.model_path),
         "adapter_dir": args.adapter_dir,
+        "reference": ref_dir or str(args.model_path),
         "data_path": args.data_path,
         "pairs": len(dataset),
         "pref_beta": beta,
@@ -345,7 +364,7 @@ def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
         "reward_margin": float(margin.mean()),
         "logps": logps,
     }
-    print(f"preference of {args.adapter_dir} (policy) over {args.model_path} (reference)")
+    print(f"preference of {args.adapter_dir} (policy) over {out['reference']} (reference)")
     print(f"on {args.data_path}: {len(dataset)} pairs, beta {beta:g}")
     print(f"{'reward accuracy':<18}{out['reward_accuracy']:>10.3f}")
     print(f"{'reward margin':<18}{out['reward_margin']:>10.4f}")

@@ -160,3 +160,16 @@ def test_dpo_from_an_adapter_starts_at_ln2_with_it_as_the_reference(tiny_llama_d
     assert "computed in one pass" in run.log
     first = scalars(tmp_path / "out")["train/loss"][0][1]
     assert first == pytest.approx(math.log(2), rel=1e-5)
+    # evaluate.py preference takes the run's --init_adapter as the reference, as training did.
+    import json
+
+    import evaluate
+
+    final, out_json = checkpoints(tmp_path / "out")[2], tmp_path / "pref.json"
+    argv = ["preference", "--model_path", str(tiny_llama_dir), "--adapter_dir", str(final)]
+    argv += ["--data_path", str(dpo_reference["data"] / "test.jsonl"), "--output_json", str(out_json)]
+    assert evaluate.main(argv) == 0
+    result, logged = json.loads(out_json.read_text()), state(final)["eval"]
+    assert result["reference"] == str(start)
+    assert result["reward_accuracy"] == logged["reward_accuracy"]
+    assert result["reward_margin"] == pytest.approx(logged["reward_margin"], rel=1e-4, abs=1e-6)
