@@ -45,7 +45,9 @@ Cost, per process: wall and CPU seconds of the whole process (imports, model loa
 reference pass (ours: train.py's attach_reference_logps; TRL: DPOTrainer._precompute_ref_logps, which runs in its
 constructor) and the training loop (ours: the step times train.py logs; TRL: train()'s runtime); peak RSS is the
 process's VmHWM. tokens/s = the pairs' tokens (prompt and reply of both sequences, padding excluded, as our
-encoding has them) / (reference pass + training loop) seconds: the same numerator for every configuration.
+encoding has them) / (reference pass + training loop) seconds: the same numerator for every configuration;
+tokens/CPU-s the same over their CPU seconds (ours: from the objective's creation to the end of the loop and its
+final save), which other processes on a shared machine distort least.
 
 Agreement: per step, the loss, the reward accuracy and the reward margin of every configuration against the first
 one (--rows), and the final adapters' largest weight difference.
