@@ -57,6 +57,7 @@ from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.data.formats import DataFormatError
 from sft.modeling.loading import load_tokenizer
 from sft.train.args import PREFERENCE_OBJECTIVES, TrainArgs, parse_args
+from sft.train.attention import shares_prompts
 from sft.train.ds_config import build_ds_config, zero_stage
 from sft.train.evaluation import evaluate
 from sft.train.lora_variants import optimizer_param_groups
@@ -157,6 +158,16 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
         "pin_memory": device.type == "cuda",  # page-locked batches: their copies to the GPU do not block
     }
     datasets = {"train": load(args.train_path, "--train_path")}
+    if args.test_path:
+        datasets["eval"] = load(args.test_path, "--test_path")
+    if args.packing and args.objective in PREFERENCE_OBJECTIVES:
+        # Each pair's prompt computed once, where the attention can take a shared prompt (CPU document SDPA).
+        share = shares_prompts(args.model_name_or_path, args.attn_implementation, device)
+        for dataset in datasets.values():
+            dataset.share_prompt = share
+        logger.info(
+            "packed pairs %s their prompt", "share" if share else "do not share (this attention cannot)"
+        )
     train_loader = build_dataloader(
         datasets["train"],
         batch_size=args.per_device_train_batch_size,
@@ -167,7 +178,6 @@ def setup_data(args: TrainArgs, tokenizer, device: torch.device) -> Data:
     )
     eval_loader = None
     if args.test_path:
-        datasets["eval"] = load(args.test_path, "--test_path")
         eval_loader = build_eval_dataloader(
             datasets["eval"], batch_size=args.per_device_eval_batch_size, **common
         )

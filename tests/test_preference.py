@@ -23,6 +23,7 @@ from sft.data.formats import IGNORE_INDEX, DataFormatError
 from sft.data.preference import load_preference_dataset, normalize_preference
 from sft.data.templates import get_template
 from sft.modeling.loading import load_base_model, load_tokenizer
+from sft.train.attention import shares_prompts, use_document_sdpa
 from sft.train.objectives.preference import (
     PreferenceObjective,
     dpo_loss,
@@ -72,12 +73,17 @@ def pairs_setup(tiny_llama_dir, tmp_path_factory):
     return {"root": root, "tokenizer": tokenizer, "dataset": dataset}
 
 
-def lora_model(model_dir, *, quantization: str = "none", init_b: bool = True, seed: int = 0):
-    """The tiny model with a LoRA adapter; ``init_b`` gives B random values (a trained-looking adapter)."""
+def lora_model(
+    model_dir, *, quantization: str = "none", init_b: bool = True, seed: int = 0, document_sdpa: bool = False
+):
+    """The tiny model with a LoRA adapter; ``init_b`` gives B random values (a trained-looking adapter);
+    ``document_sdpa``: attending as train.py's CPU path does (what reads shared prompts)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     base = load_base_model(model_dir, quantization, torch.float32)
+    if document_sdpa:
+        assert use_document_sdpa(base)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
     model = get_peft_model(base, config)
     if init_b:
@@ -225,6 +231,45 @@ def test_packed_pairs_equal_padded_pairs(tiny_llama_dir, pairs_setup, name):
     assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo"])
+def test_pairs_sharing_their_prompt_equal_padded_pairs(tiny_llama_dir, pairs_setup, name):
+    """Packed rows where each pair's rejected reply is a branch of its chosen sequence (the prompt computed once):
+    the same loss, metrics and LoRA gradients as padded pairs, for fewer tokens."""
+    dataset, pad = pairs_setup["dataset"], pairs_setup["tokenizer"].pad_token_id
+    assert shares_prompts(str(tiny_llama_dir), "auto", CPU)
+    model = lora_model(tiny_llama_dir, document_sdpa=True).train()
+    objective = PreferenceObjective(name, beta=0.5)
+    plain = one_batch(dataset, pad, packing=True)
+    dataset.share_prompt = True
+    try:
+        shared = one_batch(dataset, pad, packing=True)
+    finally:
+        dataset.share_prompt = False
+    assert "doc_prefix" in shared and "doc_prefix" not in plain
+    assert (shared["labels"] != IGNORE_INDEX).sum() == (plain["labels"] != IGNORE_INDEX).sum()
+    prompt = sum(int(n) for n in shared["doc_prefix"])
+    assert (shared["input_ids"] != pad).sum() < (plain["input_ids"] != pad).sum() - prompt // 2
+    padded = one_batch_in_order(dataset, pad, shared["pair_index"].tolist())
+    loss_a, grads_a = _loss_and_grads(model, objective, padded)
+    loss_b, grads_b = _loss_and_grads(model, objective, shared)
+    # Relative 1e-6: the padded batch attends by SDPA's causal kernel, the branches through an explicit mask.
+    assert loss_b[0].item() == pytest.approx(loss_a[0].item(), rel=1e-6)
+    assert torch.allclose(loss_a[1:], loss_b[1:], atol=1e-5)  # the rewards' sums
+    a, b = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_b])
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+
+
+def test_a_shared_prompt_batch_is_refused_by_another_attention(tiny_llama_dir, pairs_setup):
+    dataset, pad = pairs_setup["dataset"], pairs_setup["tokenizer"].pad_token_id
+    dataset.share_prompt = True
+    try:
+        shared = one_batch(dataset, pad, packing=True)
+    finally:
+        dataset.share_prompt = False
+    with pytest.raises(ValueError, match="shares prompts between documents"):
+        PreferenceObjective("dpo").loss_sums(lora_model(tiny_llama_dir), shared, CPU)
 
 
 def one_batch_in_order(dataset, pad: int, order: list[int]) -> dict:

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from sft.data.batching import PackedCollator, PaddedCollator, pack_first_fit_decreasing
 from sft.data.dataset import SKIP_FIXES, SKIP_REASONS, SFTDataset, _cache_key, _load_cache
-from sft.data.formats import DataFormatError, iter_json_records, normalize_record
+from sft.data.formats import IGNORE_INDEX, DataFormatError, iter_json_records, normalize_record
 from sft.data.templates import Template
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ class PreferenceDataset(Dataset):
         self.lengths = sequences.lengths[0::2] + sequences.lengths[1::2]
         self.stats = sequences.stats
         self.ref_logps: np.ndarray | None = None
+        # Packed rows compute each pair's prompt once (PackedPairRows); only for a model whose attention reads
+        # `doc_prefix` (sft.train.attention.shares_prompts).
+        self.share_prompt = False
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -189,7 +192,7 @@ class PreferenceDataset(Dataset):
     def loader_items(self, packing: bool, max_len: int, pad_token_id: int) -> tuple[Dataset, Any]:
         """The batch items and collator (:func:`sft.data.batching.build_dataloader` asks for them)."""
         if packing:
-            rows = PackedPairRows(self, max_len)
+            rows = PackedPairRows(self, max_len, share_prompt=self.share_prompt)
             logger.info(
                 "packed %d pairs into %d rows of %d tokens (fill %.1f%%)",
                 len(self),
@@ -312,32 +315,61 @@ class _Pairs(Dataset):
 
 
 class PackedPairRows(Dataset):
-    """Whole pairs packed into rows of ``2 * max_len`` tokens (first-fit decreasing): a pair's two
-    sequences sit side by side in one row, every sequence a document of its own (positions restart at 0)."""
+    """Whole pairs packed into rows of ``2 * max_len`` tokens (first-fit decreasing), a pair's two sequences side by
+    side in one row, every sequence a document of its own (positions restart at 0).
 
-    def __init__(self, dataset: PreferenceDataset, max_len: int) -> None:
+    With ``share_prompt`` a pair's prompt is computed once: the chosen sequence is its document as before, and
+    the rejected one is a *branch* of it: only its reply, preceded by the prompt's last token (which predicts the
+    reply's first), at the positions it has in its own sequence, attending to the chosen document's prompt and
+    to itself (``doc_prefix``, see :class:`PairCollator`). Every token then sees exactly what it sees in its own
+    sequence, so the log-probs are those of separate sequences, for ~half the prompt tokens.
+    """
+
+    def __init__(self, dataset: PreferenceDataset, max_len: int, *, share_prompt: bool = False) -> None:
         self.dataset = dataset
-        self.rows = pack_first_fit_decreasing(dataset.lengths, 2 * max_len)
-        self.lengths = np.array(
-            [sum(int(dataset.lengths[i]) for i in row) for row in self.rows], dtype=np.int64
-        )
+        self.share_prompt = share_prompt
+        self.shared = [
+            shared_prompt_length(dataset.arrays(i)) if share_prompt else 0 for i in range(len(dataset))
+        ]
+        lengths = [int(n) - max(k - 1, 0) for n, k in zip(dataset.lengths, self.shared, strict=True)]
+        self.rows = pack_first_fit_decreasing(lengths, 2 * max_len)
+        self.lengths = np.array([sum(lengths[i] for i in row) for row in self.rows], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, r: int) -> dict[str, Any]:
-        parts = [a for i in self.rows[r] for a in _pairs_of(self.dataset.arrays(i))]
+        ids, labels, positions, seq_ids, prefix = [], [], [], [], []
+        for k, i in enumerate(self.rows[r]):
+            c_ids, c_labels, r_ids, r_labels = self.dataset.arrays(i)
+            cut = max(self.shared[i] - 1, 0)  # the rejected branch starts at the prompt's last token
+            for s, (seq_ids_, seq_labels, start) in enumerate(((c_ids, c_labels, 0), (r_ids, r_labels, cut))):
+                n = len(seq_ids_) - start
+                ids.append(seq_ids_[start:])
+                labels.append(seq_labels[start:])
+                positions.append(np.arange(start, len(seq_ids_)))
+                seq_ids.append(np.full(n, 2 * k + s))
+                mark = np.zeros(n, dtype=np.int64)
+                mark[0] = (
+                    start  # a branch's first token: how many tokens of the previous document it attends to
+                )
+                prefix.append(mark)
         row = {
-            "input_ids": np.concatenate([p[0] for p in parts]),
-            "labels": np.concatenate([p[1] for p in parts]),
-            "position_ids": np.concatenate([np.arange(len(p[0])) for p in parts]),
-            "seq_ids": np.concatenate([np.full(len(p[0]), k) for k, p in enumerate(parts)]),
+            "input_ids": np.concatenate(ids),
+            "labels": np.concatenate(labels),
+            "position_ids": np.concatenate(positions),
+            "seq_ids": np.concatenate(seq_ids),
+            "prefix": np.concatenate(prefix),
         }
         return {"rows": [row], "pairs": list(self.rows[r])}
 
 
-def _pairs_of(arrays: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(arrays[0], arrays[1]), (arrays[2], arrays[3])]
+def shared_prompt_length(arrays: tuple[np.ndarray, ...]) -> int:
+    """How many leading tokens a pair's two sequences share, unlearned in both (its prompt)."""
+    c_ids, c_labels, r_ids, r_labels = arrays
+    n = min(len(c_ids), len(r_ids))
+    same = (c_ids[:n] == r_ids[:n]) & (c_labels[:n] == IGNORE_INDEX) & (r_labels[:n] == IGNORE_INDEX)
+    return int(np.argmin(same)) if not same.all() else n
 
 
 class PairCollator:
@@ -345,7 +377,9 @@ class PairCollator:
 
     Besides SFT's keys, a batch has ``seq_ids`` (B, T): the batch sequence each token belongs to (-1 for
     padding), where sequence ``2 k`` is the chosen and ``2 k + 1`` the rejected reply of the batch's pair
-    ``k``; ``pair_index`` (P,): the pairs' dataset indices; and, once computed, ``ref_logps`` (P, 2).
+    ``k``; ``pair_index`` (P,): the pairs' dataset indices; once computed, ``ref_logps`` (P, 2); and for rows
+    whose pairs share their prompt, ``doc_prefix`` (D,): for each document of ``cu_seq_lens``, how many tokens at
+    the start of the previous document it also attends to (0 for most).
     """
 
     def __init__(
@@ -367,6 +401,11 @@ class PairCollator:
             offset += int(local.max()) + 1 if len(local) else 0
         batch["seq_ids"] = seq_ids
         batch["pair_index"] = torch.tensor(pairs, dtype=torch.long)
+        if self.packed and any(row["prefix"].any() for row in rows):
+            marks = torch.zeros(batch["input_ids"].shape, dtype=torch.long)
+            for r, row in enumerate(rows):
+                marks[r, : len(row["prefix"])] = torch.as_tensor(row["prefix"])
+            batch["doc_prefix"] = marks.flatten()[batch["cu_seq_lens"][:-1].long()]
         if self.dataset.ref_logps is not None:
             batch["ref_logps"] = torch.as_tensor(self.dataset.ref_logps[pairs], dtype=torch.float64).reshape(
                 -1, 2

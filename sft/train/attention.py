@@ -47,7 +47,9 @@ def document_sdpa_attention(
     ``cu_seq_lens_q`` holds the starts of every document over the flattened ``B * T`` tokens, then ``B * T``
     (row starts are document starts, so no document crosses a row). With them, ``attention_mask`` is not read:
     the boundaries and causality say everything it says about a training batch (packed rows' documents, or
-    right-padded rows, whose padding no real token attends to under a causal mask).
+    right-padded rows, whose padding no real token attends to under a causal mask). ``doc_prefix`` (one count per
+    document) lets a document attend to the first tokens of the previous one as well: a preference pair's
+    rejected reply, sharing the prompt its chosen reply's document computed (:mod:`sft.data.preference`).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -59,23 +61,33 @@ def document_sdpa_attention(
         )
     window = kwargs.get("sliding_window")  # a query sees the `window` latest keys, itself included
     cuts = boundaries.tolist()  # a host copy; on the CPU, where this path pays off, it costs nothing
+    prefixes = kwargs.get("doc_prefix")
+    prefixes = prefixes.tolist() if prefixes is not None else [0] * (len(cuts) - 1)
     pieces = []
-    for start, end in itertools.pairwise(cuts):
+    for i, (start, end) in enumerate(itertools.pairwise(cuts)):
         if end == start:
             continue
         row, first, last = start // length, start % length, start % length + end - start
+        keys, values = key[row : row + 1, :, first:last], value[row : row + 1, :, first:last]
+        shared = prefixes[i]  # a branch (a rejected reply): it also sees the previous document's first tokens
+        if shared:
+            before = cuts[i - 1] % length
+            keys = torch.cat([key[row : row + 1, :, before : before + shared], keys], dim=2)
+            values = torch.cat([value[row : row + 1, :, before : before + shared], values], dim=2)
         band = None
-        if window is not None and end - start > window:
-            offset = torch.arange(end - start, device=query.device)
-            offset = offset[:, None] - offset[None, :]  # (L, L): query position - key position
-            band = (offset >= 0) & (offset < window)
+        if shared or (window is not None and end - start > window):
+            # (L, shared + L): query position - key position, over the shared prefix and the document itself
+            offset = torch.arange(shared, shared + end - start, device=query.device)[:, None] - torch.arange(
+                shared + end - start, device=query.device
+            )
+            band = (offset >= 0) & (offset < window) if window is not None else offset >= 0
         # (1, H, L, D) views of the document: 4-D, so SDPA picks its fused CPU kernel (a 3-D input goes to the
         # math path, which stores every (L, L) attention matrix for the backward pass).
         pieces.append(
             F.scaled_dot_product_attention(
                 query[row : row + 1, :, first:last],
-                key[row : row + 1, :, first:last],
-                value[row : row + 1, :, first:last],
+                keys,
+                values,
                 attn_mask=band,
                 dropout_p=dropout,
                 scale=scaling,
@@ -108,3 +120,21 @@ def use_document_sdpa(model: PreTrainedModel) -> bool:
     register_document_sdpa()
     model.set_attn_implementation(DOCUMENT_SDPA)
     return model.config._attn_implementation == DOCUMENT_SDPA
+
+
+def shares_prompts(model_dir: str, attn_implementation: str, device: torch.device) -> bool:
+    """Whether the training model will attend with :func:`document_sdpa_attention` (what reads ``doc_prefix``):
+    on the CPU, a model class transformers ships that supports SDPA, attending with ``sdpa`` or ``auto``. Decided
+    before the model is loaded, as :func:`use_document_sdpa` decides after; ``sft.train.inputs`` refuses a batch
+    with ``doc_prefix`` for any other attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device.type != "cpu" or attn_implementation not in ("auto", "sdpa"):
+        return False
+    config = AutoConfig.from_pretrained(model_dir)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return bool(
+        model_class is not None
+        and model_class.__module__.startswith("transformers.")
+        and getattr(model_class, "_supports_sdpa", False)
+    )

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from sft.data.formats import IGNORE_INDEX
+from sft.train.attention import DOCUMENT_SDPA
 
 
 def learned_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -124,6 +125,13 @@ def model_inputs(
         inputs["attention_mask"] = to_device(batch["attention_mask"], device)
     if own_layout and batch.get("position_ids") is not None:
         inputs["position_ids"] = to_device(batch["position_ids"], device)
+    if batch.get("doc_prefix") is not None:
+        if attention_implementation(model) != DOCUMENT_SDPA:
+            raise ValueError(
+                f"this batch shares prompts between documents (doc_prefix), which only {DOCUMENT_SDPA} attention "
+                f"reads, but the model attends with {attention_implementation(model)}: train without --packing"
+            )
+        inputs["doc_prefix"] = batch["doc_prefix"]  # a host tensor: the attention reads it on the host
     if own_layout and batch.get("cu_seq_lens") is not None:
         cu_seq_lens, max_length = to_device(batch["cu_seq_lens"], device), int(batch["max_length"])
         inputs.update(
