@@ -85,7 +85,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
     sys.path.insert(0, str(REPO_ROOT))
 
 from sft.checkpoint.layout import ADAPTER_WEIGHTS, BASE_MODEL  # noqa: E402
-from sft.core.flags import HelpFormatter  # noqa: E402
+from sft.core.flags import HelpFormatter, add_arguments, flag, parse_flags  # noqa: E402
 from sft.core.runner import setup_logging  # noqa: E402
 
 logger = logging.getLogger("bench_dpo")
@@ -124,94 +124,82 @@ class DescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatt
     """--help: the module docstring as written, and each flag's default."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags: the model, the data, the configurations, the run's sizes and its hyperparameters."""
-    p = argparse.ArgumentParser(
-        prog="benchmarks/bench_dpo.py",
-        description=__doc__,
-        formatter_class=DescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--model_dir",
-        type=Path,
-        default=None,
-        help="an existing SmolLM2-135M-Instruct directory (default: imported with `python -m models.smollm2` "
+@dataclass
+class BenchDpoArgs:
+    """The flags of bench_dpo.py: the model, the data, the configurations, the run's sizes and its
+    hyperparameters (the same in every configuration), and a worker's (hidden)."""
+
+    model_dir: Path | None = flag(
+        None,
+        "an existing SmolLM2-135M-Instruct directory (default: imported with `python -m models.smollm2` "
         "into --out, ~1 min)",
     )
-    p.add_argument(
-        "--dialogsum_dir",
-        type=Path,
-        default=DIALOGSUM_DIR,
-        help="folder with DialogSum's dialogsum.dev.jsonl (the pairs are built from it)",
+    dialogsum_dir: Path = flag(
+        DIALOGSUM_DIR, "folder with DialogSum's dialogsum.dev.jsonl (the pairs are built from it)"
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="new or empty folder for every artefact (pairs, adapters, runs); default: a new temporary folder, kept",
+    out: Path | None = flag(
+        None,
+        "new or empty folder for every artefact (pairs, adapters, runs); default: a new temporary folder, kept",
     )
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument(
-        "--rows",
-        nargs="+",
+    json: Path | None = flag(None, "also write the results to this JSON file")
+    rows: list[str] = flag(
+        list(DEFAULT_ROWS),
+        "configurations to run, in this order; the first is the one the others are compared with",
         choices=tuple(CONFIGS),
-        default=list(DEFAULT_ROWS),
-        help="configurations to run, in this order; the first is the one the others are compared with",
     )
-    p.add_argument(
-        "--trl_tokens",
-        choices=("ours", "own"),
-        default="ours",
-        help="TRL's token ids: ours (prompt and learned reply tokens of our encoding) or own (TRL tokenises the "
+    trl_tokens: str = flag(
+        "ours",
+        "TRL's token ids: ours (prompt and learned reply tokens of our encoding) or own (TRL tokenises the "
         "records itself and also learns the newline after <|im_end|>: the losses then differ slightly)",
+        choices=("ours", "own"),
     )
-    size = p.add_argument_group("sizes")
-    size.add_argument("--steps", type=int, default=12, help="optimizer steps (one pass over the pairs)")
-    size.add_argument(
-        "--pairs_per_step", type=int, default=4, help="pairs per optimizer step (k; one packed row of ours)"
-    )
-    hyper = p.add_argument_group("hyperparameters (the same in every configuration)")
-    hyper.add_argument("--beta", type=float, default=0.1, help="DPO's beta (train.py --pref_beta)")
-    hyper.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate of AdamW")
-    hyper.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    hyper.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 = off")
-    hyper.add_argument(
-        "--warmup_ratio", type=float, default=0.05, help="warm-up steps = ceil(ratio * steps), from lr 0"
-    )
-    hyper.add_argument(
-        "--lr_scheduler", choices=tuple(SCHEDULES), default="cosine", help="schedule after warm-up"
-    )
-    hyper.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
-    hyper.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (update scaled by alpha / r)")
-    hyper.add_argument("--seed", type=int, default=1234, help="the step order and the initial adapter")
+    steps: int = flag(12, "optimizer steps (one pass over the pairs)")
+    pairs_per_step: int = flag(4, "pairs per optimizer step (k; one packed row of ours)")
+    beta: float = flag(0.1, "DPO's beta (train.py --pref_beta)")
+    learning_rate: float = flag(2e-4, "peak learning rate of AdamW")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "gradient clipping; 0 = off")
+    warmup_ratio: float = flag(0.05, "warm-up steps = ceil(ratio * steps), from lr 0")
+    lr_scheduler: str = flag("cosine", "schedule after warm-up", choices=tuple(SCHEDULES))
+    lora_dim: int = flag(16, "LoRA rank r")
+    lora_alpha: int = flag(32, "LoRA alpha (update scaled by alpha / r)")
+    seed: int = flag(1234, "the step order and the initial adapter")
     # Internal: a worker subprocess runs one configuration from a spec file and writes a result file.
-    p.add_argument("--worker", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
-    return p
+    worker: str | None = flag(None, argparse.SUPPRESS, choices=("ours", "trl"))
+    spec: Path | None = flag(None, argparse.SUPPRESS)
+
+    def problems(self) -> list[str]:
+        """Every problem with the flags at once, before any work (a worker's flags come from its parent)."""
+        if self.worker is not None:
+            return [] if self.spec is not None else ["--worker needs --spec"]
+        problems = [
+            f"--{name} must be at least 1"
+            for name in ("steps", "pairs_per_step", "lora_dim", "lora_alpha")
+            if getattr(self, name) < 1
+        ]
+        if len(set(self.rows)) != len(self.rows):
+            problems.append("--rows: name each configuration once")
+        if self.beta <= 0 or self.learning_rate <= 0:
+            problems.append("--beta and --learning_rate must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append("--warmup_ratio must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--weight_decay and --max_grad_norm must not be negative")
+        if self.model_dir is not None and not (self.model_dir / "config.json").is_file():
+            problems.append(f"--model_dir {self.model_dir}: no config.json there; pass a model directory")
+        if not (self.dialogsum_dir / "dialogsum.dev.jsonl").is_file():
+            problems.append(f"--dialogsum_dir {self.dialogsum_dir}: no dialogsum.dev.jsonl there")
+        if self.out is not None and self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            problems.append(f"--out {self.out}: exists and is not an empty folder; pass a new one")
+        return problems
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Every problem with the flags at once, before any work."""
-    problems = []
-    for name in ("steps", "pairs_per_step", "lora_dim", "lora_alpha"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1")
-    if len(set(args.rows)) != len(args.rows):
-        problems.append("--rows: name each configuration once")
-    if args.beta <= 0 or args.learning_rate <= 0:
-        problems.append("--beta and --learning_rate must be positive")
-    if not 0 <= args.warmup_ratio < 1:
-        problems.append("--warmup_ratio must be in [0, 1)")
-    if args.weight_decay < 0 or args.max_grad_norm < 0:
-        problems.append("--weight_decay and --max_grad_norm must not be negative")
-    if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
-        problems.append(f"--model_dir {args.model_dir}: no config.json there; pass a model directory")
-    if not (args.dialogsum_dir / "dialogsum.dev.jsonl").is_file():
-        problems.append(f"--dialogsum_dir {args.dialogsum_dir}: no dialogsum.dev.jsonl there")
-    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        problems.append(f"--out {args.out}: exists and is not an empty folder; pass a new one")
-    if problems:
-        raise SystemExit("bench_dpo.py: " + "; ".join(problems))
+def parse_args(argv: list[str] | None) -> BenchDpoArgs:
+    """The command line as a checked :class:`BenchDpoArgs`."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/bench_dpo.py", description=__doc__, formatter_class=DescriptionHelpFormatter
+    )
+    return parse_flags(add_arguments(parser, BenchDpoArgs), BenchDpoArgs, argv)
 
 
 def require_trl() -> None:
@@ -504,7 +492,7 @@ def length_band(lengths: list[int], k: int, n: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def build_pairs(args: argparse.Namespace, model_dir: Path, out: Path) -> Pairs:
+def build_pairs(args: BenchDpoArgs, model_dir: Path, out: Path) -> Pairs:
     """Choose the pairs, and fix the steps (train.py's packed order) and each configuration's input files.
 
     Every file is encoded by our dataset code exactly as train.py encodes it (the same calls and flags), and
@@ -664,7 +652,7 @@ def compare_trl_tokenisation(pairs: list[dict], dataset, tokenizer) -> dict[str,
     }
 
 
-def initial_adapter(args: argparse.Namespace, plain_argv: list[str], adapter_dir: Path) -> int:
+def initial_adapter(args: BenchDpoArgs, plain_argv: list[str], adapter_dir: Path) -> int:
     """The LoRA adapter train.py would create with ``plain_argv`` (seed, load the base, create it), saved; the
     number of its parameters. B = 0, so the model it makes is the base."""
     import torch
@@ -688,7 +676,7 @@ def initial_adapter(args: argparse.Namespace, plain_argv: list[str], adapter_dir
 
 
 def our_train_argv(
-    args: argparse.Namespace, model_dir: Path, data: Path, out_dir: Path, max_len: int, config: dict
+    args: BenchDpoArgs, model_dir: Path, data: Path, out_dir: Path, max_len: int, config: dict
 ) -> list[str]:
     """train.py's flags for one of our configurations, every hyperparameter of the comparison spelled out."""
     argv = [
@@ -730,7 +718,7 @@ def adam_settings() -> tuple[list[float], float]:
     return list(params["betas"]), float(params["eps"])
 
 
-def warmup_steps(args: argparse.Namespace) -> int:
+def warmup_steps(args: BenchDpoArgs) -> int:
     """Warm-up optimizer steps, as train.py computes them."""
     return math.ceil(args.warmup_ratio * args.steps)
 
@@ -777,7 +765,7 @@ class Run:
 
 
 def run_ours(
-    args: argparse.Namespace,
+    args: BenchDpoArgs,
     name: str,
     stages: Stages,
     model_dir: Path,
@@ -825,7 +813,7 @@ def run_ours(
 
 
 def run_trl(
-    args: argparse.Namespace,
+    args: BenchDpoArgs,
     name: str,
     stages: Stages,
     model_dir: Path,
@@ -993,13 +981,12 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the whole comparison (or, with --worker, one configuration)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging()
     require_trl()
     if args.worker is not None:
         spec = json.loads(args.spec.read_text(encoding="utf-8"))
         return {"ours": run_ours_worker, "trl": run_trl_worker}[args.worker](spec)
-    validate_args(args)
     out = (args.out or Path(tempfile.mkdtemp(prefix="bench_dpo-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logger.info("outputs in %s", out)

@@ -90,9 +90,12 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         return _DEVICE
 
     if not launched_by_launcher():
-        # Single process without a launcher: describe a one-rank world so DeepSpeed does not try MPI.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Single process without a launcher: describe a one-rank world so DeepSpeed does not try MPI. Its
+        # rendezvous is private, so the port is always a fresh one: a MASTER_PORT inherited from a parent that
+        # itself runs a one-rank world (a test suite, a notebook that called evaluate) is still bound by that
+        # parent, and reusing it fails with EADDRINUSE.
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ["LOCAL_RANK"] = "0"
