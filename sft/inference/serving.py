@@ -236,6 +236,8 @@ class LiveBatcher:
 
     def _choose(self, reply: _Reply, logits: torch.Tensor) -> int:
         """The next id of ``reply`` from its float32 logits ``(1, V)``: processors, then argmax or a draw."""
+        if not reply.processors and not reply.config.do_sample:
+            return int(logits.argmax(-1).item())
         history = torch.tensor([reply.prompt + reply.generated], dtype=torch.long, device=self.device)
         scores = reply.processors(history, logits)
         if reply.config.do_sample:
