@@ -43,7 +43,8 @@ from sft.data.converters import (
     convert_rolebench,
 )
 from sft.data.formats import DataFormatError, read_conversations, write_jsonl_atomic, write_jsonl_dir_atomic
-from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.engines import engine_problems, load_engine
+from sft.inference.loading import ModelLoadArgs
 from sft.inference.self_play import self_play_pairs
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 from sft.inference.synthesize import SynthesisFilters, read_texts, synthesize
@@ -113,7 +114,9 @@ class TextsArgs:
         "count JSONL records without a string text field as skipped instead of stopping with an error",
         action="store_true",
     )
-    batch_size: int = flag(8, "texts generated for together (left-padded)")
+    batch_size: int | None = flag(
+        None, "texts generated for together; default: as predict.py's --batch_size (docs/INFERENCE.md)"
+    )
 
 
 @dataclass
@@ -159,8 +162,12 @@ class SynthesizeArgs(GenerationArgs, FilterArgs, TextsArgs, ModelLoadArgs):
 
     def problems(self) -> list[str]:
         """Out-of-range batch size and filter limits."""
-        problems = [] if self.batch_size >= 1 else [f"--batch_size={self.batch_size} must be >= 1"]
-        return problems + self.filters({}).problems()
+        problems = (
+            []
+            if self.batch_size is None or self.batch_size >= 1
+            else [f"--batch_size={self.batch_size} must be >= 1"]
+        )
+        return problems + self.filters({}).problems() + engine_problems(self, batch_size=self.batch_size)
 
 
 @dataclass
@@ -173,7 +180,9 @@ class PairsArgs:
         REQUIRED, "output preference JSONL file (chosen = the data set's reply, rejected = the model's)"
     )
     skip_invalid: bool = flag_of(ConvertArgs, "skip_invalid")
-    batch_size: int = flag(8, "prompts generated for together (left-padded)")
+    batch_size: int | None = flag(
+        None, "prompts generated for together; default: as predict.py's --batch_size (docs/INFERENCE.md)"
+    )
     max_src_len: int | None = flag_of(
         DataArgs, "max_src_len", defaults_from="the adapter's training --max_src_len, else no cut"
     )
@@ -190,10 +199,14 @@ class PreferenceArgs(GenerationArgs, PairsArgs, ModelLoadArgs):
     seed: int = flag(1234, "random seed (makes sampling repeatable)")
 
     def problems(self) -> list[str]:
-        problems = [] if self.batch_size >= 1 else [f"--batch_size={self.batch_size} must be >= 1"]
+        problems = (
+            []
+            if self.batch_size is None or self.batch_size >= 1
+            else [f"--batch_size={self.batch_size} must be >= 1"]
+        )
         if not 0 < self.max_similarity <= 1:
             problems.append(f"--max_similarity={self.max_similarity} must be in (0, 1]")
-        return problems
+        return problems + engine_problems(self, batch_size=self.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,23 +266,18 @@ def run_synthesize(args: SynthesizeArgs) -> None:
     stats = ConvertStats(unit="texts")
     texts = read_texts(args.input, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
 
-    loaded = load_from_flags(args)
-    if loaded.adapter is None and args.template is None:
+    engine = load_engine(args, seed=args.seed)
+    if engine.adapter is None and args.template is None:
         logger.warning(
             "no --adapter_dir: prompting with the template %s chosen from the model; pass --template as the "
             "reverse model was trained if that differs",
-            loaded.template_name,
+            engine.template_name,
         )
-    filters = args.filters(loaded.adapter.train_args if loaded.adapter else {})
+    filters = args.filters(engine.adapter.train_args if engine.adapter else {})
     set_seed(args.seed)
-    config = build_generation_config(
-        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
-    )
-    logger.info("template %s; %s; generation: %s", loaded.template_name, filters, describe(config))
-    records = synthesize(
-        texts, loaded.model, loaded.tokenizer, loaded.template, config, filters,
-        batch_size=args.batch_size, stats=stats,
-    )  # fmt: skip
+    config = build_generation_config(engine, engine.tokenizer, settings, stop_ids=[engine.template.end_id])
+    logger.info("template %s; %s; generation: %s", engine.template_name, filters, describe(config))
+    records = synthesize(texts, engine, config, filters, batch_size=args.batch_size, stats=stats)
     _report("synthesize", stats)
     if not records:
         raise DataFormatError(f"nothing to write to {args.output}: every text was skipped")
@@ -285,17 +293,15 @@ def run_preference(args: PreferenceArgs) -> None:
     stats = ConvertStats(unit="records")
     records = read_conversations(args.input, skip_invalid=args.skip_invalid, skipped=stats.skipped)
     stats.read = len(records) + sum(stats.skipped.values())
-    loaded = load_from_flags(args)
-    train_args = loaded.adapter.train_args if loaded.adapter else {}
+    engine = load_engine(args, seed=args.seed)
+    train_args = engine.adapter.train_args if engine.adapter else {}
     max_src_len = args.max_src_len if args.max_src_len is not None else train_args.get("max_src_len")
     set_seed(args.seed)
-    config = build_generation_config(
-        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
-    )
-    logger.info("template %s; generation: %s", loaded.template_name, describe(config))
+    config = build_generation_config(engine, engine.tokenizer, settings, stop_ids=[engine.template.end_id])
+    logger.info("engine %s; template %s; generation: %s", engine.name, engine.template_name, describe(config))
     with tqdm(total=len(records), desc="preference", unit="prompt") as bar:
         pairs = self_play_pairs(
-            records, loaded.model, loaded.tokenizer, loaded.template, config,
+            records, engine, config,
             max_src_len=max_src_len, max_similarity=args.max_similarity, batch_size=args.batch_size,
             stats=stats, progress=bar.update,
         )  # fmt: skip

@@ -23,9 +23,9 @@ from models import register_models
 from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, flag_of, parse_flags
 from sft.core.paths import check_output_path, require_local_dir
 from sft.core.runner import run_entry_point, set_seed, setup_logging
-from sft.inference.chat import context_window, fit_history
-from sft.inference.generate import generate_batch, stream_reply
-from sft.inference.loading import ModelLoadArgs, load_from_flags
+from sft.inference.chat import fit_history
+from sft.inference.engines import Engine, engine_problems, load_engine
+from sft.inference.loading import ModelLoadArgs
 from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
 from sft.train.args import DataArgs
 
@@ -41,7 +41,11 @@ class BatchArgs:
     flag_group = "batch prediction"
     data_path: str | None = flag(None, "JSONL conversations to answer (docs/DATA.md).", aliases=("--input",))
     output_path: str | None = flag(None, "Where to write the predictions JSONL.", aliases=("--output",))
-    batch_size: int = flag(8, "Prompts generated together (left-padded).")
+    batch_size: int | None = flag(
+        None,
+        "Prompts generated together; default: 32 for greedy decoding on a CPU (our loop: less CPU per token), "
+        "else 8; 1 with --engine llama_cpp (docs/INFERENCE.md).",
+    )
     max_samples: int | None = flag(None, "Answer only the first N records.", aliases=("--limit",))
     max_src_len: int | None = flag_of(DataArgs, "max_src_len", defaults_from="no cut")
 
@@ -78,8 +82,9 @@ class PredictArgs(GenerationArgs, ChatArgs, BatchArgs, ModelLoadArgs):
                 )
             if self.system is not None:
                 problems.append("--system only applies to --chat (batch records carry their own 'system')")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"--batch_size={self.batch_size} must be >= 1")
+        problems += engine_problems(self, streams=self.chat, batch_size=self.batch_size)
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"--max_samples={self.max_samples} must be >= 1")
         if self.max_src_len is not None and self.max_src_len < 1:
@@ -109,26 +114,24 @@ def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def load(args: PredictArgs) -> tuple[Any, Any, Any, Any]:
-    """Model, tokenizer, chat template and generation config from the flags."""
-    loaded = load_from_flags(args)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    config = build_generation_config(model, tokenizer, args, stop_ids=[loaded.template.end_id])
-    logger.info("template %s; generation: %s", loaded.template_name, describe(config))
-    return model, tokenizer, loaded.template, config
+def load(args: PredictArgs) -> tuple[Engine, Any]:
+    """The engine (model, tokenizer, chat template) and the generation config from the flags."""
+    engine = load_engine(args, seed=args.seed)
+    config = build_generation_config(engine, engine.tokenizer, args, stop_ids=[engine.template.end_id])
+    logger.info("engine %s; template %s; generation: %s", engine.name, engine.template_name, describe(config))
+    return engine, config
 
 
 def predict_file(
     args: PredictArgs,
     records: list[tuple[int, dict[str, Any]]],
-    model: Any,
-    tokenizer: Any,
-    template: Any,
+    engine: Engine,
     config: Any,
 ) -> int:
     """Answer ``records`` (from --data_path) and write prompt, prediction and references to --output_path."""
     from sft.data.formats import DataFormatError, split_prompt, write_jsonl_atomic
 
+    tokenizer, template = engine.tokenizer, engine.template
     if args.max_samples is not None:
         records = records[: args.max_samples]
     prompts, references = [], []
@@ -145,10 +148,10 @@ def predict_file(
                 line=line,
             ) from err
         references.append(refs)
+    batch_size = args.batch_size or engine.batch_size_for(config)
+    logger.info("%d prompts, batch size %d", len(prompts), batch_size)
     with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        predictions = generate_batch(
-            model, tokenizer, prompts, config, batch_size=args.batch_size, progress=bar.update
-        )
+        predictions = engine.generate(prompts, config, batch_size=batch_size, progress=bar.update)
     rows = (
         {
             "prompt": tokenizer.decode(prompt),
@@ -165,14 +168,14 @@ def predict_file(
     return count
 
 
-def chat_loop(args: PredictArgs, model: Any, tokenizer: Any, template: Any, config: Any) -> None:
+def chat_loop(args: PredictArgs, engine: Engine, config: Any) -> None:
     """Multi-turn terminal chat: history kept across turns, replies streamed to stdout as generated."""
-    room = context_window(model) - config.max_new_tokens
+    room = engine.context_window - config.max_new_tokens
     history: list[dict[str, str]] = []
 
-    def build(turns: list[dict[str, str]]) -> list[int]:
+    def build(turns: list[dict[str, str]], max_src_len: int | None) -> list[int]:
         record = {"conversations": turns, **({"system": args.system} if args.system else {})}
-        return template.build_prompt(record)
+        return engine.template.build_prompt(record, max_src_len=max_src_len)
 
     print(CHAT_HELP, flush=True)
     while True:
@@ -191,12 +194,14 @@ def chat_loop(args: PredictArgs, model: Any, tokenizer: Any, template: Any, conf
             continue
         if not message:
             continue
-        prompt, kept = fit_history(build, [*history, {"role": "user", "content": message}], room)
+        prompt, kept, cut = fit_history(build, [*history, {"role": "user", "content": message}], room)
         if len(kept) < len(history) + 1:
             logger.info("dropped the %d oldest turns to fit the context window", len(history) + 1 - len(kept))
+        if cut:
+            logger.info("cut the first %d tokens of the message to fit the context window", cut)
         print("Assistant: ", end="", flush=True)
         reply = ""
-        for piece in stream_reply(model, tokenizer, prompt, config):
+        for piece in engine.stream(prompt, config):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)
@@ -219,11 +224,11 @@ def run(argv: list[str]) -> None:
     args.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))
     records = None if args.chat else read_records(args.data_path)
     set_seed(args.seed)
-    model, tokenizer, template, config = load(args)
+    engine, config = load(args)
     if records is None:
-        chat_loop(args, model, tokenizer, template, config)
+        chat_loop(args, engine, config)
     else:
-        predict_file(args, records, model, tokenizer, template, config)
+        predict_file(args, records, engine, config)
 
 
 def main(argv: list[str] | None = None) -> int:

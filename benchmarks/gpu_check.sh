@@ -7,7 +7,9 @@
 #   2. runs the tests marked `gpu` (tests/test_gpu.py): QLoRA bf16 NF4 training under DeepSpeed with the loss
 #      falling, resume, merge and greedy equality; a right-padded batch on SDPA's FlashAttention backend;
 #      FlashAttention-2 = SDPA and Liger = plain where importable; torch.compile (inductor) = eager; DPO on
-#      packed pairs (bf16, NF4 base) starting at ln 2 with the loss falling;
+#      packed pairs (bf16, NF4 base) starting at ln 2 with the loss falling; our greedy decoding loop = generate()
+#      on CUDA; --engine vllm = --engine torch where the image has vLLM (its wheel is too big to carry: without
+#      it the test is listed as skipped);
 #   3. runs benchmarks/bench_gpu.py: workloads R, D, L on a random Baichuan2-7B-shaped model against the
 #      recipe (docs/PERFORMANCE.md, "GPU check");
 #   4. prints what it skipped. Results under $OUT: gpu_check.log, gpu_tests.log, bench_gpu.md, bench_gpu.json.
@@ -53,6 +55,7 @@ main() {
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     echo "== installed in $(elapsed) s"
   fi
+  "$PYTHON" -c "import vllm; print('== vllm', vllm.__version__)" 2>/dev/null || echo "== vllm: not installed"
 
   # 2. the gpu tests ----------------------------------------------------------------------------------------------
   tests_budget=$((TOTAL_S * 2 / 5))

@@ -5,7 +5,9 @@
 - a right-padded batch without its mask runs on SDPA's FlashAttention backend and gives the masked loss;
 - FlashAttention-2 equals SDPA (where flash-attn is importable);
 - Liger Kernel equals the plain path (where liger-kernel and Triton are importable);
-- torch.compile (inductor) of the decoder layers gives the eager loss.
+- torch.compile (inductor) of the decoder layers gives the eager loss;
+- our greedy decoding loop gives model.generate's tokens on the GPU; --engine vllm gives the torch engine's greedy
+  answers (where vLLM is installed: the device image may lack it, and its wheel is too big to carry).
 
 Tolerances are bf16's where the computation is bf16 (relative 1e-2 on losses, per the method in
 docs/PERFORMANCE.md), fp32's where it is fp32.
@@ -263,3 +265,45 @@ def test_dpo_bf16_nf4_packed_pairs_start_at_ln2_and_learn(tiny_llama_dir: Path, 
     assert losses[0] == pytest.approx(math.log(2), rel=1e-3)  # bf16 rounding of identical log-probs
     assert losses[-1] < losses[0] - 0.05, losses
     assert "eval/reward_accuracy" in series and "train/gpu_mem_gb" in series
+
+
+def test_greedy_loop_gives_generates_tokens_on_cuda(tiny_llama_dir: Path) -> None:
+    """Our greedy loop on the GPU (batched prefill there) against model.generate, fp32: the same tokens."""
+    from sft.inference.generate import generate_ids, hf_generate_ids
+    from sft.inference.loading import load_for_inference
+    from tests.test_generate import greedy_config, random_prompts
+
+    model, tokenizer = load_for_inference(tiny_llama_dir, dtype=torch.float32, device=CUDA)
+    config = greedy_config(model, tokenizer, max_new_tokens=16, repetition_penalty=1.1)
+    prompts = random_prompts(model, (5, 17, 9, 12))
+    assert generate_ids(model, prompts, config, batch_size=4) == hf_generate_ids(
+        model, prompts, config, batch_size=4
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (pip install vllm)"
+)
+def test_vllm_engine_gives_the_torch_engines_greedy_answers(tmp_path: Path) -> None:
+    """--engine vllm (its own kernels) against --engine torch on a random Llama in fp32 (head size 64, which vLLM's
+    attention supports): the same greedy answers, since fp32 differences stay far below its logit gaps."""
+    from types import SimpleNamespace
+
+    from models.tiny import build_tiny_llama
+    from sft.inference.engines import load_engine
+    from sft.inference.settings import GenerationArgs, build_generation_config
+
+    model_dir = build_tiny_llama(tmp_path / "llama", hidden_size=256, num_heads=4)
+    flags = {"model_path": str(model_dir), "adapter_dir": None, "quantization": None, "template": None}
+    answers = {}
+    for name, device in (("torch", "cuda"), ("vllm", "auto")):
+        engine = load_engine(SimpleNamespace(**flags, device=device, dtype="fp32", engine=name, gguf=None))
+        config = build_generation_config(
+            engine, engine.tokenizer, GenerationArgs(do_sample=False, max_new_tokens=16)
+        )
+        prompts = [
+            engine.template.build_prompt({"conversations": [{"role": "user", "content": text}]})
+            for text in ("hello there", "tell me a story about the moon", "你好", "1 2 3 4")
+        ]
+        answers[name] = engine.generate(prompts, config)
+    assert answers["vllm"] == answers["torch"], answers

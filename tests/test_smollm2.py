@@ -219,14 +219,36 @@ def test_greedy_answers_factual_questions(chat_model):
     assert "Berlin" in answers[1], answers
 
 
+def test_greedy_loop_gives_generates_tokens_on_a_real_model(chat_model):
+    """Our greedy loop (per-row prefill, preallocated cache, finished rows leaving) against model.generate on
+    SmolLM2, three prompts of different lengths in one batch: identical tokens, an early stop included."""
+    from sft.inference.generate import generate_ids, hf_generate_ids
+    from sft.inference.settings import GenerationArgs, build_generation_config
+
+    model, tokenizer, template = chat_model
+    questions = [
+        "What is the capital of France?",
+        "#Person1#: Hi, is the bus late?\n#Person2#: Yes, ten minutes, the driver said.\nSummarise the dialogue.",
+        "Name three colours.",
+    ]
+    prompts = [template.build_prompt({"conversations": [{"role": "user", "content": q}]}) for q in questions]
+    config = build_generation_config(
+        model, tokenizer, GenerationArgs(max_new_tokens=16, do_sample=False), stop_ids=[template.end_id]
+    )
+    ours = generate_ids(model, prompts, config, batch_size=3)
+    assert ours == hf_generate_ids(model, prompts, config, batch_size=3)
+    assert any(len(a) < 16 for a in ours) and any(len(a) == 16 for a in ours), ours  # a row left early
+
+
 def test_web_demo_streams_the_batch_answer(chat_model):
     """web_demo's RolePlayChat: the role's system prompt, a streamed greedy reply equal to generate_batch's."""
+    from sft.inference.engines import TorchEngine
     from sft.inference.generate import generate_batch
     from web_demo import RolePlayChat
 
     model, tokenizer, template = chat_model
     profiles = {"Teacher": "A geography teacher who answers in one short sentence."}
-    chat = RolePlayChat(model, tokenizer, template, profiles, "You are {role}. {desc}")
+    chat = RolePlayChat(TorchEngine(model, tokenizer, template), profiles, "You are {role}. {desc}")
     updates = list(chat.reply("What is the capital of Italy?", [], "Teacher", 16, 1.0, 0.0))
     assert len(updates) > 2  # the message at once, then the reply piece by piece
     history = updates[-1][1]
@@ -242,11 +264,12 @@ def test_web_demo_plain_assistant_keeps_the_models_default_system_prompt(chat_mo
     adds its default one; --system replaces it; the page has no role input (/chat takes the message, the history
     and the three sliders); the streamed reply equals generate_batch's."""
     pytest.importorskip("gradio")
+    from sft.inference.engines import TorchEngine
     from sft.inference.generate import generate_batch
     from web_demo import RolePlayChat, build_demo
 
     model, tokenizer, template = chat_model
-    chat = RolePlayChat(model, tokenizer, template, None)
+    chat = RolePlayChat(TorchEngine(model, tokenizer, template), None)
     question = "What is the capital of France?"
     prompt = chat.prompt(question, [], None, 16)
     assert tokenizer.decode(prompt).startswith(
@@ -258,7 +281,7 @@ def test_web_demo_plain_assistant_keeps_the_models_default_system_prompt(chat_mo
     expected = generate_batch(model, tokenizer, [prompt], chat.settings(16, 1.0, 0.0))[0]
     assert history[1]["content"].strip() == expected and "Paris" in expected, (history, expected)
 
-    own = RolePlayChat(model, tokenizer, template, None, system="You answer in one word.")
+    own = RolePlayChat(TorchEngine(model, tokenizer, template), None, system="You answer in one word.")
     assert tokenizer.decode(own.prompt(question, [], None, 16)).startswith(
         "<|im_start|>system\nYou answer in one word.<|im_end|>\n<|im_start|>user\nWhat is the capital"
     )

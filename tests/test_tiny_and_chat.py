@@ -204,12 +204,16 @@ def test_build_chat_input_drops_old_rounds(baichuan) -> None:
 def test_build_chat_input_keeps_newest_round(baichuan) -> None:
     model, tokenizer = baichuan
     system = tokenizer.encode(SYSTEM)
-    round3 = _round(tokenizer, MESSAGES[5]["content"])
-    # A budget smaller than the newest round alone: it is kept anyway, and the prompt keeps its last tokens.
-    budget = len(round3) - 2
-    ids = build_chat_input(model, tokenizer, MESSAGES, max_new_tokens=model.config.model_max_length - budget)
-    assert ids == (system + round3 + [ASSISTANT])[-budget:]
-    assert ids[-1] == ASSISTANT
+    message = tokenizer.encode(MESSAGES[5]["content"])
+    context = model.config.model_max_length
+    # A budget smaller than the newest round alone: it is kept anyway, cut inside its content (its first tokens);
+    # the system prompt and the turn tokens survive.
+    budget = len(system) + 1 + len(message) + 1 - 3
+    ids = build_chat_input(model, tokenizer, MESSAGES, max_new_tokens=context - budget)
+    assert ids == [*system, USER, *message[3:], ASSISTANT]
+    # Not even the system prompt and the turn tokens fit: refused with the reason, not cut from the left.
+    with pytest.raises(ValueError, match="system prompt and the template's headers"):
+        build_chat_input(model, tokenizer, MESSAGES, max_new_tokens=context - len(system))
 
 
 def test_build_chat_input_last_message_from_assistant(baichuan) -> None:

@@ -3,7 +3,8 @@
 Users of the official Baichuan2-Chat files know these two functions; they are kept as a thin layer over
 the one implementation of each job: the ``baichuan2`` chat template (``sft.data.templates``, the same
 prompts training used), history fitting (``sft.inference.chat.fit_history``: oldest rounds dropped first,
-the newest always kept, cut from the left when alone too long) and streamed generation
+the newest always kept, its message cut from the start inside the template when alone too long, the
+system prompt and turn tokens kept) and streamed generation
 (``sft.inference.generate.stream_reply``). Turn tokens come from the generation config
 (``user_token_id`` / ``assistant_token_id``, 195 / 196 in the official files).
 """
@@ -78,10 +79,11 @@ def _prompt(
     # A conversation ending with the assistant's words asks to continue them: its prompt, then those words.
     continued = tokenizer.encode(turns[-1]["content"]) if turns and turns[-1]["role"] == "assistant" else []
 
-    def build(kept: list[Message]) -> list[int]:
-        return template.build_prompt({"system": system, "conversations": kept}) + continued
+    def build(kept: list[Message], max_src_len: int | None) -> list[int]:
+        room = None if max_src_len is None else max_src_len - len(continued)
+        return template.build_prompt({"system": system, "conversations": kept}, max_src_len=room) + continued
 
-    return fit_history(build, turns, budget)[0]
+    return fit_history(build, turns, budget).ids
 
 
 def build_chat_input(

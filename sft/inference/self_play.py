@@ -3,7 +3,7 @@ own generation for the same prompt is rejected.
 
 For a conversation file (e.g. RoleBench or DialogSum converted by data_helper.py) and a model (the SFT
 adapter on its base), every record ending with an assistant turn gives a prompt (everything before that
-turn) and a chosen reply (that turn). The model answers each prompt (batched, :func:`generate_batch`); its
+turn) and a chosen reply (that turn). The model answers each prompt (batched, by the engine); its
 answer is the rejected reply. A pair whose generation equals or nearly equals the reference (ROUGE-L F1 at
 least ``max_similarity``) teaches nothing and is dropped, and so is an empty generation; both are counted.
 The pairs are preference records in this project's form (docs/DATA.md): ``system``/``tools`` as in the
@@ -19,25 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 from sft.data.converters import ConvertStats
 from sft.data.formats import split_prompt
-from sft.inference.generate import generate_batch
 from sft.inference.rouge import detect_mode, make_scorer
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig
 
-    from sft.data.templates import Template
+    from sft.inference.engines import Engine
 
 
 def self_play_pairs(
     records: list[dict[str, Any]],
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: Template,
+    engine: Engine,
     config: GenerationConfig,
     *,
     max_src_len: int | None = None,
     max_similarity: float = 0.9,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     stats: ConvertStats | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -45,10 +42,11 @@ def self_play_pairs(
 
     Args:
         records: conversation records (:func:`sft.data.formats.read_conversations`).
-        model, tokenizer, template: the model as :func:`sft.inference.loading.load_from_flags` loads it.
+        engine: the model as :func:`sft.inference.engines.load_engine` loads it.
         config: generation settings; seed the RNGs first for repeatable sampling.
         max_src_len: prompts cut as in training (None = whole).
         max_similarity: drop a pair whose generation reaches this ROUGE-L F1 against the chosen reply.
+        batch_size: prompts generated for together (None: the engine's default).
         stats: receives the counts (``read`` is the caller's; ``written`` is set here).
         progress: called with the number of prompts finished after each batch.
     """
@@ -61,8 +59,8 @@ def self_play_pairs(
         prompt, _ = split_prompt(record)
         prompts.append(prompt)
         chosen.append(record["conversations"][-1]["content"])
-    ids = [template.build_prompt(p, max_src_len=max_src_len) for p in prompts]
-    generated = generate_batch(model, tokenizer, ids, config, batch_size=batch_size, progress=progress)
+    ids = [engine.template.build_prompt(p, max_src_len=max_src_len) for p in prompts]
+    generated = engine.generate(ids, config, batch_size=batch_size, progress=progress)
     scorer = make_scorer(detect_mode(chosen))
     pairs = []
     for prompt, reply, generation in zip(prompts, chosen, generated, strict=True):

@@ -1,14 +1,14 @@
 """Generation settings: the flags, their checks, and the model's generation_config with them applied.
 
-:class:`GenerationArgs` holds the seven settings that decide what is generated; every field left None
-keeps the model's ``generation_config.json`` value. predict.py and ``data_helper.py synthesize`` take
-them as flags, the web demo from its sliders.
+:class:`GenerationArgs` holds the seven settings that decide what is generated (every field left None
+keeps the model's ``generation_config.json`` value) and the engine that computes it (``--engine``, ``--gguf``:
+:mod:`sft.inference.engines`). predict.py and ``data_helper.py synthesize``/``preference`` take them as flags,
+the web demo its engine flags and the settings from its sliders.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 from collections.abc import Iterable
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sft.core.errors import ArgsError
 from sft.core.flags import flag
+from sft.inference import ENGINES
 from sft.modeling.files import ModelFileError, weight_files_problem
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512  # used only when the model's generation_config sets no length at all
+# The GenerationArgs fields that are generation_config settings (the others choose the engine).
+SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
 
 
 @dataclass
@@ -39,12 +42,22 @@ class GenerationArgs:
     top_k: int | None = flag(None, "Sample among the k most likely tokens (0 = all).")
     repetition_penalty: float | None = flag(None, "Penalty for repeating tokens (1 = off).")
     num_beams: int | None = flag(None, "Beam search width (1 = no beam search).")
+    engine: str = flag(
+        "torch",
+        "What computes the replies: torch (this model; greedy tokens are transformers' generate()'s), llama_cpp "
+        "(llama-cpp-python over --gguf, CPU) or vllm (CUDA GPU); the last two have their own numerics "
+        "(docs/INFERENCE.md#engines).",
+        choices=ENGINES,
+    )
+    gguf: str | None = flag(
+        None,
+        "With --engine llama_cpp: the GGUF export of --model_path (export_gguf.py); a missing file is exported "
+        "there first (f16, verified).",
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The settings that were given (None = keep the model's value), also of a subclass (``PredictArgs``)."""
-        return {
-            f.name: v for f in dataclasses.fields(GenerationArgs) if (v := getattr(self, f.name)) is not None
-        }
+        return {name: v for name in SETTINGS if (v := getattr(self, name)) is not None}
 
     def check(self, defaults: GenerationConfig) -> None:
         """Refuse impossible settings with one :class:`ArgsError` naming each flag.
@@ -98,7 +111,7 @@ def read_generation_config(model_path: str | os.PathLike) -> GenerationConfig:
 
 
 def build_generation_config(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Any,
     tokenizer: PreTrainedTokenizerBase,
     settings: GenerationArgs | None = None,
     *,
@@ -106,6 +119,8 @@ def build_generation_config(
 ) -> GenerationConfig:
     """The model's ``generation_config`` with every given setting applied on top, checked.
 
+    ``model`` is a loaded model or an engine (:mod:`sft.inference.engines`): anything with the model's
+    ``generation_config``.
     ``stop_ids`` also end a reply: the chat template's end-of-turn id (``Template.end_id``), which is
     not always the model's EOS (``<|im_end|>`` on a model whose EOS is ``<|endoftext|>``, ``<|eot_id|>``
     on a base Llama-3): the answer ends where training taught it to.
@@ -138,5 +153,4 @@ def build_generation_config(
 
 def describe(config: GenerationConfig) -> str:
     """One line with the settings that decide what is generated (for logs and output files)."""
-    keys = [f.name for f in dataclasses.fields(GenerationArgs)]
-    return ", ".join(f"{k}={getattr(config, k)}" for k in keys if getattr(config, k) is not None)
+    return ", ".join(f"{k}={getattr(config, k)}" for k in SETTINGS if getattr(config, k) is not None)

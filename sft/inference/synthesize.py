@@ -16,7 +16,7 @@ Pipeline; every text that does not reach the output is counted under one reason:
 3. duplicates: a text whose normalised words (:func:`words`) equal those of an earlier kept text is an
    exact duplicate; one whose word 3-gram shingle set has Jaccard similarity >= ``near_dup_threshold``
    with an earlier kept text is a near duplicate (:class:`NearDuplicateIndex`). The first one is kept;
-4. generate one instruction per remaining text (batched, :func:`sft.inference.generate.generate_batch`);
+4. generate one instruction per remaining text (batched, by the engine: :mod:`sft.inference.engines`);
 5. instruction filters: empty; over ``max_instruction_len`` tokens; copies the text
    (:func:`copy_overlap` > ``max_copy_overlap``).
 
@@ -38,12 +38,12 @@ import numpy as np
 
 from sft.data.converters import ConvertStats, clean_text, reverse_prompt
 from sft.data.formats import DataFormatError, iter_json_records
-from sft.inference.generate import generate_batch
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
     from sft.data.templates.base import Template
+    from sft.inference.engines import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -350,13 +350,11 @@ def instruction_problem(
 
 def synthesize(
     texts: list[SourceText],
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: Template,
+    engine: Engine,
     config: GenerationConfig,
     filters: SynthesisFilters,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     stats: ConvertStats | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, str]]:
@@ -365,17 +363,19 @@ def synthesize(
 
     Args:
         texts: from :func:`read_texts`.
-        model, tokenizer, template: the reverse model as :func:`sft.inference.loading.load_from_flags`
-            loads it (template = the one it was trained with).
+        engine: the reverse model as :func:`sft.inference.engines.load_engine` loads it (its template = the one
+            it was trained with).
         config: generation settings (:func:`sft.inference.settings.build_generation_config`); seed the
             RNGs before calling for repeatable sampling.
+        batch_size: texts generated for together (None: the engine's default).
         stats: receives the skip counts (its ``read`` is the caller's); ``written`` is set here.
         progress: called with the number of texts finished after each batch.
     """
     stats = stats if stats is not None else ConvertStats(read=len(texts), unit="texts")
-    candidates = select_texts(texts, template, filters, stats)
-    instructions = generate_batch(
-        model, tokenizer, [c.prompt for c in candidates], config, batch_size=batch_size, progress=progress
+    tokenizer = engine.tokenizer
+    candidates = select_texts(texts, engine.template, filters, stats)
+    instructions = engine.generate(
+        [c.prompt for c in candidates], config, batch_size=batch_size, progress=progress
     )
     records = []
     for candidate, instruction in zip(candidates, instructions, strict=True):

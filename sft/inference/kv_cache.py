@@ -1,0 +1,144 @@
+"""A KV cache for our decoding loops: buffers allocated once, rows that leave and join between steps.
+
+transformers' ``DynamicCache`` grows by ``torch.cat``: every layer's keys and values are copied on every token
+(and with glibc's allocator each new buffer is a fresh ``mmap``, page faults included). :class:`PreallocatedLayer`
+writes into a buffer sized for prompt + answer once and hands attention a view of the filled part, so attention
+reads exactly the values ``DynamicLayer`` would hold, through the same kernels.
+
+Rows are left-padded, as ``generate`` pads them: each row's last real position is the buffer's last filled
+column. A finished row leaves (:meth:`PreallocatedLayer.batch_select_indices`); in the live server a new request
+joins (:meth:`PreallocatedLayer.join`), and columns that only padding uses any more are dropped
+(:meth:`PreallocatedLayer.trim_left`). Padding slots hold zeros, never garbage: a masked score is
+``q.k + (-inf)``, and a NaN in ``k`` would poison it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in buffers ``(B, kv_heads, capacity, head_dim)``; ``keys``/``values`` are views of the
+    first ``length`` positions, i.e. what ``DynamicLayer`` would hold.
+
+    ``capacity`` is the longest sequence expected (prompt width + new tokens); past it the buffers double (one
+    copy), so a wrong guess costs time, never correctness.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_zeros((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self._v = value_states.new_zeros((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (finished rows leave the batch)."""
+        if not self.is_initialized:
+            return
+        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+        self._expose()
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """Add one row whose cache is ``keys``/``values`` ``(1, kv_heads, n, head_dim)`` (a prompt prefilled on its
+        own), right-aligned with the others: the batch widens to ``max(length, n)``, the narrower side padded on the
+        left. The buffers are rebuilt with room for ``capacity`` positions (one copy of the cache per join)."""
+        n = keys.shape[-2]
+        width = max(self.length, n)
+        capacity = max(capacity, width + 1)
+        rows = self._k.shape[0] if self.is_initialized else 0
+        new_k = keys.new_zeros((rows + 1, keys.shape[1], capacity, keys.shape[-1]))
+        new_v = values.new_zeros((rows + 1, values.shape[1], capacity, values.shape[-1]))
+        if rows:
+            new_k[:rows, :, width - self.length : width] = self._k[:, :, : self.length]
+            new_v[:rows, :, width - self.length : width] = self._v[:, :, : self.length]
+        new_k[rows, :, width - n : width] = keys[0]
+        new_v[rows, :, width - n : width] = values[0]
+        self.dtype, self.device = keys.dtype, keys.device
+        self._k, self._v, self.capacity, self.length = new_k, new_v, capacity, width
+        self.is_initialized = True
+        self._expose()
+
+    def trim_left(self, columns: int) -> None:
+        """Drop the first ``columns`` positions (padding in every row): a view, no copy."""
+        self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
+        self.capacity -= columns
+        self.length -= columns
+        self._expose()
+
+    def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Place one prompt's keys/values ``(1, kv_heads, n, head_dim)`` right-aligned in the first ``width``
+        slots of batch row ``row`` (left padding, as a left-padded prefill would leave them). The buffers must
+        exist (:meth:`allocate`)."""
+        n = keys.shape[-2]
+        self._k[row, :, width - n : width] = keys[0]
+        self._v[row, :, width - n : width] = values[0]
+        self.length = width
+        self._expose()
+
+    def allocate(self, like: torch.Tensor, batch: int) -> None:
+        """Zeroed buffers for ``batch`` rows shaped like ``like`` (one row's keys)."""
+        self.dtype, self.device = like.dtype, like.device
+        self._k = like.new_zeros((batch, like.shape[1], self.capacity, like.shape[-1]))
+        self._v = like.new_zeros((batch, like.shape[1], self.capacity, like.shape[-1]))
+        self.is_initialized = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PreallocatedLayer never crops: our loops do not speculate")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("PreallocatedLayer never repeats rows: our loops do not search beams")
+
+
+def preallocated_cache(num_layers: int, capacity: int) -> Cache:
+    """A cache of :class:`PreallocatedLayer` for a model of ``num_layers`` decoder layers."""
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+
+def decoder_layers(model) -> int:
+    """How many KV cache layers a decoder-only model needs."""
+    return model.config.get_text_config().num_hidden_layers
+
+
+def prefill_alone(model, prompt: list[int], capacity: int | None = None) -> tuple[Cache, torch.Tensor]:
+    """One prompt's forward, unpadded: its cache and the float32 logits of its last position ``(1, V)``.
+
+    The numbers are those of a batch-1 prefill, whatever batch the row then decodes in.
+    """
+    device = next(model.parameters()).device
+    cache = preallocated_cache(decoder_layers(model), capacity or len(prompt))
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1, :].float()

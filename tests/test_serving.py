@@ -1,0 +1,143 @@
+"""sft.inference.serving.LiveBatcher: live replies decoded together give each reply's own greedy answer (the one
+generate() gives it alone), requests join and leave between steps, and a reply whose reader leaves stops at the
+next step. Tiny random Llama and Baichuan2."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.test_generate import greedy_config, random_prompts
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama_dir, tiny_baichuan_dir):
+    from sft.inference.loading import load_for_inference
+
+    return {"llama": load_for_inference(tiny_llama_dir), "baichuan": load_for_inference(tiny_baichuan_dir)}
+
+
+def alone(model, tokenizer, prompt, config) -> str:
+    """generate()'s answer to the prompt on its own (batch 1), as text."""
+    from sft.inference.generate import hf_generate_ids
+
+    return tokenizer.decode(hf_generate_ids(model, [prompt], config)[0], skip_special_tokens=True)
+
+
+def read_all(stream, out: list, index: int, started: threading.Event | None = None) -> None:
+    text = ""
+    for piece in stream:
+        text += piece
+        if started is not None:
+            started.set()
+    out[index] = text
+
+
+def wait_idle(batcher, seconds: float = 5.0) -> None:
+    """Until no reply is decoded (a reader sees its end just before its row leaves the batch)."""
+    deadline = time.monotonic() + seconds
+    while batcher.live():
+        assert time.monotonic() < deadline, f"{batcher.live()} replies still decoded"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_live_replies_are_each_replys_own_greedy_answer(family, penalty, models, caplog):
+    from sft.inference.serving import LiveBatcher
+
+    caplog.set_level("INFO", logger="sft.inference.serving")
+    model, tokenizer = models[family]
+    batcher = LiveBatcher(model, tokenizer, max_live=3)
+    prompts = random_prompts(model, (9, 4, 17, 6, 12), seed=1)
+    configs = [
+        greedy_config(model, tokenizer, max_new_tokens=n, repetition_penalty=penalty)
+        for n in (20, 6, 14, 25, 3)
+    ]
+    expected = [alone(model, tokenizer, p, c) for p, c in zip(prompts, configs)]
+
+    # One alone: the greedy loop at batch 1, generate()'s tokens.
+    assert "".join(batcher.stream(prompts[0], configs[0])) == expected[0]
+
+    # Five readers, three live at a time, arriving while others decode: each joins a running batch.
+    got: list = [None] * 5
+    threads = []
+    for i, (prompt, config) in enumerate(zip(prompts, configs)):
+        started = threading.Event()
+        thread = threading.Thread(target=read_all, args=(batcher.stream(prompt, config), got, i, started))
+        thread.start()
+        threads.append(thread)
+        started.wait(timeout=60)  # the next one arrives mid-reply
+    for thread in threads:
+        thread.join(timeout=120)
+    assert got == expected and all(expected)
+    wait_idle(batcher)
+    joined = [r.getMessage() for r in caplog.records if "joined" in r.getMessage()]
+    assert any("joined 2 live" in m for m in joined), joined  # some replies really shared decode steps
+
+
+def test_a_closed_reply_leaves_at_the_next_step_and_the_others_go_on(models, caplog):
+    from sft.inference.serving import LiveBatcher
+
+    caplog.set_level("INFO", logger="sft.inference.serving")
+    model, tokenizer = models["llama"]
+    batcher = LiveBatcher(model, tokenizer, max_live=2)
+    long = greedy_config(model, tokenizer, max_new_tokens=3000)
+    prompts = random_prompts(model, (8, 5), seed=2)
+    short = greedy_config(model, tokenizer, max_new_tokens=40)
+    expected = alone(model, tokenizer, prompts[1], short)
+
+    # A reply that would run 3,000 tokens (no stop id: only its reader can end it).
+    long.eos_token_id = [model.config.vocab_size + 7]
+    stream = batcher.stream(prompts[0], long)
+    next(stream)
+    got: list = [None]
+    other = threading.Thread(target=read_all, args=(batcher.stream(prompts[1], short), got, 0))
+    other.start()
+    for _ in range(5):
+        next(stream)
+    stream.close()
+    other.join(timeout=60)
+    assert got[0] == expected  # the other reply is untouched by its neighbour leaving
+    wait_idle(batcher)
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reply 1:")]
+    assert len(ended) == 2 and "closed after" in ended[1], ended
+    tokens = int(ended[1].split("after ")[1].split()[0])
+    assert 6 <= tokens <= 8, ended  # 6 pieces read, then at most the step in flight
+
+
+def test_sampling_settings_and_what_is_refused(models):
+    from sft.inference.serving import LiveBatcher, choose_processors
+    from sft.inference.settings import GenerationArgs, build_generation_config
+
+    model, tokenizer = models["baichuan"]
+    batcher = LiveBatcher(model, tokenizer, max_live=2, seed=5)
+    prompt = random_prompts(model, (7,), seed=3)[0]
+    greedy = greedy_config(model, tokenizer, max_new_tokens=10)
+    top1 = build_generation_config(
+        model, tokenizer, GenerationArgs(do_sample=True, top_k=1, max_new_tokens=10)
+    )
+    assert "".join(batcher.stream(prompt, top1)) == "".join(
+        batcher.stream(prompt, greedy)
+    )  # top-1 draw = argmax
+    names = [
+        type(p).__name__
+        for p in choose_processors(
+            build_generation_config(
+                model,
+                tokenizer,
+                GenerationArgs(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.1),
+            )
+        )
+    ]
+    assert names == [
+        "RepetitionPenaltyLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+    beams = greedy_config(model, tokenizer, max_new_tokens=10, num_beams=2)
+    with pytest.raises(ValueError, match="num_beams=2"):
+        "".join(batcher.stream(prompt, beams))
