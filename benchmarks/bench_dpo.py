@@ -499,20 +499,28 @@ def build_pairs(args: BenchDpoArgs, model_dir: Path, out: Path) -> Pairs:
     the steps are read from the same loaders train.py builds: those are the steps the runs take.
     """
     import numpy as np
+    import torch
 
     from sft.data.batching import build_dataloader
-    from sft.data.preference import load_preference_dataset
+    from sft.data.preference import load_preference_dataset, packed_pair_lengths, shared_prompt_length
     from sft.data.templates import get_template
     from sft.modeling.loading import load_tokenizer
+    from sft.train.attention import shares_prompts
 
     k, n = args.pairs_per_step, args.steps * args.pairs_per_step
     tokenizer = load_tokenizer(model_dir)
     template = get_template("tokenizer", tokenizer, model_dir=str(model_dir))
 
+    # train.py --packing shares each pair's prompt where the attention allows it (on this CPU, SmolLM2, sdpa):
+    # the packed rows, and so the steps, are those of the shared lengths.
+    share = shares_prompts(str(model_dir), "sdpa", torch.device("cpu"))
+
     def encode(path: Path, max_len: int):
-        return load_preference_dataset(
+        dataset = load_preference_dataset(
             path, template, tokenizer, max_len=max_len, max_src_len=max_len - 1, is_skip=False
         )
+        dataset.share_prompt = share  # as train.py sets it
+        return dataset
 
     def loader(dataset, packing: bool):
         return build_dataloader(
@@ -531,7 +539,10 @@ def build_pairs(args: BenchDpoArgs, model_dir: Path, out: Path) -> Pairs:
     # 1. Every dev dialogue as a pair, measured; then the first n pairs (file order) of the densest band.
     candidates = dpo_records(args.dialogsum_dir / "dialogsum.dev.jsonl")
     write_jsonl(out / "data" / "candidates.jsonl", candidates)
-    lengths = [int(x) for x in encode(out / "data" / "candidates.jsonl", MEASURE_LEN).lengths]
+    # A pair's length in a packed row: both sequences, less the prompt tokens the rejected one shares.
+    measured = encode(out / "data" / "candidates.jsonl", MEASURE_LEN)
+    shared = [shared_prompt_length(measured.arrays(i)) if share else 0 for i in range(len(measured))]
+    lengths = packed_pair_lengths(measured, shared)
     max_len, lower = length_band(lengths, k, n)
     chosen = [i for i, length in enumerate(lengths) if lower < length <= 2 * max_len // k][:n]
     pairs = [candidates[i] for i in chosen]
@@ -579,7 +590,9 @@ def build_pairs(args: BenchDpoArgs, model_dir: Path, out: Path) -> Pairs:
         "packed": [int(b["input_ids"].numel()) for b in islice(iter(packed_loader), args.steps)],
         "plain": [int(b["attention_mask"].sum()) for b in islice(iter(plain_loader), args.steps)],
     }
+    # The work, the same for every configuration: both sequences of every pair (tokens/s divides it by time).
     tokens = int(dataset.lengths.sum())
+    packed_tokens = int(sum(packed_loader.dataset.lengths))  # what our packed rows hold (shared prompts once)
     stats = {
         "candidates": len(candidates),
         "pairs": n,
@@ -590,7 +603,9 @@ def build_pairs(args: BenchDpoArgs, model_dir: Path, out: Path) -> Pairs:
         "learned_tokens": int(
             sum((labels != -100).sum() for i in range(n) for labels in dataset.arrays(i)[1::2])
         ),
-        "packed_row_fill": round(tokens / (args.steps * 2 * max_len), 3),
+        "shared_prompts": share,
+        "packed_tokens": packed_tokens,
+        "packed_row_fill": round(packed_tokens / (args.steps * 2 * max_len), 3),
         "padded_tokens_plain": int(
             sum(b["input_ids"].numel() for b in islice(iter(plain_loader), args.steps))
         ),

@@ -409,22 +409,33 @@ def test_resume_under_zero3_with_a_4bit_base(tiny_llama_dir: Path, tmp_path: Pat
 
 def test_one_rank_world_ignores_an_inherited_master_port():
     """A single process takes a fresh rendezvous port even when its parent's environment names one that is in
-    use: the CI failure where a test suite's own one-rank world (evaluate run in-process) still listened on
-    the MASTER_PORT its train.py subprocesses inherited (EADDRINUSE)."""
+    use, whether the parent set MASTER_PORT by hand or left the rank variables of its own one-rank world (the
+    CI failure: an in-process data_helper.py synthesize or evaluate kept listening on the MASTER_PORT that the
+    train.py subprocesses of the same test suite inherited, with RANK and WORLD_SIZE, and failed on)."""
     import socket
+
+    child = (
+        "import os, torch.distributed as dist; from sft.core import distributed as d; d.init_distributed(); "
+        "assert dist.get_world_size() == 1; print(os.environ['MASTER_PORT']); d.destroy()"
+    )
+    parent = (  # a one-rank world of its own, then a child with its environment, while the world still listens
+        "import os, subprocess, sys; from sft.core import distributed as d; d.init_distributed(); "
+        f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", parent], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-        code = (
-            "import os, torch.distributed as dist; from sft.core import distributed as d; d.init_distributed(); "
-            "assert dist.get_world_size() == 1; print(os.environ['MASTER_PORT']); d.destroy()"
-        )
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         proc = subprocess.run(
-            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", child], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] != str(port)

@@ -69,9 +69,20 @@ def check_cuda_request() -> None:
     )
 
 
+# Set beside the rank variables when init_distributed describes a one-rank world itself: the port it chose.
+_ONE_RANK_WORLD = "SFT_ONE_RANK_WORLD_PORT"
+
+
 def launched_by_launcher() -> bool:
-    """True when a launcher (deepspeed, torchrun) started this process and set the rank variables."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True when a launcher (deepspeed, torchrun) started this process and set the rank variables.
+
+    Rank variables that :func:`init_distributed` wrote for a one-rank world of this process, or of a parent that
+    passed its environment on (a test suite or a notebook that evaluated in-process, then started train.py), are
+    not a launcher's: a launcher sets its own MASTER_PORT, and the parent's port is still bound by its world.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    return os.environ.get(_ONE_RANK_WORLD) != os.environ.get("MASTER_PORT")
 
 
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
@@ -95,7 +106,7 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         # itself runs a one-rank world (a test suite, a notebook that called evaluate) is still bound by that
         # parent, and reusing it fails with EADDRINUSE.
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = os.environ[_ONE_RANK_WORLD] = str(_free_port())
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ["LOCAL_RANK"] = "0"

@@ -331,7 +331,7 @@ class PackedPairRows(Dataset):
         self.shared = [
             shared_prompt_length(dataset.arrays(i)) if share_prompt else 0 for i in range(len(dataset))
         ]
-        lengths = [int(n) - max(k - 1, 0) for n, k in zip(dataset.lengths, self.shared, strict=True)]
+        lengths = packed_pair_lengths(dataset, self.shared)
         self.rows = pack_first_fit_decreasing(lengths, 2 * max_len)
         self.lengths = np.array([sum(lengths[i] for i in row) for row in self.rows], dtype=np.int64)
 
@@ -362,6 +362,12 @@ class PackedPairRows(Dataset):
             "prefix": np.concatenate(prefix),
         }
         return {"rows": [row], "pairs": list(self.rows[r])}
+
+
+def packed_pair_lengths(dataset: PreferenceDataset, shared: list[int]) -> list[int]:
+    """Each pair's tokens in a packed row: both sequences, less the prompt tokens its rejected branch takes from
+    the chosen sequence (``shared[i]``: pair ``i``'s :func:`shared_prompt_length`, 0 when unshared)."""
+    return [int(n) - max(k - 1, 0) for n, k in zip(dataset.lengths, shared, strict=True)]
 
 
 def shared_prompt_length(arrays: tuple[np.ndarray, ...]) -> int:
