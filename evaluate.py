@@ -303,6 +303,7 @@ def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
     it the reference, as train.py's DPO evaluation computes them; prints the table."""
     from sft.data.preference import load_preference_dataset
     from sft.inference.loading import load_from_flags
+    from sft.train.attention import use_document_sdpa
     from sft.train.reference import pair_logps
 
     if not args.adapter_dir:
@@ -324,6 +325,10 @@ def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
         max_src_len=settings["max_src_len"],
         is_skip=settings["is_skip"],
     )
+    if settings["packing"] and loaded.device.type == "cpu":
+        # As train.py packs them: each pair's prompt computed once, where the attention can share it (CPU).
+        model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        dataset.share_prompt = use_document_sdpa(model)
     common = {
         "batch_size": settings["per_device_eval_batch_size"],
         "pad_token_id": loaded.tokenizer.pad_token_id,

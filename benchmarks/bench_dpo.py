@@ -12,9 +12,10 @@ same initial LoRA adapter, with the same hyperparameters, by up to five configur
 The pairs come from the DialogSum dev dialogues: the prompt is the dialogue in data_helper.py's summarisation
 prompt (sft.data.converters.DIALOGSUM_PROMPT, one user turn), `chosen` the reference summary, `rejected` the
 reference summary of the next dev dialogue (a fluent summary of the wrong conversation; deterministic). Pairs are
-taken in file order from one length band: each pair (both sequences) is longer than 1/(k+1) and at most 1/k of a
-packed row of 2 * --max_len tokens (k = --pairs_per_step), so our packer puts exactly k pairs in every row and
-one packed row is one step of k pairs, like the k pairs of every other configuration's step.
+taken in file order from one length band: each pair (both sequences, its prompt counted once where train.py's
+packed rows share it: on a CPU) is longer than 1/(k+1) and at most 1/k of a packed row of 2 * --max_len tokens
+(k = --pairs_per_step), so our packer puts exactly k pairs in every row and one packed row is one step of k pairs,
+like the k pairs of every other configuration's step.
 
 What is the same in every configuration:
     steps      the same k pairs in every optimizer step, in the same order: train.py's packed order (first-fit

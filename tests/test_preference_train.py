@@ -134,6 +134,21 @@ def test_evaluate_preference_reproduces_the_training_evaluation(tiny_llama_dir, 
         result["logps"]["policy_chosen"] > result["logps"]["reference_chosen"]
     )  # DPO raised the chosen replies
 
+    # Packed (on the CPU each pair's prompt computed once, as train.py packs pairs): the same numbers.
+    packed_json = tmp_path / "pref_packed.json"
+    code = evaluate.main(
+        [
+            "preference", "--model_path", str(tiny_llama_dir), "--adapter_dir", str(final), "--packing",
+            "--data_path", str(dpo_reference["data"] / "test.jsonl"), "--output_json", str(packed_json),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    packed = json.loads(packed_json.read_text())
+    assert packed["reward_accuracy"] == result["reward_accuracy"]
+    assert packed["reward_margin"] == pytest.approx(result["reward_margin"], rel=1e-5, abs=1e-7)
+    for key, value in result["logps"].items():
+        assert packed["logps"][key] == pytest.approx(value, rel=1e-5)
+
 
 def test_dpo_from_an_adapter_starts_at_ln2_with_it_as_the_reference(tiny_llama_dir, dpo_reference, tmp_path):
     """--init_adapter: the policy starts as that adapter and the reference is that adapter, frozen (log-probs

@@ -194,11 +194,12 @@ class PreferenceDataset(Dataset):
         if packing:
             rows = PackedPairRows(self, max_len, share_prompt=self.share_prompt)
             logger.info(
-                "packed %d pairs into %d rows of %d tokens (fill %.1f%%)",
+                "packed %d pairs into %d rows of %d tokens (fill %.1f%%%s)",
                 len(self),
                 len(rows),
                 2 * max_len,
                 100.0 * rows.lengths.sum() / max(1, len(rows) * 2 * max_len),
+                "; each pair's prompt once" if self.share_prompt else "",
             )
             return rows, PairCollator(self, pad_token_id, packed=True, max_len=2 * max_len)
         return _Pairs(self), PairCollator(self, pad_token_id, packed=False)
