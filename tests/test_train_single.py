@@ -420,7 +420,13 @@ def test_one_rank_world_ignores_an_inherited_master_port():
     )
     parent = (  # a one-rank world of its own, then a child with its environment, while the world still listens
         "import os, subprocess, sys; from sft.core import distributed as d; d.init_distributed(); "
-        f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)"
+        f"code = subprocess.run([sys.executable, '-c', {child!r}]).returncode; "
+        # Then a second world, and the first one's port put back (as code that saves and restores the rank
+        # variables around a run does), bound again: the CI failure's chain.
+        "first = os.environ['MASTER_PORT']; d.destroy(); d.init_distributed(); "
+        "assert os.environ['MASTER_PORT'] != first; os.environ['MASTER_PORT'] = first; "
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', int(first))); s.listen(); "
+        f"sys.exit(code or subprocess.run([sys.executable, '-c', {child!r}]).returncode)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")

@@ -69,20 +69,25 @@ def check_cuda_request() -> None:
     )
 
 
-# Set beside the rank variables when init_distributed describes a one-rank world itself: the port it chose.
-_ONE_RANK_WORLD = "SFT_ONE_RANK_WORLD_PORT"
+# Set beside the rank variables whenever init_distributed describes a one-rank world itself: every port it chose,
+# in this process and in the parents whose environment it inherited (comma-separated, the newest last).
+_ONE_RANK_PORTS = "SFT_ONE_RANK_WORLD_PORTS"
+_KEEP_PORTS = 64
 
 
 def launched_by_launcher() -> bool:
     """True when a launcher (deepspeed, torchrun) started this process and set the rank variables.
 
-    Rank variables that :func:`init_distributed` wrote for a one-rank world of this process, or of a parent that
-    passed its environment on (a test suite or a notebook that evaluated in-process, then started train.py), are
-    not a launcher's: a launcher sets its own MASTER_PORT, and the parent's port is still bound by its world.
+    Rank variables that :func:`init_distributed` wrote for a one-rank world, of this process or of a parent that
+    passed its environment on (a test suite or a notebook that trained in-process, then started train.py), are
+    not a launcher's: a launcher sets its own MASTER_PORT, and the parent's port may still be bound by its world.
+    All the ports such worlds used are remembered, not only the newest: code that saves and restores the rank
+    variables around a run (as tests do) can put back an older world's port.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
-    return os.environ.get(_ONE_RANK_WORLD) != os.environ.get("MASTER_PORT")
+    ours = os.environ.get(_ONE_RANK_PORTS, "").split(",")
+    return not (os.environ["WORLD_SIZE"] == "1" and os.environ.get("MASTER_PORT") in ours)
 
 
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
@@ -106,7 +111,10 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
         # itself runs a one-rank world (a test suite, a notebook that called evaluate) is still bound by that
         # parent, and reusing it fails with EADDRINUSE.
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = os.environ[_ONE_RANK_WORLD] = str(_free_port())
+        port = str(_free_port())
+        os.environ["MASTER_PORT"] = port
+        used = [p for p in os.environ.get(_ONE_RANK_PORTS, "").split(",") if p]
+        os.environ[_ONE_RANK_PORTS] = ",".join([*used, port][-_KEEP_PORTS:])
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ["LOCAL_RANK"] = "0"

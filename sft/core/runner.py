@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -21,6 +22,20 @@ from sft.core.errors import EXIT_INTERNAL, describe_failure
 from sft.core.flags import DEBUG_FLAG
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the object it was at set-up: a host
+    that swaps stderr and closes the old one (pytest's capture, a notebook) leaves no handler writing to a closed
+    file, also for the threads that outlive it (the web demo's decode loop)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it
+        pass
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
@@ -34,7 +49,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
         level=level if rank == 0 else logging.WARNING,
         format=fmt,
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_StderrHandler()],
         force=True,
     )
     # These libraries are chatty at INFO; their warnings still come through.
