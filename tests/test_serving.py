@@ -141,3 +141,29 @@ def test_sampling_settings_and_what_is_refused(models):
     beams = greedy_config(model, tokenizer, max_new_tokens=10, num_beams=2)
     with pytest.raises(ValueError, match="num_beams=2"):
         "".join(batcher.stream(prompt, beams))
+
+
+def test_close_ends_live_replies_and_stops_the_loop(models):
+    """close() (also run at interpreter exit): a live reply's reader sees its end, the loop thread is gone, and a
+    later request is refused instead of waiting forever. A loop thread left running into interpreter shutdown
+    made the process abort ("terminate called without an active exception")."""
+    from sft.inference.serving import LiveBatcher
+
+    model, tokenizer = models["llama"]
+    batcher = LiveBatcher(model, tokenizer, max_live=2)
+    endless = greedy_config(model, tokenizer, max_new_tokens=3000)
+    endless.eos_token_id = [model.config.vocab_size + 7]  # no stop id: only close() can end it
+    got: list = [None]
+    started = threading.Event()
+    reader = threading.Thread(
+        target=read_all,
+        args=(batcher.stream(random_prompts(model, (6,), seed=4)[0], endless), got, 0, started),
+    )
+    reader.start()
+    assert started.wait(60)
+    batcher.close()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and got[0]  # its text so far, then the end
+    assert not batcher._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(batcher.stream([1, 2, 3], endless))

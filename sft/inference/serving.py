@@ -23,6 +23,7 @@ requests.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
@@ -141,8 +142,21 @@ class LiveBatcher:
         self._count = 0
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, width): 1 = a real position
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-batcher")
         self._thread.start()
+        # The loop thread ran torch ops (and owns their OpenMP workers): left running into interpreter shutdown,
+        # the process can abort ("terminate called without an active exception"). Stopped first, it cannot.
+        atexit.register(self.close)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the decode loop after its current step and wait for it (at exit, or when a server is done).
+        Replies still live or waiting end as closed; a stream asked for afterwards is refused."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     # ---- the readers' side ----------------------------------------------------------------------------------
     def stream(self, prompt: list[int], config: GenerationConfig) -> Iterator[str]:
@@ -155,6 +169,8 @@ class LiveBatcher:
         streamer = reply_streamer(self.tokenizer)
         streamer.put(torch.tensor([prompt]))  # the prompt: the streamer skips it
         with self._wake:
+            if self._stopping:
+                raise RuntimeError("this LiveBatcher is closed: make a new one")
             self._count += 1
             reply = _Reply(self._count, list(prompt), config, processors, streamer, set(stop_ids(config)))
             self._waiting.append(reply)
@@ -177,8 +193,13 @@ class LiveBatcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._live:
+                while not self._waiting and not self._live and not self._stopping:
                     self._wake.wait()
+                if self._stopping:
+                    for reply in [*self._live, *self._waiting]:
+                        self._end(reply, "closed")
+                    self._live, self._waiting, self._cache, self._mask = [], collections.deque(), None, None
+                    return
             try:
                 with torch.inference_mode():
                     self._admit()
