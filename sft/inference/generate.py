@@ -65,8 +65,8 @@ def cut_at_stop(ids: list[int], stops: list[int] | set[int]) -> list[int]:
     return ids[:end]
 
 
-# generate() settings that would make it do more than (penalised) argmax, at their neutral values.
-_NEUTRAL = {
+# generate() settings, at the values where they change nothing.
+NEUTRAL_SETTINGS = {
     "do_sample": (False, None),
     "num_beams": (1, None),
     "no_repeat_ngram_size": (0, None),
@@ -85,7 +85,27 @@ _NEUTRAL = {
     "stop_strings": (None,),
     "exponential_decay_length_penalty": (None,),
     "remove_invalid_values": (False, None),
+    "min_p": (None,),
+    "typical_p": (1.0, None),
+    "epsilon_cutoff": (0.0, None),
+    "eta_cutoff": (0.0, None),
+    "top_h": (None,),
 }
+# What our greedy loop does not do: everything beyond (penalised) argmax. Sampling's own warpers (min_p, ...) are
+# inert without do_sample.
+_LOOP_CANNOT = tuple(
+    k for k in NEUTRAL_SETTINGS if k not in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+)
+
+
+def settings_in_use(config: GenerationConfig, names: tuple[str, ...]) -> list[str]:
+    """``name=value`` for each of ``names`` (keys of :data:`NEUTRAL_SETTINGS`) that ``config`` sets to a value that
+    changes what ``generate`` computes."""
+    return [
+        f"{k}={getattr(config, k, None)!r}"
+        for k in names
+        if getattr(config, k, None) not in NEUTRAL_SETTINGS[k]
+    ]
 
 
 def loop_problem(model: PreTrainedModel, config: GenerationConfig) -> str | None:
@@ -95,11 +115,7 @@ def loop_problem(model: PreTrainedModel, config: GenerationConfig) -> str | None
     """
     if model.config.get_text_config().is_encoder_decoder:
         return "an encoder-decoder model"
-    set_ = [
-        f"{k}={getattr(config, k, None)!r}"
-        for k, ok in _NEUTRAL.items()
-        if getattr(config, k, None) not in ok
-    ]
+    set_ = settings_in_use(config, _LOOP_CANNOT)
     if set_:
         return f"the generation config sets {', '.join(set_)}"
     if config.max_new_tokens is None:

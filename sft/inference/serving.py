@@ -41,7 +41,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sft.inference.generate import reply_streamer, stop_ids
+from sft.inference.generate import reply_streamer, settings_in_use, stop_ids
 from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone
 
 if TYPE_CHECKING:
@@ -49,36 +49,32 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Settings a live reply honours; any other non-neutral generation setting is refused (see choose_processors).
-_UNSUPPORTED = {
-    "num_beams": (1, None),
-    "no_repeat_ngram_size": (0, None),
-    "bad_words_ids": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,),
-    "min_new_tokens": (0, None),
-    "min_length": (0, None),
-    "min_p": (None,),
-    "typical_p": (1.0, None),
-    "epsilon_cutoff": (0.0, None),
-    "eta_cutoff": (0.0, None),
-    "top_h": (None,),
-    "guidance_scale": (1.0, None),
-    "stop_strings": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-}
+# What a live reply does not do: it honours greedy or temperature/top-k/top-p sampling, with a repetition penalty.
+_LIVE_CANNOT = (
+    "num_beams",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "min_new_tokens",
+    "min_length",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
+    "guidance_scale",
+    "stop_strings",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
 
 
 def choose_processors(config: GenerationConfig) -> LogitsProcessorList:
     """The logits processors ``generate`` would run for ``config`` (repetition penalty; with sampling:
     temperature, top-k, top-p), or ValueError naming the settings a live reply does not support."""
-    bad = [
-        f"{k}={getattr(config, k, None)!r}"
-        for k, ok in _UNSUPPORTED.items()
-        if getattr(config, k, None) not in ok
-    ]
+    bad = settings_in_use(config, _LIVE_CANNOT)
     if bad:
         raise ValueError(
             f"live replies support greedy and temperature/top-p/top-k sampling; {', '.join(bad)} is not"
