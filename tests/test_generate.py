@@ -38,11 +38,14 @@ def test_loop_gives_generates_tokens(family, prefill, penalty, models):
     model, tokenizer = models[family]
     config = greedy_config(model, tokenizer, max_new_tokens=12, repetition_penalty=penalty)
     assert loop_problem(model, config) is None
-    prompts = random_prompts(model, (7, 19, 3, 11, 19))
+    # 20 prompts: a batch of all of them decodes in groups of rows (sft.inference.cpu_decode) where it can.
+    prompts = random_prompts(
+        model, (7, 19, 3, 11, 19, 40, 2, 33, 25, 9, 30, 14, 38, 5, 21, 27, 16, 36, 12, 29)
+    )
     # Stop ids that some rows produce early, so rows leave the batch at different steps.
     free_run = hf_generate_ids(model, prompts, config, batch_size=1)
     config.eos_token_id = [config.eos_token_id, free_run[1][4], free_run[3][2]]
-    for batch_size in (1, 5):
+    for batch_size in (1, 5, 20):
         expected = hf_generate_ids(model, prompts, config, batch_size=batch_size)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         got = [None] * len(prompts)
@@ -54,6 +57,76 @@ def test_loop_gives_generates_tokens(family, prefill, penalty, models):
                 got[i] = answer
         assert got == expected, f"batch_size={batch_size}"
     assert any(len(a) < 12 for a in got) and any(len(a) == 12 for a in got)
+
+
+def test_a_large_padded_batch_attends_group_by_group(models, monkeypatch):
+    """At 20 rows of unequal lengths on the CPU, decode steps attend in groups (the path the test above checks
+    against generate's tokens), and the model attends with SDPA again afterwards."""
+    from sft.inference import cpu_decode
+    from sft.inference.generate import greedy_batch
+
+    model, tokenizer = models["llama"]
+    config = greedy_config(model, tokenizer, max_new_tokens=4)
+    calls = []
+    grouped = cpu_decode.grouped_sdpa_attention
+    monkeypatch.setattr(
+        cpu_decode,
+        "grouped_sdpa_attention",
+        lambda *a, **k: calls.append(k.get("decode_groups")) or grouped(*a, **k),
+    )
+    greedy_batch(model, random_prompts(model, range(41, 1, -2)), config, prefill="rows")  # longest first
+    groups = [g for g in calls if g is not None]
+    assert groups and groups[0] == cpu_decode.column_groups(list(range(0, 40, 2)))
+    assert groups[0] == [(0, 8, 0), (8, 16, 16), (16, 20, 32)]
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("groups", [[(0, 2, 0), (2, 5, 3)], [(0, 5, 0)]])
+def test_grouped_attention_is_masked_sdpa_on_fewer_columns(groups):
+    """Each group's columns before its first are padding in all its rows: the same attention as the masked SDPA
+    over every column, to float32 rounding; without decode_groups it is transformers' SDPA exactly."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sft.inference.cpu_decode import grouped_sdpa_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    pads = [0, 1, 3, 4, 6]
+    query, key, value = torch.randn(5, 6, 1, 16), torch.randn(5, 2, 12, 16), torch.randn(5, 2, 12, 16)
+    mask = (torch.arange(12)[None, :] >= torch.tensor(pads)[:, None])[:, None, None, :]
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25, decode_groups=groups)
+    assert got.shape == expected.shape == (5, 1, 6, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    same, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)
+    assert torch.equal(same, expected)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_sliced_output_head_gives_the_same_bits(rows):
+    """SmolLM2's head shape (49,152 x 576): the logits computed slice by slice equal the whole product bitwise."""
+    from sft.inference.cpu_decode import _sliced_forward
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(576, 49152, bias=False)
+    hidden = torch.randn(rows, 1, 576)
+    assert torch.equal(_sliced_forward(head)(hidden), head(hidden))
+
+
+def test_sliced_output_head_is_undone_after_the_block(models):
+    from sft.inference.cpu_decode import sliced_output_head
+
+    model, _ = models["llama"]
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        with sliced_output_head(model):
+            assert "forward" in vars(head)
+            inside = model(input_ids=ids).logits
+    assert "forward" not in vars(head)
+    assert torch.equal(inside, before)
 
 
 def test_generate_batch_routes_greedy_through_the_loop_and_the_rest_through_generate(models, monkeypatch):

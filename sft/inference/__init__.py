@@ -6,6 +6,7 @@ streaming, and chat sessions. Shared by predict.py, evaluate.py, web_demo.py and
 - :mod:`sft.inference.engines` -- what computes the replies (torch, llama.cpp, vLLM) behind one interface.
 - :mod:`sft.inference.generate` -- sampling and the token loop: batches of replies, one streamed reply.
 - :mod:`sft.inference.kv_cache` -- the KV cache of our decoding loops.
+- :mod:`sft.inference.cpu_decode` -- a CPU decode step made cheaper without changing what it computes.
 - :mod:`sft.inference.serving` -- live replies for many users decoded together (the web demo).
 - :mod:`sft.inference.chat` -- fitting a chat into the context window.
 """

@@ -9,7 +9,9 @@ Two ways to generate a batch, chosen per call by :func:`loop_problem`:
 * **our greedy loop** (:func:`greedy_batch`) for greedy decoding, with or without a repetition penalty: one
   ``forward -> argmax`` per step over the model's forward, a KV cache written in place
   (:mod:`sft.inference.kv_cache`), finished rows leaving the batch (``generate`` keeps computing them, padded,
-  until the longest answer ends) and, on a CPU, each prompt prefilled on its own (no compute spent on padding).
+  until the longest answer ends) and, on a CPU, each prompt prefilled on its own (no compute spent on padding)
+  and decode steps through :mod:`sft.inference.cpu_decode` (the output head in slices, attention in groups of
+  rows over their own columns).
   Its tokens are ``generate``'s: the same forward, the same masks and positions, the same float32 argmax. What
   changes is which rows share a matrix multiply; CPU GEMM libraries (MKL) pick their blocking from the shape,
   so a row's logits may differ in the last bits between batch shapes, as they already differ today between
@@ -32,6 +34,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from sft.inference.cpu_decode import column_groups, faster_decoding
 from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone
 
 if TYPE_CHECKING:
@@ -153,6 +156,20 @@ def greedy_batch(
 
     Returns the generated ids of each prompt (the stop token included when one was produced), in order.
     """
+    with faster_decoding(model) as grouped:
+        return _greedy(model, prompts, config, prefill, on_first_token, grouped)
+
+
+def _greedy(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    prefill: str,
+    on_first_token: Callable[[], None] | None,
+    grouped: bool,
+) -> list[list[int]]:
+    """:func:`greedy_batch`'s loop; ``grouped``: decode steps may pass ``decode_groups``
+    (:func:`sft.inference.cpu_decode.grouped_decode_attention`)."""
     device = next(model.parameters()).device
     max_new = config.max_new_tokens
     penalty = float(config.repetition_penalty or 1.0)
@@ -196,6 +213,7 @@ def greedy_batch(
     rows = list(range(len(prompts)))  # prompt index of each live batch row
     answers: list[list[int]] = [[] for _ in prompts]
     last_pos = positions[:, -1]
+    groups = column_groups(pads.tolist()) if grouped and padded else None
     for step in range(max_new):
         for row, token in zip(rows, next_ids.tolist(), strict=True):  # one host sync per step, not per row
             answers[row].append(token)
@@ -210,6 +228,7 @@ def greedy_batch(
             rows = [rows[k] for k in keep.tolist()]
             next_ids, mask, last_pos = next_ids[keep], mask[keep], last_pos[keep]
             history, pads = history[keep], pads[keep]
+            groups = column_groups(pads.tolist()) if grouped and padded else None
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         history = torch.cat([history, next_ids[:, None]], dim=-1) if penalty != 1.0 else history
         last_pos = last_pos + 1
@@ -221,6 +240,7 @@ def greedy_batch(
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **({"decode_groups": groups} if groups else {}),
             )
             .logits[:, -1, :]
             .float()

@@ -41,6 +41,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from sft.inference.cpu_decode import column_groups, faster_decoding
 from sft.inference.generate import reply_streamer, settings_in_use, stop_ids
 from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone
 
@@ -187,6 +188,10 @@ class LiveBatcher:
 
     # ---- the scheduler thread -------------------------------------------------------------------------------
     def _run(self) -> None:
+        with faster_decoding(self.model) as self._grouped:  # for the thread's life: only it uses the model
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._waiting and not self._live and not self._stopping:
@@ -284,7 +289,9 @@ class LiveBatcher:
         for reply in self._live:
             reply.length += 1
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=-1)
-        padded = bool((self._mask == 0).any())
+        pads = (self._mask == 0).sum(-1)  # (B,) each row's left padding
+        padded = bool(pads.any())
+        groups = column_groups(pads.tolist()) if self._grouped and padded else None
         positions = torch.tensor([[r.length - 1] for r in self._live], dtype=torch.long, device=self.device)
         ids = torch.tensor([[r.next_id] for r in self._live], dtype=torch.long, device=self.device)
         logits = (
@@ -295,6 +302,7 @@ class LiveBatcher:
                 past_key_values=self._cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **({"decode_groups": groups} if groups else {}),
             )
             .logits[:, -1, :]
             .float()
