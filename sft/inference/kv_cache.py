@@ -30,9 +30,8 @@ class PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.length = 0
-        self.rows = (
-            0  # live rows: the buffers' first rows (rows that left are overwritten, never reallocated)
-        )
+        # Live rows: the buffers' first rows (rows that left are overwritten, never reallocated).
+        self.rows = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

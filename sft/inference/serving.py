@@ -289,9 +289,9 @@ class LiveBatcher:
         for reply in self._live:
             reply.length += 1
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=-1)
-        pads = (self._mask == 0).sum(-1)  # (B,) each row's left padding
-        padded = bool(pads.any())
-        groups = column_groups(pads.tolist()) if self._grouped and padded else None
+        pads = (self._mask == 0).sum(-1).tolist()  # each row's left padding (one host copy)
+        padded = any(pads)
+        groups = column_groups(pads) if self._grouped and padded else None
         positions = torch.tensor([[r.length - 1] for r in self._live], dtype=torch.long, device=self.device)
         ids = torch.tensor([[r.next_id] for r in self._live], dtype=torch.long, device=self.device)
         logits = (
