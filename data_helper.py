@@ -43,10 +43,15 @@ from sft.data.converters import (
     convert_rolebench,
 )
 from sft.data.formats import DataFormatError, read_conversations, write_jsonl_atomic, write_jsonl_dir_atomic
-from sft.inference.engines import engine_problems, load_engine
-from sft.inference.loading import ModelLoadArgs
 from sft.inference.self_play import self_play_pairs
-from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
+from sft.inference.settings import (
+    GenerationArgs,
+    ModelLoadArgs,
+    build_generation_config,
+    describe,
+    engine_problems,
+    read_generation_config,
+)
 from sft.inference.synthesize import SynthesisFilters, read_texts, synthesize
 from sft.train.args import DataArgs
 
@@ -256,6 +261,8 @@ def _report(name: str, stats: ConvertStats) -> None:
 def run_synthesize(args: SynthesizeArgs) -> None:
     """Check the generation flags and read the texts before loading the model; generate; filter; write
     atomically."""
+    from sft.inference.engines import load_engine  # torch and transformers: only the commands that generate
+
     register_models()
     settings = GenerationArgs(**args.overrides())  # a copy: max_new_tokens may be filled in
     if settings.max_new_tokens is None:
@@ -287,6 +294,8 @@ def run_synthesize(args: SynthesizeArgs) -> None:
 
 def run_preference(args: PreferenceArgs) -> None:
     """Read the conversations and check the generation flags before loading the model; generate; pair; write."""
+    from sft.inference.engines import load_engine
+
     register_models()
     settings = GenerationArgs(**args.overrides())
     settings.check(read_generation_config(require_local_dir(args.model_path, "--model_path")))

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from models import register_models
-from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
 from sft.checkpoint.layout import TRAIN_ARGS, read_train_args
 from sft.core.errors import ArgsError
 from sft.core.flags import REQUIRED, ArgumentParser, HelpFormatter, add_command, flag, flag_of, parse_command
 from sft.core.paths import check_output_path
 from sft.core.runner import run_entry_point, setup_logging
-from sft.inference.loading import ModelLoadArgs
 from sft.inference.rouge import MODE_DESCRIPTIONS, REDUCTIONS, ROUGE_TYPES
+from sft.inference.settings import ModelLoadArgs
 from sft.train.args import DataArgs, OptimArgs
 
 logger = logging.getLogger("evaluate")
@@ -301,6 +300,7 @@ def run_ppl(args: PplArgs) -> dict[str, Any]:
 def run_preference(args: PreferenceEvalArgs) -> dict[str, Any]:
     """Rewards ``beta * (policy - reference)`` of every pair, the adapter being the policy and the model without
     it the reference, as train.py's DPO evaluation computes them; prints the table."""
+    from sft.checkpoint.adapters import check_adapter_fits_base, read_adapter
     from sft.data.preference import load_preference_dataset
     from sft.inference.loading import load_from_flags
     from sft.train.attention import use_document_sdpa
@@ -385,7 +385,8 @@ def run(argv: list[str]) -> None:
 
     command, args = parse_command(build_parser(), argv)
     setup_logging()
-    register_models()
+    if command != "rouge":  # rouge reads text files only: it starts without torch and transformers
+        register_models()
     if args.output_json:
         check_output_path(args.output_json, "--output_json", kind="file")
     out = {"rouge": run_rouge, "ppl": run_ppl, "preference": run_preference}[command](args)

@@ -24,9 +24,15 @@ from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, f
 from sft.core.paths import check_output_path, require_local_dir
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import fit_history
-from sft.inference.engines import Engine, engine_problems, load_engine
-from sft.inference.loading import ModelLoadArgs
-from sft.inference.settings import GenerationArgs, build_generation_config, describe, read_generation_config
+from sft.inference.engines import Engine, load_engine
+from sft.inference.settings import (
+    GenerationArgs,
+    ModelLoadArgs,
+    build_generation_config,
+    describe,
+    engine_problems,
+    read_generation_config,
+)
 from sft.train.args import DataArgs
 
 logger = logging.getLogger("predict")

@@ -33,9 +33,8 @@ from sft.core.errors import UserError
 from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, flag_of, parse_flags
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import FittedPrompt, fit_history
-from sft.inference.engines import Engine, engine_problems, load_engine
-from sft.inference.loading import ModelLoadArgs
-from sft.inference.settings import GenerationArgs, build_generation_config
+from sft.inference.engines import Engine, load_engine
+from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config, engine_problems
 
 logger = logging.getLogger("web_demo")
 

@@ -189,8 +189,8 @@ def measure_generation(args: BenchGenerateArgs) -> dict:
 
     from models import register_models
     from sft.inference.generate import cut_at_stop, generate_ids, left_pad, stop_ids
-    from sft.inference.loading import ModelLoadArgs, load_from_flags
-    from sft.inference.settings import GenerationArgs, build_generation_config
+    from sft.inference.loading import load_from_flags
+    from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config
 
     register_models()
     model_dir = args.model_dir or default_model()
@@ -374,8 +374,8 @@ def live_users(args: BenchGenerateArgs) -> tuple[list[str], dict]:
     from models import register_models
     from sft.inference.engines import TorchEngine
     from sft.inference.generate import generate_ids
-    from sft.inference.loading import ModelLoadArgs, load_from_flags
-    from sft.inference.settings import GenerationArgs, build_generation_config
+    from sft.inference.loading import load_from_flags
+    from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config
 
     register_models()
     loaded = load_from_flags(

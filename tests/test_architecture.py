@@ -1,6 +1,6 @@
 """The layout's rules, checked on the source (docs/ARCHITECTURE.md): import direction, no import cycle (annotation
 imports included), sft/core a leaf, one owner of the checkpoint file names, of trainer_state.json and of renaming
-temporary files into place, and no module of sft/ over 600 lines."""
+temporary files into place, no module of sft/ over 600 lines, and the text-only commands starting without torch."""
 
 from __future__ import annotations
 
@@ -250,3 +250,38 @@ def test_flags_are_dataclass_fields():
         and node.func.attr in ("add_argument", "add_argument_group")
     ]
     assert not offenders, "declare the flag as a dataclass field made with flag():\n" + "\n".join(offenders)
+
+
+def test_text_only_commands_start_without_torch(tmp_path: Path):
+    """Converting data and scoring ROUGE read and write text: they must not pay torch's and transformers' ~4 s
+    import (data_helper.py, evaluate.py rouge; docs/ARCHITECTURE.md, "Start-up")."""
+    import subprocess
+    import sys
+
+    conversation = (
+        '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    )
+    (tmp_path / "in.jsonl").write_text(conversation + "\n")
+    (tmp_path / "pred.jsonl").write_text('{"prediction": "a cat sat", "references": ["a cat sat down"]}\n')
+    commands = {
+        "data_helper.py": ["conversations", "--input", "in.jsonl", "--output", "out.jsonl"],
+        "evaluate.py": ["rouge", "--pred_path", "pred.jsonl", "--output_json", "rouge.json"],
+    }
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = sys.argv[1:]\n"
+        "sys.path.insert(0, sys.argv[0].rpartition('/')[0])  # as python SCRIPT does\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code in (0, None), stop.code\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))\n"
+    )
+    for script, argv in commands.items():
+        result = subprocess.run(
+            [sys.executable, "-c", probe, str(REPO_ROOT / script), *argv],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "loaded: []" in result.stdout, (script, result.stdout)
+    assert (tmp_path / "out.jsonl").is_file() and (tmp_path / "rouge.json").is_file()

@@ -89,7 +89,7 @@ def test_default_batch_size_follows_the_measurements(setup):  # noqa: F811
 
 def engine_args(model_dir: Path, engine: str, gguf: Path | None = None) -> SimpleNamespace:
     """What load_engine reads: the ModelLoadArgs flags, --engine and --gguf."""
-    from sft.inference.loading import ModelLoadArgs
+    from sft.inference.settings import ModelLoadArgs
 
     flags = dataclasses.asdict(ModelLoadArgs(model_path=str(model_dir)))
     return SimpleNamespace(**flags, engine=engine, gguf=None if gguf is None else str(gguf))

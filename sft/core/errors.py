@@ -9,8 +9,7 @@ raise :class:`ArgsError` with every problem found.
 from __future__ import annotations
 
 import errno
-
-import torch
+import sys
 
 # The exit statuses of every script (README.md, "When things go wrong").
 EXIT_ERROR = 1  # a problem the user can fix: a file, the data, a path, the disk, the hardware
@@ -63,7 +62,8 @@ def describe_failure(err: BaseException) -> tuple[int, str]:
         return status, one_line(err)
     if isinstance(err, OSError):
         return EXIT_ERROR, describe_os_error(err)
-    if isinstance(err, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # not imported: then no error of torch's can have ended the script
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
         return EXIT_ERROR, (
             f"out of memory on the GPU ({one_line(err).split('. ')[0]}): lower the batch size, load the base in "
             "4 bits (--quantization nf4) or, when training, add --gradient_checkpointing"

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import torch
 
 from sft.core.errors import EXIT_INTERNAL, describe_failure
 from sft.core.flags import DEBUG_FLAG
@@ -62,6 +61,8 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
+    import torch  # here, not at the top: the scripts that need no torch start without it
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -238,52 +238,8 @@ class VllmEngine(Engine):
 # ---- choosing and loading -------------------------------------------------------------------------------------
 
 
-def engine_problems(args: Any, *, streams: bool = False, batch_size: int | None = None) -> list[str]:
-    """The flag combinations ``args.engine`` refuses, found before any work (``problems()`` of the scripts).
-
-    ``args`` holds the :class:`~sft.inference.loading.ModelLoadArgs` flags, ``engine`` and ``gguf``;
-    ``streams``: the script streams replies (a chat); ``batch_size``: the ``--batch_size`` given (None: unset).
-    """
-    name, problems = args.engine, []
-    if args.gguf is not None and name != "llama_cpp":
-        problems.append("--gguf is the llama_cpp engine's model file: add --engine llama_cpp or drop --gguf")
-    if name == "torch":
-        return problems
-    if args.adapter_dir is not None:
-        problems.append(
-            f"--engine {name} runs a plain model: merge the adapter first (merge_params.py) and pass the merged "
-            "directory as --model_path"
-        )
-    if args.quantization not in (None, "none"):
-        problems.append(f"--quantization loads torch weights; --engine {name} does not use it: drop it")
-    if (getattr(args, "num_beams", None) or 1) > 1:
-        problems.append(f"--engine {name} does not search beams here: drop --num_beams or use --engine torch")
-    if name == "llama_cpp":
-        if args.gguf is None:
-            problems.append(
-                "--engine llama_cpp needs --gguf FILE: the GGUF export of --model_path (export_gguf.py; a missing "
-                "file is exported there first, f16)"
-            )
-        if args.device not in ("auto", "cpu"):
-            problems.append("--engine llama_cpp runs on the CPU: drop --device")
-        if args.dtype != "auto":
-            problems.append(
-                "--engine llama_cpp computes in the GGUF file's type: drop --dtype (export_gguf.py --type)"
-            )
-        if batch_size not in (None, 1):
-            problems.append("--engine llama_cpp answers one prompt at a time: drop --batch_size")
-    if name == "vllm":
-        if streams:
-            problems.append(
-                "--engine vllm serves batch generation here, not streamed chats: use --engine torch"
-            )
-        if args.device == "cpu":
-            problems.append("--engine vllm runs on a CUDA GPU: drop --device cpu or use --engine torch")
-    return problems
-
-
 def load_engine(args: Any, *, seed: int = 1234) -> Engine:
-    """The engine ``args.engine`` names, loaded from the :class:`~sft.inference.loading.ModelLoadArgs` flags
+    """The engine ``args.engine`` names, loaded from the :class:`~sft.inference.settings.ModelLoadArgs` flags
     (checked first by :func:`engine_problems`). A missing optional package or GPU stops with what to install."""
     if args.engine == "torch":
         return TorchEngine.from_loaded(load_from_flags(args))

@@ -1,7 +1,7 @@
 """Loading a model to use it: a merged model, or a base model with a trained adapter on top.
 
-:class:`ModelLoadArgs` are the flags of predict.py, web_demo.py, ``evaluate.py ppl`` and
-``data_helper.py synthesize``; :func:`load_from_flags` turns them into a :class:`LoadedModel` (model,
+:func:`load_from_flags` turns the :class:`~sft.inference.settings.ModelLoadArgs` flags of predict.py, web_demo.py,
+``evaluate.py ppl`` and ``data_helper.py synthesize`` into a :class:`LoadedModel` (model,
 tokenizer, chat template, device, dtype). By default everything follows the adapter's training run, read
 through :mod:`sft.checkpoint`: its base quantisation, its chat template and its tokenizer.
 """
@@ -16,34 +16,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from sft.checkpoint.adapters import AdapterInfo, check_adapter_fits_base, read_adapter
-from sft.core.flags import REQUIRED, flag
 from sft.core.paths import require_local_dir
 from sft.data.templates import Template, get_template, resolve_template_name
-from sft.modeling import QUANTIZATIONS
+from sft.inference.settings import ModelLoadArgs
 from sft.modeling.loading import DTYPES, keep_4bit_weights_unpacked, load_base_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelLoadArgs:
-    """Model: which model to load, and how."""
-
-    model_path: str = flag(REQUIRED, "Local model directory (a merged model, or the adapter's base).")
-    adapter_dir: str | None = flag(None, "A peft adapter to apply on top of --model_path (unmerged).")
-    quantization: str | None = flag(
-        None,
-        "Load the base weights quantised; default: as the adapter was trained (train_args.json), else none.",
-        choices=QUANTIZATIONS,
-    )
-    template: str | None = flag(
-        None, "Chat template; default: the one the adapter was trained with, else chosen from the model."
-    )
-    device: str = flag("auto", "auto (first GPU, else CPU), cpu, cuda or cuda:N.")
-    dtype: str = flag("auto", "Compute dtype; auto: bf16 on GPU, fp32 on CPU.", choices=("auto", *DTYPES))
 
 
 def resolve_device(name: str) -> torch.device:
