@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from sft.checkpoint.layout import list_checkpoints
 from sft.core.flags import add_arguments, flag, parse_flags
-from sft.core.runner import setup_logging
+from sft.core.runner import setup_logging, stage_environment
 from sft.data.formats import iter_json_records
 from sft.inference.rouge import read_f1
 
@@ -74,10 +73,8 @@ class Stages:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        # OpenMP threads that sleep while they wait instead of spinning: when anything else runs on the machine, the
-        # spinning threads of torch's default policy steal the cores the working ones need (measured on 2 busy
-        # cores: a merge in 84 s instead of 14 s). An explicit OMP_WAIT_POLICY in the environment wins.
-        self.env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        # Idle OpenMP threads spin briefly, then sleep (sft.core.runner.OPENMP_SPINS says why).
+        self.env = stage_environment()
 
     def run(self, stage: str, cmd: list[str]) -> None:
         """Run one stage, streaming its output; stop the demo if it fails."""

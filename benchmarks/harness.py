@@ -7,7 +7,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import resource
 import shlex
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft.core.flags import HelpFormatter
+from sft.core.runner import stage_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = "benchmarks/requirements-quality.txt"  # TRL and what it needs: not installed by CI
@@ -71,9 +71,7 @@ class Stages:
 
     def __init__(self, script: str) -> None:
         self.script = str(Path(script).resolve())
-        # Sleeping rather than spinning OpenMP threads (as demo.py): with anything else on the machine, spinning
-        # threads steal the cores the working ones need. An explicit OMP_WAIT_POLICY wins.
-        self.env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.env = stage_environment()  # as demo.py's: idle OpenMP threads spin briefly, then sleep
         self.costs: dict[str, Cost] = {}
 
     def run(self, stage: str, cmd: list[str]) -> Cost:

@@ -26,8 +26,8 @@ def test_smoke_pipeline_on_smollm2(smollm2_dir, shared_data_dir, tmp_path):
     )  # empty: a one-rank CPU run must not compile DeepSpeed's shm op
     env = {
         **os.environ,
-        # Both cores: demo.py runs its stages with OMP_WAIT_POLICY=PASSIVE, so idle OpenMP threads sleep instead of
-        # spinning against a busy machine (the reason other subprocess tests pin one thread); 85 s against 105 s.
+        # Both cores: demo.py's stages let idle OpenMP threads spin only briefly (sft.core.runner.OPENMP_SPINS), not
+        # against a busy machine (the reason other subprocess tests pin one thread); 85 s against 105 s on one.
         "OMP_NUM_THREADS": "2",
         "HF_HUB_OFFLINE": "1",
         "TORCH_EXTENSIONS_DIR": str(extensions),

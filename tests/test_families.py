@@ -157,6 +157,40 @@ def test_packed_equals_unpacked_and_lora_trains_the_full_base(family, attention,
         assert losses[-1] < losses[0] - 1.0, losses
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_loop_reads_shared_starts_and_gives_generates_tokens(family, tiny_family_dirs, monkeypatch):
+    """Prompts built by the family's own template share its system prompt and headers: our loop computes that
+    start once (later rows read it from the first row's cache and prefill the rest against it: sliding windows
+    and soft-capping included), and the tokens are generate()'s, one prompt at a time."""
+    from sft.inference import generate as gen
+    from sft.inference.kv_cache import prefill_alone
+    from sft.inference.settings import GenerationArgs, build_generation_config
+
+    model_dir = tiny_family_dirs[family]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    template = get_template("tokenizer", tokenizer)
+    records = chat_records(4)
+    prompts = [
+        template.build_prompt({**record, "conversations": record["conversations"][:turns]})
+        for record, turns in zip(records, (1, 3, 1, 3), strict=True)
+    ]
+    assert len({len(p) for p in prompts}) > 1  # padded: each row prefilled on its own
+    shared = []
+
+    def reading(model, prompt, capacity=None, *, prefix=None):
+        shared.append(prefix[0][0].shape[-2] if prefix else 0)
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    monkeypatch.setattr(gen, "prefill_alone", reading)
+    settings = GenerationArgs(max_new_tokens=8, do_sample=False)
+    config = build_generation_config(model, tokenizer, settings, stop_ids=[template.end_id])
+    assert gen.generate_ids(model, prompts, config, batch_size=4) == gen.hf_generate_ids(
+        model, prompts, config, batch_size=1
+    )
+    assert shared[0] == 0 and min(shared[1:]) > 16, shared  # past the tiny models' 16-token sliding window
+
+
 def test_an_attention_a_family_cannot_use_is_refused_in_one_line(tiny_family_dirs):
     from sft.modeling.loading import load_base_model
 

@@ -81,6 +81,50 @@ def test_a_large_padded_batch_attends_group_by_group(models, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+def test_a_shared_start_is_prefilled_once_with_generates_tokens(family, models, monkeypatch):
+    """Prompts that start alike (one chat template's system prompt and headers) compute that start once: later
+    rows prefill only the rest, reading the earlier row's keys/values; the tokens stay generate's."""
+    from sft.inference import generate as gen
+    from sft.inference.kv_cache import prefill_alone
+
+    model, tokenizer = models[family]
+    config = greedy_config(model, tokenizer, max_new_tokens=10)
+    system = random_prompts(model, [24], seed=1)[0]
+    tails = random_prompts(model, (30, 5, 17, 11, 26, 9), seed=2)
+    prompts = [system + tail for tail in tails]
+    prompts[3] = (
+        prompts[0][:40] + tails[3]
+    )  # shares 40 tokens with the first row: more than the system prompt
+    prompts.append(random_prompts(model, [33], seed=3)[0])  # shares nothing
+    computed = []
+
+    def counting(model, prompt, capacity=None, *, prefix=None):
+        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    monkeypatch.setattr(gen, "prefill_alone", counting)
+    expected = gen.hf_generate_ids(model, prompts, config, batch_size=1)
+    got = gen.generate_ids(model, prompts, config, batch_size=len(prompts))
+    assert got == expected
+    # Longest first: rows 0 (54 tokens, all computed), 3 (51: 40 shared with row 0), 4 (50), 2 (41), 5 (33: 24
+    # shared, the system prompt), 6 (33, nothing shared), 1 (29).
+    assert computed == [54, 51 - 40, 50 - 24, 41 - 24, 33 - 24, 33, 29 - 24]
+
+
+def test_shared_start_picks_the_longest_and_leaves_a_token_to_compute():
+    from sft.inference.kv_cache import shared_start
+
+    base = list(range(100, 130))
+    prompts = [[*base, 1, 2, 3], base[:20] + [9] * 5, [*base, 1, 2], base[:17], [*base, 1, 2, 3, 4]]
+    assert shared_start(prompts, 0) is None  # nothing earlier
+    assert shared_start(prompts, 1) == (0, 20)
+    assert shared_start(prompts, 2) == (0, 31)  # all but its last token: its logits must be computed
+    assert shared_start(prompts, 3) == (0, 16)
+    assert shared_start(prompts, 3, minimum=17) is None
+    assert shared_start(prompts, 4) == (0, 33)  # the longest start, from the first of equals
+
+
 @pytest.mark.parametrize("groups", [[(0, 2, 0), (2, 5, 3)], [(0, 5, 0)]])
 def test_grouped_attention_is_masked_sdpa_on_fewer_columns(groups):
     """Each group's columns before its first are padding in all its rows: the same attention as the masked SDPA

@@ -167,3 +167,34 @@ def test_close_ends_live_replies_and_stops_the_loop(models):
     assert not batcher._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         next(batcher.stream([1, 2, 3], endless))
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+def test_a_prompt_computes_only_what_follows_the_start_it_shares_with_the_last(family, models, monkeypatch):
+    """The web demo's chats all begin with one system prompt, and a chat's next prompt begins with the last: the
+    shared start is read from the last prompt's cache, and every reply is still its own greedy answer."""
+    from sft.inference import serving
+    from sft.inference.kv_cache import prefill_alone
+
+    model, tokenizer = models[family]
+    computed = []
+
+    def counting(model, prompt, capacity=None, *, prefix=None):
+        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    monkeypatch.setattr(serving, "prefill_alone", counting)
+    batcher = serving.LiveBatcher(model, tokenizer, max_live=2)
+    system = random_prompts(model, [20], seed=4)[0]
+    first = system + random_prompts(model, [7], seed=5)[0]
+    other = system + random_prompts(model, [9], seed=6)[0]  # another chat: shares the system prompt
+    unrelated = random_prompts(model, [12], seed=7)[0]
+    config = greedy_config(model, tokenizer, max_new_tokens=5)
+    answer = tokenizer.encode("".join(batcher.stream(first, config)), add_special_tokens=False)
+    follow_up = first + answer[:3] + random_prompts(model, [4], seed=8)[0]  # the same chat, one turn on
+    prompts = [follow_up, other, unrelated]
+    got = ["".join(batcher.stream(prompt, config)) for prompt in prompts]
+    batcher.close()
+    assert got == [alone(model, tokenizer, prompt, config) for prompt in prompts]
+    # follow_up: all of `first` is shared; other: the system prompt (with follow_up); unrelated: nothing.
+    assert computed == [27, len(follow_up) - 27, 9, 12]

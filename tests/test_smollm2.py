@@ -221,7 +221,8 @@ def test_greedy_answers_factual_questions(chat_model):
 
 def test_greedy_loop_gives_generates_tokens_on_a_real_model(chat_model):
     """Our greedy loop (per-row prefill, preallocated cache, finished rows leaving) against model.generate on
-    SmolLM2, three prompts of different lengths in one batch: identical tokens, an early stop included."""
+    SmolLM2, three prompts of different lengths in one batch (the default system prompt they share prefilled once):
+    identical tokens, an early stop included."""
     from sft.inference.generate import generate_ids, hf_generate_ids
     from sft.inference.settings import GenerationArgs, build_generation_config
 

@@ -35,7 +35,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from sft.inference.cpu_decode import column_groups, faster_decoding
-from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone
+from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone, shared_start
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
@@ -182,7 +182,15 @@ def _greedy(
     if prefill == "rows" and padded:
         rows_logits = []
         for row, prompt in enumerate(prompts):
-            own, logits = prefill_alone(model, prompt)
+            # A start shared with an earlier row (the template's system prompt and headers) is not computed again:
+            # its keys/values are that row's own, already in the batch cache (right-aligned).
+            shared = shared_start(prompts, row)
+            prefix = None
+            if shared is not None:
+                other, count = shared
+                begin = width - len(prompts[other])
+                prefix = [layer.row_columns(other, begin, count) for layer in cache.layers]
+            own, logits = prefill_alone(model, prompt, prefix=prefix)
             rows_logits.append(logits)
             for layer, own_layer in zip(cache.layers, own.layers, strict=True):
                 if row == 0:

@@ -8,7 +8,9 @@ one row as for several (it is the weights' memory traffic), so several users sha
 Between two steps, requests join and leave:
 
 * a new request is prefilled on its own (its numbers are a batch-1 prefill's) and joins the batch, right-aligned
-  with the others (:meth:`~sft.inference.kv_cache.PreallocatedLayer.join`); while it prefills, the others wait;
+  with the others (:meth:`~sft.inference.kv_cache.PreallocatedLayer.join`); while it prefills, the others wait.
+  The start it shares with the last prompt prefilled (the system prompt and headers; a chat's earlier turns) is
+  not computed again: its keys/values are that prompt's;
 * a reply leaves when it produces a stop id, reaches its ``max_new_tokens``, or its reader closes the stream
   (a cancelled request or a closed browser tab: gradio closes the generator, ``GeneratorExit`` reaches
   :meth:`LiveBatcher.stream`'s ``finally``): generation for it stops at the next step.
@@ -43,10 +45,11 @@ from transformers.generation.logits_process import (
 
 from sft.inference.cpu_decode import column_groups, faster_decoding
 from sft.inference.generate import reply_streamer, settings_in_use, stop_ids
-from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone
+from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone, shared_start
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+    from transformers.cache_utils import Cache
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +142,9 @@ class LiveBatcher:
         self._count = 0
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, width): 1 = a real position
+        # The last prompt prefilled and its own cache: the next prompt computes only what follows the start they
+        # share (the system prompt and headers every chat of the demo begins with; a chat's earlier turns).
+        self._last: tuple[list[int], Cache] | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-batcher")
         self._thread.start()
@@ -200,6 +206,7 @@ class LiveBatcher:
                     for reply in [*self._live, *self._waiting]:
                         self._end(reply, "closed")
                     self._live, self._waiting, self._cache, self._mask = [], collections.deque(), None, None
+                    self._last = None
                     return
             try:
                 with torch.inference_mode():
@@ -224,10 +231,13 @@ class LiveBatcher:
                 continue
             start = time.perf_counter()
             try:
-                own, logits = prefill_alone(self.model, reply.prompt)
+                own, logits = prefill_alone(
+                    self.model, reply.prompt, prefix=self._shared_prefix(reply.prompt)
+                )
             except Exception as err:
                 self._end(reply, "error", failure=err)
                 continue
+            self._last = (reply.prompt, own)
             reply.length = len(reply.prompt)
             reply.next_id = self._choose(reply, logits)
             self._join(reply, own)
@@ -238,6 +248,16 @@ class LiveBatcher:
                 len(reply.prompt),
                 time.perf_counter() - start,
             )
+
+    def _shared_prefix(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The keys/values of the start ``prompt`` shares with the last prompt prefilled, if long enough."""
+        if self._last is None:
+            return None
+        shared = shared_start([self._last[0], prompt], 1)
+        if shared is None:
+            return None
+        count = shared[1]
+        return [(layer.keys[:, :, :count], layer.values[:, :, :count]) for layer in self._last[1].layers]
 
     def _join(self, reply: _Reply, own) -> None:
         rest = max(
