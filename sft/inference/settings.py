@@ -1,10 +1,11 @@
 """The flags of every script that generates, their checks, and the model's generation_config with them applied.
 
 :class:`ModelLoadArgs` names the model to load and how (:func:`sft.inference.loading.load_from_flags` loads it);
-:func:`engine_problems` lists the flag combinations an engine refuses. :class:`GenerationArgs` holds the seven settings that decide what is generated (every field left None
-keeps the model's ``generation_config.json`` value) and the engine that computes it (``--engine``, ``--gguf``:
-:mod:`sft.inference.engines`). predict.py and ``data_helper.py synthesize``/``preference`` take them as flags,
-the web demo its engine flags and the settings from its sliders.
+:func:`engine_problems` lists the flag combinations an engine refuses. :class:`GenerationArgs` holds the seven
+settings that decide what is generated (every field left None keeps the model's ``generation_config.json`` value)
+and the engine that computes it (``--engine``, ``--gguf``: :mod:`sft.inference.engines`). predict.py and
+``data_helper.py synthesize``/``preference`` take them as flags, the web demo its engine flags and the settings
+from its sliders.
 
 Nothing here imports torch or transformers at import time: the scripts build their flags from these classes, and
 ``data_helper.py``'s converters and ``evaluate.py rouge`` start in a fraction of a second because of it.
@@ -118,7 +119,7 @@ class GenerationArgs:
 def engine_problems(args: Any, *, streams: bool = False, batch_size: int | None = None) -> list[str]:
     """The flag combinations ``args.engine`` refuses, found before any work (``problems()`` of the scripts).
 
-    ``args`` holds the :class:`~ModelLoadArgs` flags, ``engine`` and ``gguf``;
+    ``args`` holds the :class:`ModelLoadArgs` flags, ``engine`` and ``gguf``;
     ``streams``: the script streams replies (a chat); ``batch_size``: the ``--batch_size`` given (None: unset).
     """
     name, problems = args.engine, []
