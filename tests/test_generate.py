@@ -81,14 +81,19 @@ def test_a_large_padded_batch_attends_group_by_group(models, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("family", ["llama", "baichuan"])
-def test_a_shared_start_is_prefilled_once_with_generates_tokens(family, models, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "baichuan", "baichuan_alibi"])
+def test_a_shared_start_is_prefilled_once_with_generates_tokens(family, models, monkeypatch, request):
     """Prompts that start alike (one chat template's system prompt and headers) compute that start once: later
-    rows prefill only the rest, reading the earlier row's keys/values; the tokens stay generate's."""
+    rows prefill only the rest, reading the earlier row's keys/values; the tokens stay generate's (ALiBi's
+    distances included: Baichuan2-13B's position scheme)."""
     from sft.inference import generate as gen
     from sft.inference.kv_cache import prefill_alone
+    from sft.inference.loading import load_for_inference
 
-    model, tokenizer = models[family]
+    if family == "baichuan_alibi":
+        model, tokenizer = load_for_inference(request.getfixturevalue("tiny_baichuan_alibi_dir"))
+    else:
+        model, tokenizer = models[family]
     config = greedy_config(model, tokenizer, max_new_tokens=10)
     system = random_prompts(model, [24], seed=1)[0]
     tails = random_prompts(model, (30, 5, 17, 11, 26, 9), seed=2)
