@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from sft.modeling.attention import attends_with_transformers_sdpa, register_sdpa_variant
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -118,20 +120,10 @@ def grouped_decode_attention(model: PreTrainedModel) -> Iterator[bool]:
     """Within the block, a transformers model on the CPU attending with ``sdpa`` attends with
     :func:`grouped_sdpa_attention` (restored on leaving). Yields whether it does: only then may a forward pass
     ``decode_groups``."""
-    own_class = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__module__
-    switch = (
-        own_class.startswith("transformers.")
-        and getattr(model.config, "_attn_implementation", None) == "sdpa"
-        and next(model.parameters()).device.type == "cpu"
-    )
-    if not switch:
+    if not (attends_with_transformers_sdpa(model) and next(model.parameters()).device.type == "cpu"):
         yield False
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    register_sdpa_variant(GROUPED_SDPA, grouped_sdpa_attention)
     model.set_attn_implementation(GROUPED_SDPA)
     try:
         yield model.config._attn_implementation == GROUPED_SDPA

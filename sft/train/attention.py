@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from sft.modeling.attention import attends_with_transformers_sdpa, register_sdpa_variant
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -99,25 +101,15 @@ def document_sdpa_attention(
     return out.view(heads, batch, length, dim).permute(1, 2, 0, 3), None
 
 
-def register_document_sdpa() -> None:
-    """Make :data:`DOCUMENT_SDPA` a transformers attention implementation (idempotent); its masks are SDPA's."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENT_SDPA, sdpa_mask)
-
-
 def use_document_sdpa(model: PreTrainedModel) -> bool:
     """Switch a model that transformers ships, attending with ``sdpa``, to :func:`document_sdpa_attention`.
 
     Models of our own (Baichuan2 builds its packed layout itself) and other attention implementations are left
     as they are. Returns whether the model switched.
     """
-    own_class = type(model).__module__.startswith("transformers.")
-    if not own_class or getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if not attends_with_transformers_sdpa(model):
         return False
-    register_document_sdpa()
+    register_sdpa_variant(DOCUMENT_SDPA, document_sdpa_attention)
     model.set_attn_implementation(DOCUMENT_SDPA)
     return model.config._attn_implementation == DOCUMENT_SDPA
 
