@@ -59,12 +59,13 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-# How long an idle OpenMP thread of torch's (GNU libgomp) spins before it sleeps: about a millisecond. libgomp's
-# default (300,000 spins) holds a core long after the work ends, which, with anything else running on the machine,
-# steals the cores the working threads need (measured on 2 busy cores: a merge in 84 s instead of 14 s; predict.py
-# 64 s instead of 30 s); sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every wake-up late, which costs a
-# decode loop's many small steps a third of their speed on a quiet machine (make demo's scoring pass 42 s against
-# 31 s). 3,000 spins kept the quiet speed and, on the busy machine, came within 15% of sleeping at once.
+# How long an idle OpenMP thread of torch's (GNU libgomp) spins before it sleeps. libgomp's default (300,000 spins)
+# holds a core long after the work ends, which, with anything else running on the machine, steals the cores the
+# working threads need (measured on 2 busy cores: a merge in 84 s instead of 14 s; predict.py on 8 dialogues 64 s
+# instead of 30 s). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every wake-up late, which costs a decode
+# loop's many small steps a third of their speed on a quiet machine (predict.py on make demo's 32 dialogues: 42 s
+# against 31 s). 3,000 spins kept the quiet speed and, on the busy machine, came within 15% of sleeping at once
+# (docs/PERFORMANCE.md, "make demo's scoring passes").
 OPENMP_SPINS = "3000"
 
 

@@ -127,9 +127,8 @@ class PreallocatedLayer(DynamicLayer):
     def row_columns(self, row: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of row ``row``'s keys/values at positions ``start ... start + count - 1``, ``(1, kv_heads, count,
         head_dim)``."""
-        return self._k[row : row + 1, :, start : start + count], self._v[
-            row : row + 1, :, start : start + count
-        ]
+        columns = slice(start, start + count)
+        return self._k[row : row + 1, :, columns], self._v[row : row + 1, :, columns]
 
     def allocate(self, like: torch.Tensor, batch: int) -> None:
         """Zeroed buffers for ``batch`` rows shaped like ``like`` (one row's keys)."""
