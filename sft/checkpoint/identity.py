@@ -188,8 +188,8 @@ def check_base_model(
     """Refuse a base model other than the one ``subject`` was trained on, before any weight is loaded.
 
     The decision is the weights fingerprint: a base that moved to another path (or was re-saved) is the same
-    model and is accepted. Without a record (checkpoints written before it existed) a warning says the
-    check could not be made.
+    model and is accepted. Without a record (an adapter saved by peft or another tool; checkpoints written before
+    the record existed) a warning says the check could not be made.
 
     Args:
         recorded: :func:`read_base_model` of the checkpoint.
@@ -203,7 +203,8 @@ def check_base_model(
     """
     if recorded is None:
         logger.warning(
-            "%s has no %s (written by an older version): cannot check that %s %s is the model it was trained on",
+            "%s has no %s (saved by another tool, such as peft, or by a version of this project before it was "
+            "recorded): cannot check that %s %s is the model it was trained on",
             subject,
             BASE_MODEL,
             base_flag,

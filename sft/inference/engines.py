@@ -38,7 +38,7 @@ from sft.inference.generate import (
     stream_reply,
 )
 from sft.inference.loading import LoadedModel, inference_template, load_from_flags
-from sft.inference.serving import LiveBatcher
+from sft.inference.serving import PROMPT_CACHE_MB, LiveBatcher
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -101,8 +101,10 @@ class Engine:
         """The reply to one prompt in final text pieces; closing the iterator stops the generation."""
         raise NotImplementedError(f"--engine {self.name} does not stream replies: use --engine torch")
 
-    def live(self, max_live: int, seed: int) -> Any:
-        """Something with ``stream(prompt, config)`` that serves ``max_live`` readers at once (the web demo)."""
+    def live(self, max_live: int, seed: int, prompt_cache_mb: int | None = None) -> Any:
+        """Something with ``stream(prompt, config)`` that serves ``max_live`` readers at once (the web demo);
+        ``prompt_cache_mb``: memory for recent prompts' caches, where the engine keeps them itself (None: its
+        default)."""
         if max_live != 1:
             raise ValueError(f"--engine {self.name} streams one reply at a time")
         return self
@@ -139,8 +141,9 @@ class TorchEngine(Engine):
     def stream(self, prompt, config) -> Iterator[str]:
         return stream_reply(self.model, self.tokenizer, prompt, config)
 
-    def live(self, max_live: int, seed: int) -> LiveBatcher:
-        return LiveBatcher(self.model, self.tokenizer, max_live=max_live, seed=seed)
+    def live(self, max_live: int, seed: int, prompt_cache_mb: int | None = None) -> LiveBatcher:
+        cache = PROMPT_CACHE_MB if prompt_cache_mb is None else prompt_cache_mb
+        return LiveBatcher(self.model, self.tokenizer, max_live=max_live, seed=seed, prompt_cache_mb=cache)
 
 
 class LlamaCppEngine(Engine):

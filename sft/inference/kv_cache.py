@@ -10,6 +10,10 @@ column. A finished row leaves (:meth:`PreallocatedLayer.batch_select_indices`); 
 joins (:meth:`PreallocatedLayer.join`), and columns that only padding uses any more are dropped
 (:meth:`PreallocatedLayer.trim_left`). Padding slots hold zeros, never garbage: a masked score is
 ``q.k + (-inf)``, and a NaN in ``k`` would poison it.
+
+A prompt that starts like one prefilled before reads that start's keys/values instead of computing them
+(:func:`prefill_alone` with ``prefix``): from an earlier row of the batch (:func:`shared_start`), or in the live
+server from recent prompts' caches (:class:`PromptCaches`).
 """
 
 from __future__ import annotations
@@ -202,3 +206,65 @@ def shared_start(prompts: list[list[int]], row: int, minimum: int = 16) -> tuple
         if n >= minimum and (best is None or n > best[1]):
             best = (other, n)
     return best
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes held by the keys/values buffers of a cache of :class:`PreallocatedLayer`."""
+    return sum(
+        (layer._k.numel() + layer._v.numel()) * layer._k.element_size()
+        for layer in cache.layers
+        if layer.is_initialized
+    )
+
+
+class PromptCaches:
+    """The caches of prompts prefilled lately, most recently used first, within ``max_bytes``: a new prompt reads
+    the longest start it shares with any of them (:func:`shared_start`) and computes only the rest
+    (:func:`prefill_alone` with ``prefix``).
+
+    The web demo keeps one per chat this way: a chat's next prompt begins with its last prompt (the history),
+    whoever else was served in between, and every chat begins with the system prompt. A prompt that a newer one
+    starts with in full (a chat's previous turn) is dropped when the newer one is added, which holds the same
+    start; past ``max_bytes`` the least recently used go; a cache larger than ``max_bytes`` on its own is not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes} must be >= 0")
+        self.max_bytes = max_bytes
+        self._entries: list[tuple[list[int], Cache, int]] = []  # (prompt, its own cache, bytes), newest first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, _, size in self._entries)
+
+    def prompts(self) -> list[list[int]]:
+        """The prompts held, most recently used first."""
+        return [prompt for prompt, _, _ in self._entries]
+
+    def prefix_for(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each layer's keys/values of the longest start ``prompt`` shares with a prompt held (views of its cache;
+        that prompt becomes the most recently used), or None when no start of at least 16 tokens is shared."""
+        found = shared_start([*self.prompts(), prompt], len(self._entries))
+        if found is None:
+            return None
+        index, count = found
+        entry = self._entries.pop(index)
+        self._entries.insert(0, entry)
+        return [(layer.keys[:, :, :count], layer.values[:, :, :count]) for layer in entry[1].layers]
+
+    def add(self, prompt: list[int], cache: Cache) -> None:
+        """Hold ``prompt``'s own cache (from :func:`prefill_alone`) as the most recently used."""
+        size = cache_bytes(cache)
+        if size > self.max_bytes:
+            return
+        self._entries = [entry for entry in self._entries if entry[0] != prompt[: len(entry[0])]]
+        self._entries.insert(0, (list(prompt), cache, size))
+        while self.bytes > self.max_bytes:
+            self._entries.pop()
+
+    def clear(self) -> None:
+        self._entries = []

@@ -9,8 +9,9 @@ Between two steps, requests join and leave:
 
 * a new request is prefilled on its own (its numbers are a batch-1 prefill's) and joins the batch, right-aligned
   with the others (:meth:`~sft.inference.kv_cache.PreallocatedLayer.join`); while it prefills, the others wait.
-  The start it shares with the last prompt prefilled (the system prompt and headers; a chat's earlier turns) is
-  not computed again: its keys/values are that prompt's;
+  The longest start it shares with a prompt prefilled lately (the system prompt and headers; the chat's own
+  earlier turns, whoever was served since) is not computed again: its keys/values are that prompt's
+  (:class:`~sft.inference.kv_cache.PromptCaches`, within ``prompt_cache_mb``);
 * a reply leaves when it produces a stop id, reaches its ``max_new_tokens``, or its reader closes the stream
   (a cancelled request or a closed browser tab: gradio closes the generator, ``GeneratorExit`` reaches
   :meth:`LiveBatcher.stream`'s ``finally``): generation for it stops at the next step.
@@ -45,13 +46,16 @@ from transformers.generation.logits_process import (
 
 from sft.inference.cpu_decode import column_groups, faster_decoding
 from sft.inference.generate import reply_streamer, settings_in_use, stop_ids
-from sft.inference.kv_cache import decoder_layers, preallocated_cache, prefill_alone, shared_start
+from sft.inference.kv_cache import PromptCaches, decoder_layers, preallocated_cache, prefill_alone
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
-    from transformers.cache_utils import Cache
 
 logger = logging.getLogger(__name__)
+
+# Default memory for recent prompts' caches: 46 KB a position for SmolLM2 in fp32 (~11,000 positions), 0.5 MB for
+# a 7B model in bf16 (~1,000: a few chats' system prompts and histories).
+PROMPT_CACHE_MB = 512
 
 # What a live reply does not do: it honours greedy or temperature/top-k/top-p sampling, with a repetition penalty.
 _LIVE_CANNOT = (
@@ -126,10 +130,17 @@ class LiveBatcher:
         model, tokenizer: a loaded decoder-only model and its tokenizer.
         max_live: the most replies decoded together; more requests wait (in arrival order) until one ends.
         seed: seeds the generator that sampled replies draw from.
+        prompt_cache_mb: the most memory that recent prompts' caches may hold (0: none kept).
     """
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_live: int = 4, seed: int = 0
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_live: int = 4,
+        seed: int = 0,
+        prompt_cache_mb: int = PROMPT_CACHE_MB,
     ) -> None:
         if max_live < 1:
             raise ValueError(f"max_live={max_live} must be >= 1")
@@ -142,9 +153,9 @@ class LiveBatcher:
         self._count = 0
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, width): 1 = a real position
-        # The last prompt prefilled and its own cache: the next prompt computes only what follows the start they
-        # share (the system prompt and headers every chat of the demo begins with; a chat's earlier turns).
-        self._last: tuple[list[int], Cache] | None = None
+        # Recent prompts' own caches: a new prompt computes only what follows the longest start it shares with one
+        # (the system prompt and headers every chat of the demo begins with; the chat's earlier turns).
+        self.prompt_caches = PromptCaches(prompt_cache_mb * 2**20)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-batcher")
         self._thread.start()
@@ -206,7 +217,7 @@ class LiveBatcher:
                     for reply in [*self._live, *self._waiting]:
                         self._end(reply, "closed")
                     self._live, self._waiting, self._cache, self._mask = [], collections.deque(), None, None
-                    self._last = None
+                    self.prompt_caches.clear()
                     return
             try:
                 with torch.inference_mode():
@@ -231,33 +242,24 @@ class LiveBatcher:
                 continue
             start = time.perf_counter()
             try:
-                own, logits = prefill_alone(
-                    self.model, reply.prompt, prefix=self._shared_prefix(reply.prompt)
-                )
+                prefix = self.prompt_caches.prefix_for(reply.prompt)
+                own, logits = prefill_alone(self.model, reply.prompt, prefix=prefix)
             except Exception as err:
                 self._end(reply, "error", failure=err)
                 continue
-            self._last = (reply.prompt, own)
+            self.prompt_caches.add(reply.prompt, own)
             reply.length = len(reply.prompt)
             reply.next_id = self._choose(reply, logits)
             self._join(reply, own)
             logger.info(
-                "reply %d: joined %d live (prompt %d tokens, prefill %.2f s)",
+                "reply %d: joined %d live (prompt %d tokens, %d of them read from a recent prompt's cache; "
+                "prefill %.2f s)",
                 reply.number,
                 len(self._live) - 1,
                 len(reply.prompt),
+                prefix[0][0].shape[-2] if prefix else 0,
                 time.perf_counter() - start,
             )
-
-    def _shared_prefix(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """The keys/values of the start ``prompt`` shares with the last prompt prefilled, if long enough."""
-        if self._last is None:
-            return None
-        shared = shared_start([self._last[0], prompt], 1)
-        if shared is None:
-            return None
-        count = shared[1]
-        return [(layer.keys[:, :, :count], layer.values[:, :, :count]) for layer in self._last[1].layers]
 
     def _join(self, reply: _Reply, own) -> None:
         rest = max(
