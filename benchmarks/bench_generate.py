@@ -23,7 +23,8 @@ generate() threads, and decoded together by sft.inference.serving.LiveBatcher.
 
 --chat_turns T times --n chats of T messages each through the web demo's chat (RolePlayChat over a LiveBatcher,
 SmolLM2's default system prompt, the dialogues as first messages, then short follow-ups), served in turn, one
-message at a time: with recent prompts' caches (the default), with the last prompt's only (as before) and with none.
+message at a time: with recent prompts' and replies' caches (the default), with the last one only (as before) and with
+none.
 
 --demo_passes also times make demo's two scoring passes (predict.py + evaluate.py rouge on the first 32 test
 dialogues, greedy, 64 new tokens) with this tree's scripts and with --before_tree's (an older commit, e.g.
@@ -472,8 +473,8 @@ FOLLOW_UPS = ("Make it shorter.", "Who are the people in it?", "What could happe
 def chat_turns(args: BenchGenerateArgs) -> tuple[list[str], dict]:
     """--n chats of --chat_turns messages, served in turn (chat 1's first message, chat 2's, ..., chat 1's second,
     ...), each message streamed to its end before the next is sent, through web_demo.RolePlayChat over a
-    LiveBatcher whose prompt caches are: recent prompts' (the default budget), the last prompt's only (what it kept
-    before), none. Per way: prompt tokens computed, time to the first piece of the second and later messages,
+    LiveBatcher whose prompt caches are: recent prompts' and replies' (the default budget), the last one only (as
+    before: another chat's, in this order), none. Per way: prompt tokens computed, time to the first piece of the second and later messages,
     wall time, replies identical to no cache's."""
     import torch
 
@@ -505,10 +506,10 @@ def chat_turns(args: BenchGenerateArgs) -> tuple[list[str], dict]:
         return prefill_alone(model, prompt, capacity, prefix=prefix)
 
     ways = {
-        f"recent prompts ({serving.PROMPT_CACHE_MB} MB)": lambda: PromptCaches(
+        f"recent prompts and replies ({serving.PROMPT_CACHE_MB} MB)": lambda: PromptCaches(
             serving.PROMPT_CACHE_MB * 2**20
         ),
-        "the last prompt only (before)": lambda: LastOnly(serving.PROMPT_CACHE_MB * 2**20),
+        "the last one only (as before)": lambda: LastOnly(serving.PROMPT_CACHE_MB * 2**20),
         "none": lambda: PromptCaches(0),
     }
     results, reference = {}, None

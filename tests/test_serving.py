@@ -169,14 +169,11 @@ def test_close_ends_live_replies_and_stops_the_loop(models):
         next(batcher.stream([1, 2, 3], endless))
 
 
-@pytest.mark.parametrize("family", ["llama", "baichuan"])
-def test_a_prompt_computes_only_what_follows_the_start_it_shares_with_the_last(family, models, monkeypatch):
-    """The web demo's chats all begin with one system prompt, and a chat's next prompt begins with the last: the
-    shared start is read from the last prompt's cache, and every reply is still its own greedy answer."""
+def counting_prefills(monkeypatch) -> list[int]:
+    """From now on, how many positions of each prompt the live batcher computes (the rest read from a cache)."""
     from sft.inference import serving
     from sft.inference.kv_cache import prefill_alone
 
-    model, tokenizer = models[family]
     computed = []
 
     def counting(model, prompt, capacity=None, *, prefix=None):
@@ -184,55 +181,108 @@ def test_a_prompt_computes_only_what_follows_the_start_it_shares_with_the_last(f
         return prefill_alone(model, prompt, capacity, prefix=prefix)
 
     monkeypatch.setattr(serving, "prefill_alone", counting)
-    batcher = serving.LiveBatcher(model, tokenizer, max_live=2)
+    return computed
+
+
+def answer_ids(model, prompt, config) -> list[int]:
+    """generate()'s greedy ids for the prompt alone: a live reply's ids (the first test's claim)."""
+    from sft.inference.generate import hf_generate_ids
+
+    return hf_generate_ids(model, [prompt], config)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+def test_a_prompt_computes_only_what_follows_the_start_it_shares_with_earlier_ones(
+    family, models, monkeypatch
+):
+    """The web demo's chats all begin with one system prompt, and a chat's next prompt begins with its last prompt
+    and reply: that start is read from their cache, and every reply is still its own greedy answer."""
+    from sft.inference.serving import LiveBatcher
+
+    model, tokenizer = models[family]
+    computed = counting_prefills(monkeypatch)
+    batcher = LiveBatcher(model, tokenizer, max_live=2)
     system = random_prompts(model, [20], seed=4)[0]
     first = system + random_prompts(model, [7], seed=5)[0]
     other = system + random_prompts(model, [9], seed=6)[0]  # another chat: shares the system prompt
     unrelated = random_prompts(model, [12], seed=7)[0]
     config = greedy_config(model, tokenizer, max_new_tokens=5)
-    answer = tokenizer.encode("".join(batcher.stream(first, config)), add_special_tokens=False)
+    "".join(batcher.stream(first, config))
+    answer = answer_ids(model, first, config)
+    assert len(answer) == 5  # no early stop: the last id was chosen, never fed, so 4 are in the cache
     follow_up = first + answer[:3] + random_prompts(model, [4], seed=8)[0]  # the same chat, one turn on
     prompts = [follow_up, other, unrelated]
     got = ["".join(batcher.stream(prompt, config)) for prompt in prompts]
     batcher.close()
     assert got == [alone(model, tokenizer, prompt, config) for prompt in prompts]
-    # follow_up: all of `first` is shared; other: the system prompt (with follow_up); unrelated: nothing.
-    assert computed == [27, len(follow_up) - 27, 9, 12]
+    # follow_up: `first` and 3 ids of its reply are shared; other: the system prompt; unrelated: nothing.
+    assert computed == [27, len(follow_up) - 30, 9, 12]
 
 
 @pytest.mark.parametrize("family", ["llama", "baichuan"])
 def test_each_chat_reads_its_own_history_whoever_was_served_in_between(family, models, monkeypatch):
-    """Two chats take turns: each chat's second prompt computes only what follows its first prompt, though the
-    other chat's prompt was prefilled in between; the first prompts are then dropped (the second ones start with
-    them), and every reply is still its own greedy answer."""
-    from sft.inference import serving
-    from sft.inference.kv_cache import prefill_alone
+    """Two chats take turns: each chat's second prompt computes only its new message, what follows its first
+    prompt and reply, though the other chat was served in between; those are then dropped (the second prompt and
+    reply start with them), and every reply is still its own greedy answer."""
+    from sft.inference.serving import LiveBatcher
 
     model, tokenizer = models[family]
-    computed = []
-
-    def counting(model, prompt, capacity=None, *, prefix=None):
-        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
-        return prefill_alone(model, prompt, capacity, prefix=prefix)
-
-    monkeypatch.setattr(serving, "prefill_alone", counting)
-    batcher = serving.LiveBatcher(model, tokenizer, max_live=2)
+    computed = counting_prefills(monkeypatch)
+    batcher = LiveBatcher(model, tokenizer, max_live=2)
     config = greedy_config(model, tokenizer, max_new_tokens=5)
     system = random_prompts(model, [20], seed=4)[0]
     firsts = [system + random_prompts(model, [n], seed=seed)[0] for n, seed in ((30, 5), (25, 6))]
     seconds, got = [], []
     for first, seed in zip(firsts, (8, 9), strict=True):
         got.append("".join(batcher.stream(first, config)))
-        answer = tokenizer.encode(got[-1], add_special_tokens=False)
-        seconds.append(first + answer[:3] + random_prompts(model, [4], seed=seed)[0])
+        fed = answer_ids(model, first, config)[:-1]  # the reply's ids but the last (chosen, never fed)
+        seconds.append(first + fed + random_prompts(model, [4], seed=seed)[0])  # the chat's next message
     got += ["".join(batcher.stream(prompt, config)) for prompt in seconds]
     held = batcher.prompt_caches.prompts()
     batcher.close()
     prompts = [*firsts, *seconds]
     assert got == [alone(model, tokenizer, prompt, config) for prompt in prompts]
-    # chat 2's first prompt shares the system prompt with chat 1's; each second prompt, its chat's first prompt
-    assert computed == [50, 25, len(seconds[0]) - 50, len(seconds[1]) - 45]
-    assert held == [seconds[1], seconds[0]]
+    # chat 2's first prompt shares the system prompt with chat 1's; each second prompt computes its new message
+    assert computed == [50, 25, 4, 4]
+    replies = [answer_ids(model, prompt, config) for prompt in (seconds[1], seconds[0])]
+    assert held == [seconds[1] + replies[0][:-1], seconds[0] + replies[1][:-1]]
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan"])
+def test_replies_decoded_together_leave_their_own_keys_and_values(family, models):
+    """Replies of different lengths decoded in one padded batch: each one's kept cache is its prompt and fed ids,
+    as a prefill of that sequence computes them (to rounding: decode steps and a prefill multiply in other
+    shapes)."""
+    import torch
+
+    from sft.inference.kv_cache import prefill_alone
+    from sft.inference.serving import LiveBatcher
+
+    model, tokenizer = models[family]
+    batcher = LiveBatcher(model, tokenizer, max_live=3)
+    prompts = random_prompts(model, (21, 34, 17), seed=11)
+    configs = [greedy_config(model, tokenizer, max_new_tokens=n) for n in (9, 4, 12)]
+    got: list = [None] * 3
+    threads = [
+        threading.Thread(target=read_all, args=(batcher.stream(p, c), got, i))
+        for i, (p, c) in enumerate(zip(prompts, configs, strict=True))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    wait_idle(batcher)
+    held = dict(zip(map(tuple, batcher.prompt_caches.prompts()), batcher.prompt_caches.caches(), strict=True))
+    batcher.close()
+    for prompt, config in zip(prompts, configs, strict=True):
+        sequence = prompt + answer_ids(model, prompt, config)[:-1]
+        kept = held[tuple(sequence)]
+        with torch.inference_mode():
+            whole = prefill_alone(model, sequence)[0]
+        for mine, theirs in zip(kept.layers, whole.layers, strict=True):
+            assert mine.keys.shape == theirs.keys.shape
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-5)
 
 
 def test_prompt_caches_hold_the_most_recently_used_within_their_bytes(models):

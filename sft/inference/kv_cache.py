@@ -218,14 +218,15 @@ def cache_bytes(cache: Cache) -> int:
 
 
 class PromptCaches:
-    """The caches of prompts prefilled lately, most recently used first, within ``max_bytes``: a new prompt reads
-    the longest start it shares with any of them (:func:`shared_start`) and computes only the rest
-    (:func:`prefill_alone` with ``prefix``).
+    """The caches of token sequences computed lately (prompts; in the live server also prompts with their
+    replies), most recently used first, within ``max_bytes``: a new prompt reads the longest start it shares with
+    any of them (:func:`shared_start`) and computes only the rest (:func:`prefill_alone` with ``prefix``).
 
-    The web demo keeps one per chat this way: a chat's next prompt begins with its last prompt (the history),
-    whoever else was served in between, and every chat begins with the system prompt. A prompt that a newer one
-    starts with in full (a chat's previous turn) is dropped when the newer one is added, which holds the same
-    start; past ``max_bytes`` the least recently used go; a cache larger than ``max_bytes`` on its own is not kept.
+    The web demo keeps about one per chat this way: a chat's next prompt begins with its last prompt and reply,
+    whoever else was served in between, and every chat begins with the system prompt. A sequence that a newer one
+    starts with in full (the chat's prompt, once its reply is added) is dropped when the newer one is added, which
+    holds the same start; past ``max_bytes`` the least recently used go; a cache larger than ``max_bytes`` on its
+    own is not kept.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -242,8 +243,12 @@ class PromptCaches:
         return sum(size for _, _, size in self._entries)
 
     def prompts(self) -> list[list[int]]:
-        """The prompts held, most recently used first."""
+        """The sequences held, most recently used first."""
         return [prompt for prompt, _, _ in self._entries]
+
+    def caches(self) -> list[Cache]:
+        """Their caches, in the same order."""
+        return [cache for _, cache, _ in self._entries]
 
     def prefix_for(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Each layer's keys/values of the longest start ``prompt`` shares with a prompt held (views of its cache;
@@ -257,7 +262,8 @@ class PromptCaches:
         return [(layer.keys[:, :, :count], layer.values[:, :, :count]) for layer in entry[1].layers]
 
     def add(self, prompt: list[int], cache: Cache) -> None:
-        """Hold ``prompt``'s own cache (from :func:`prefill_alone`) as the most recently used."""
+        """Hold ``prompt``'s own cache (one row, exactly its positions: :func:`prefill_alone`'s) as the most
+        recently used."""
         size = cache_bytes(cache)
         if size > self.max_bytes:
             return

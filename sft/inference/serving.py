@@ -9,9 +9,9 @@ Between two steps, requests join and leave:
 
 * a new request is prefilled on its own (its numbers are a batch-1 prefill's) and joins the batch, right-aligned
   with the others (:meth:`~sft.inference.kv_cache.PreallocatedLayer.join`); while it prefills, the others wait.
-  The longest start it shares with a prompt prefilled lately (the system prompt and headers; the chat's own
-  earlier turns, whoever was served since) is not computed again: its keys/values are that prompt's
-  (:class:`~sft.inference.kv_cache.PromptCaches`, within ``prompt_cache_mb``);
+  The longest start it shares with a recent prompt or ended reply (the system prompt and headers; the chat's
+  own history and last reply, whoever was served since) is not computed again: its keys/values are read from
+  theirs (:class:`~sft.inference.kv_cache.PromptCaches`, within ``prompt_cache_mb``);
 * a reply leaves when it produces a stop id, reaches its ``max_new_tokens``, or its reader closes the stream
   (a cancelled request or a closed browser tab: gradio closes the generator, ``GeneratorExit`` reaches
   :meth:`LiveBatcher.stream`'s ``finally``): generation for it stops at the next step.
@@ -130,7 +130,7 @@ class LiveBatcher:
         model, tokenizer: a loaded decoder-only model and its tokenizer.
         max_live: the most replies decoded together; more requests wait (in arrival order) until one ends.
         seed: seeds the generator that sampled replies draw from.
-        prompt_cache_mb: the most memory that recent prompts' caches may hold (0: none kept).
+        prompt_cache_mb: the most memory that recent prompts' and replies' caches may hold (0: none kept).
     """
 
     def __init__(
@@ -153,8 +153,8 @@ class LiveBatcher:
         self._count = 0
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, width): 1 = a real position
-        # Recent prompts' own caches: a new prompt computes only what follows the longest start it shares with one
-        # (the system prompt and headers every chat of the demo begins with; the chat's earlier turns).
+        # Recent prompts' and ended replies' caches: a new prompt computes only what follows the longest start it
+        # shares with one (the system prompt and headers every chat begins with; the chat's history and last reply).
         self.prompt_caches = PromptCaches(prompt_cache_mb * 2**20)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-batcher")
@@ -293,17 +293,19 @@ class LiveBatcher:
         """Hand every live reply its chosen id; drop the finished and closed; one forward for the others."""
         keep = []
         for row, reply in enumerate(self._live):
-            if reply.closed.is_set():
-                self._end(reply, "closed")
-                continue
-            reply.generated.append(reply.next_id)
-            reply.streamer.put(torch.tensor([reply.next_id]))
-            if reply.next_id in reply.stops:
-                self._end(reply, "stop")
-            elif len(reply.generated) >= reply.config.max_new_tokens:
-                self._end(reply, "length")
-            else:
-                keep.append(row)
+            why = "closed"
+            if not reply.closed.is_set():
+                reply.generated.append(reply.next_id)
+                reply.streamer.put(torch.tensor([reply.next_id]))
+                if reply.next_id in reply.stops:
+                    why = "stop"
+                elif len(reply.generated) >= reply.config.max_new_tokens:
+                    why = "length"
+                else:
+                    keep.append(row)
+                    continue
+            self._remember(row, reply)  # before its reader sees the end
+            self._end(reply, why)
         if len(keep) < len(self._live):
             self._leave(keep)
         if not self._live:
@@ -331,6 +333,18 @@ class LiveBatcher:
         )  # (B, V)
         for row, reply in enumerate(self._live):
             reply.next_id = self._choose(reply, logits[row : row + 1])
+
+    def _remember(self, row: int, reply: _Reply) -> None:
+        """Keep a reply that leaves as a prompt cache: its prompt and the tokens fed after it (the chat's next prompt
+        starts with them when the reply's text encodes back to its ids), from its row of the batch cache."""
+        fed = reply.length - len(reply.prompt)
+        if fed <= 0:
+            return
+        width = self._cache.layers[0].length
+        own = preallocated_cache(decoder_layers(self.model), reply.length)
+        for layer, own_layer in zip(self._cache.layers, own.layers, strict=True):
+            own_layer.update(*layer.row_columns(row, width - reply.length, reply.length))
+        self.prompt_caches.add(reply.prompt + reply.generated[:fed], own)
 
     def _leave(self, keep: list[int]) -> None:
         """Keep only the batch rows ``keep``; drop the columns that are padding in every remaining row."""
