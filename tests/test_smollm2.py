@@ -290,6 +290,47 @@ def test_web_demo_plain_assistant_keeps_the_models_default_system_prompt(chat_mo
     assert len(endpoint["parameters"]) == 5  # message, history, max new tokens, top-p, temperature: no role
 
 
+def test_web_demo_chat_goes_on_from_its_kept_prompt_and_reply(chat_model, monkeypatch):
+    """Two chats through RolePlayChat over a LiveBatcher, taking turns: each chat's second message reads its first
+    prompt and the whole reply from the kept caches (the reply's text, rendered into the next prompt by SmolLM2's
+    own template, encodes back to the ids it was generated as) and computes only the new turn; the replies are
+    generate_batch's."""
+    from sft.inference import serving
+    from sft.inference.engines import TorchEngine
+    from sft.inference.generate import generate_batch
+    from sft.inference.kv_cache import prefill_alone
+    from web_demo import RolePlayChat
+
+    model, tokenizer, template = chat_model
+    computed = []
+
+    def counting(model, prompt, capacity=None, *, prefix=None):
+        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
+        return prefill_alone(model, prompt, capacity, prefix=prefix)
+
+    monkeypatch.setattr(serving, "prefill_alone", counting)
+    engine = TorchEngine(model, tokenizer, template)
+    live = engine.live(2, seed=0)
+    chat = RolePlayChat(engine, None, live=live)
+    histories, prompts = {"France": [], "Japan": []}, []
+    follow_up = "Answer in one word: is it a big city?"
+    for message in ("What is the capital of {}?", follow_up):
+        for country, history in histories.items():
+            text = message.format(country)
+            prompts.append(chat.prompt(text, history, None, 32))
+            histories[country] = list(chat.reply_plain(text, history, 32, 1.0, 0.0))[-1][1]
+            expected = generate_batch(model, tokenizer, [prompts[-1]], chat.settings(32, 1.0, 0.0))[0]
+            assert histories[country][-1]["content"].strip() == expected
+    live.close()
+    assert "Paris" in histories["France"][1]["content"] and "Tokyo" in histories["Japan"][1]["content"]
+    shared = next(
+        n for n, (a, b) in enumerate(zip(*prompts[:2])) if a != b
+    )  # the default system prompt and more
+    # each second message: the end of the reply's turn, the new message and the headers, nothing before them
+    new_turn = f"<|im_end|>\n<|im_start|>user\n{follow_up}<|im_end|>\n<|im_start|>assistant\n"
+    assert computed == [len(prompts[0]), len(prompts[1]) - shared, *[len(tokenizer.encode(new_turn))] * 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: LoRA on real DialogSum dialogues
 # ---------------------------------------------------------------------------------------------
