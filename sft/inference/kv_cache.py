@@ -13,7 +13,7 @@ joins (:meth:`PreallocatedLayer.join`), and columns that only padding uses any m
 
 A prompt that starts like one prefilled before reads that start's keys/values instead of computing them
 (:func:`prefill_alone` with ``prefix``): from an earlier row of the batch (:func:`shared_start`), or in the live
-server from recent prompts' caches (:class:`PromptCaches`).
+server from recent prompts' and replies' caches (:class:`PromptCaches`).
 """
 
 from __future__ import annotations

@@ -341,9 +341,13 @@ class LiveBatcher:
         if fed <= 0:
             return
         width = self._cache.layers[0].length
-        own = preallocated_cache(decoder_layers(self.model), reply.length)
-        for layer, own_layer in zip(self._cache.layers, own.layers, strict=True):
-            own_layer.update(*layer.row_columns(row, width - reply.length, reply.length))
+        try:
+            own = preallocated_cache(decoder_layers(self.model), reply.length)
+            for layer, own_layer in zip(self._cache.layers, own.layers, strict=True):
+                own_layer.update(*layer.row_columns(row, width - reply.length, reply.length))
+        except RuntimeError as err:  # no memory for the copy: a cache not kept, never a failed reply
+            logger.warning("reply %d: its cache is not kept (%s)", reply.number, err)
+            return
         self.prompt_caches.add(reply.prompt + reply.generated[:fed], own)
 
     def _leave(self, keep: list[int]) -> None:
