@@ -183,6 +183,7 @@ def chat_loop(args: PredictArgs, engine: Engine, config: Any) -> None:
         record = {"conversations": turns, **({"system": args.system} if args.system else {})}
         return engine.template.build_prompt(record, max_src_len=max_src_len)
 
+    session = engine.session(config, args.seed)  # torch: each turn computes only its new message
     print(CHAT_HELP, flush=True)
     while True:
         try:
@@ -207,7 +208,7 @@ def chat_loop(args: PredictArgs, engine: Engine, config: Any) -> None:
             logger.info("cut the first %d tokens of the message to fit the context window", cut)
         print("Assistant: ", end="", flush=True)
         reply = ""
-        for piece in engine.stream(prompt, config):
+        for piece in session.stream(prompt, config):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,8 +144,12 @@ def test_generation_flags_are_honoured(setup):
     assert code == 2 and not (setup["root"] / "x.jsonl").exists()  # a flag problem: exit status 2
 
 
+CHAT_SYSTEM = "你是李白，唐代诗人，字太白，号青莲居士。"  # long enough for a start worth reading from a cache
+
+
 def test_chat_mode_keeps_history_and_streams(setup):
-    """Two turns through stdin; the second answer is the greedy answer to the whole conversation."""
+    """Two turns through stdin; the second answer is the greedy answer to the whole conversation, computed after
+    the first turn's prompt."""
     from sft.data.templates import get_template
     from sft.inference.generate import generate_batch
     from sft.inference.loading import load_for_inference
@@ -163,7 +168,7 @@ def test_chat_mode_keeps_history_and_streams(setup):
             "--max_new_tokens",
             "8",
             "--system",
-            "你是李白",
+            CHAT_SYSTEM,
         ],
         input="你好\n你是谁？\nexit\n",
         capture_output=True,
@@ -176,6 +181,10 @@ def test_chat_mode_keeps_history_and_streams(setup):
         line.split("Assistant: ", 1)[1].strip() for line in proc.stdout.splitlines() if "Assistant: " in line
     ]
     assert len(replies) == 2 and all(replies)
+    # The second turn read the first turn's prompt (and the reply's ids the text encodes back to) from the cache
+    # the chat kept: it computed only what follows.
+    joined = [tuple(map(int, m)) for m in re.findall(r"prompt (\d+) tokens, (\d+) of them read", proc.stderr)]
+    assert len(joined) == 2 and joined[0][1] == 0 and joined[1][1] >= joined[0][0], joined
 
     model, tokenizer = load_for_inference(setup["merged"])
     template = get_template("baichuan2", tokenizer, setup["merged"])
@@ -185,8 +194,8 @@ def test_chat_mode_keeps_history_and_streams(setup):
         {"role": "assistant", "content": replies[0]},
         {"role": "user", "content": "你是谁？"},
     ]
-    first = template.build_prompt({"system": "你是李白", "conversations": history[:1]})
-    second = template.build_prompt({"system": "你是李白", "conversations": history})
+    first = template.build_prompt({"system": CHAT_SYSTEM, "conversations": history[:1]})
+    second = template.build_prompt({"system": CHAT_SYSTEM, "conversations": history})
     expected = generate_batch(model, tokenizer, [first, second], config)
     assert replies == expected
 

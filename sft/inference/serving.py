@@ -79,18 +79,22 @@ _LIVE_CANNOT = (
 )
 
 
+def live_problem(config: GenerationConfig) -> str | None:
+    """Why a live reply cannot follow ``config``, or None when it can."""
+    bad = settings_in_use(config, _LIVE_CANNOT)
+    if bad:
+        return f"live replies support greedy and temperature/top-p/top-k sampling; {', '.join(bad)} is not"
+    if config.max_new_tokens is None:
+        return "live replies need generation_config.max_new_tokens (build_generation_config sets it)"
+    return None
+
+
 def choose_processors(config: GenerationConfig) -> LogitsProcessorList:
     """The logits processors ``generate`` would run for ``config`` (repetition penalty; with sampling:
     temperature, top-k, top-p), or ValueError naming the settings a live reply does not support."""
-    bad = settings_in_use(config, _LIVE_CANNOT)
-    if bad:
-        raise ValueError(
-            f"live replies support greedy and temperature/top-p/top-k sampling; {', '.join(bad)} is not"
-        )
-    if config.max_new_tokens is None:
-        raise ValueError(
-            "live replies need generation_config.max_new_tokens (build_generation_config sets it)"
-        )
+    problem = live_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
