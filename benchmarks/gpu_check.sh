@@ -8,7 +8,7 @@
 #      falling, resume, merge and greedy equality; a right-padded batch on SDPA's FlashAttention backend;
 #      FlashAttention-2 = SDPA and Liger = plain where importable; torch.compile (inductor) = eager; DPO on
 #      packed pairs (bf16, NF4 base) starting at ln 2 with the loss falling; our greedy decoding loop = generate()
-#      on CUDA; --engine vllm = --engine torch where the image has vLLM (its wheel is too big to carry: without
+#      on CUDA, and so are the web demo's live replies, with caches kept on the GPU; --engine vllm = --engine torch where the image has vLLM (its wheel is too big to carry: without
 #      it the test is listed as skipped);
 #   3. runs benchmarks/bench_gpu.py: workloads R, D, L on a random Baichuan2-7B-shaped model against the
 #      recipe (docs/PERFORMANCE.md, "GPU check");
