@@ -12,8 +12,9 @@ messages: the sliders are read for every message. Replies stream as they are gen
 otherwise. Needs the demo extras: ``pip install -r requirements-demo.txt``. See docs/INFERENCE.md.
 
 Serving several people: up to ``--max_live_replies`` replies are generated at once, decoded together in one batch
-(:mod:`sft.inference.serving`); more requests wait in gradio's queue. A reply whose reader leaves (a cancelled
-request, a closed tab) stops generating at the next token. A message too long for the context window is cut
+(:mod:`sft.inference.serving`); more requests wait in gradio's queue. A chat's next message computes only its new
+text: recent prompts' and replies' keys/values are kept (``--prompt_cache_mb``). A reply whose reader leaves (a
+cancelled request, a closed tab) stops generating at the next token. A message too long for the context window is cut
 from its start, inside its content: the system prompt and the template's headers always stay.
 """
 
@@ -70,8 +71,8 @@ class WebDemoArgs(ModelLoadArgs):
     )
     prompt_cache_mb: int | None = flag(
         None,
-        "With --engine torch: memory for recent prompts' keys/values, so that a chat's next message computes only "
-        f"what follows its history (and every chat's system prompt is computed once); 0 keeps none. Default "
+        "With --engine torch: memory for recent prompts' and replies' keys/values, so that a chat's next message "
+        "computes only its new text (and a system prompt shared by chats is computed once); 0 keeps none. Default "
         f"{PROMPT_CACHE_MB}.",
     )
     max_prompt_tokens: int | None = flag(
