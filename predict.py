@@ -27,6 +27,7 @@ from sft.inference.chat import fit_history
 from sft.inference.engines import Engine, load_engine
 from sft.inference.settings import (
     GenerationArgs,
+    LiveArgs,
     ModelLoadArgs,
     build_generation_config,
     describe,
@@ -63,6 +64,7 @@ class ChatArgs:
     flag_group = "interactive chat"
     chat: bool = flag(False, "Chat in the terminal (multi-turn, streamed) instead.", action="store_true")
     system: str | None = flag(None, "System prompt of the chat (e.g. a role description).")
+    prompt_cache_mb: int | None = flag_of(LiveArgs, "prompt_cache_mb")
 
 
 @dataclass
@@ -88,6 +90,10 @@ class PredictArgs(GenerationArgs, ChatArgs, BatchArgs, ModelLoadArgs):
                 )
             if self.system is not None:
                 problems.append("--system only applies to --chat (batch records carry their own 'system')")
+            if self.prompt_cache_mb is not None:
+                problems.append(
+                    "--prompt_cache_mb only applies to --chat (batches share prompt starts anyway)"
+                )
         if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"--batch_size={self.batch_size} must be >= 1")
         problems += engine_problems(self, streams=self.chat, batch_size=self.batch_size)
@@ -183,7 +189,9 @@ def chat_loop(args: PredictArgs, engine: Engine, config: Any) -> None:
         record = {"conversations": turns, **({"system": args.system} if args.system else {})}
         return engine.template.build_prompt(record, max_src_len=max_src_len)
 
-    session = engine.session(config, args.seed)  # torch: each turn computes only its new message
+    session = engine.session(
+        config, args.seed, args.prompt_cache_mb
+    )  # torch: a turn computes its new message
     print(CHAT_HELP, flush=True)
     while True:
         try:

@@ -35,8 +35,13 @@ from sft.core.flags import ArgumentParser, HelpFormatter, add_arguments, flag, f
 from sft.core.runner import run_entry_point, set_seed, setup_logging
 from sft.inference.chat import FittedPrompt, fit_history
 from sft.inference.engines import Engine, load_engine
-from sft.inference.serving import PROMPT_CACHE_MB
-from sft.inference.settings import GenerationArgs, ModelLoadArgs, build_generation_config, engine_problems
+from sft.inference.settings import (
+    GenerationArgs,
+    LiveArgs,
+    ModelLoadArgs,
+    build_generation_config,
+    engine_problems,
+)
 
 logger = logging.getLogger("web_demo")
 
@@ -69,12 +74,7 @@ class WebDemoArgs(ModelLoadArgs):
         f"Replies generated at once; more requests wait in the queue. Default {LIVE_REPLIES} with --engine torch "
         "(decoded together in one batch), 1 with llama_cpp (one stream at a time).",
     )
-    prompt_cache_mb: int | None = flag(
-        None,
-        "With --engine torch: memory for recent prompts' and replies' keys/values, so that a chat's next message "
-        "computes only its new text (and a system prompt shared by chats is computed once); 0 keeps none. Default "
-        f"{PROMPT_CACHE_MB}.",
-    )
+    prompt_cache_mb: int | None = flag_of(LiveArgs, "prompt_cache_mb")
     max_prompt_tokens: int | None = flag(
         None,
         "Longest prompt (system prompt, history, message); longer: the oldest rounds go, then the start of the "
@@ -91,10 +91,6 @@ class WebDemoArgs(ModelLoadArgs):
             problems.append(f"--max_live_replies={self.max_live_replies} must be >= 1")
         if self.max_live_replies not in (None, 1) and self.engine != "torch":
             problems.append(f"--engine {self.engine} streams one reply at a time: drop --max_live_replies")
-        if self.prompt_cache_mb is not None and self.prompt_cache_mb < 0:
-            problems.append(f"--prompt_cache_mb={self.prompt_cache_mb} must be >= 0")
-        if self.prompt_cache_mb is not None and self.engine != "torch":
-            problems.append(f"--engine {self.engine} keeps its own prompt cache: drop --prompt_cache_mb")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             problems.append(f"--max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
         if self.desc_path is None and self.system_template is not None:

@@ -131,11 +131,16 @@ def test_predict_reports_every_flag_problem_before_any_file_is_read(tmp_path, ca
         "--max_src_len=0 must be >= 1",
     ):
         assert problem in line
-    assert predict.main(["--model_path", str(tmp_path / "none"), "--system", "be brief"]) == 2
+    argv = ["--model_path", str(tmp_path / "none"), "--system", "be brief", "--prompt_cache_mb", "-1"]
+    assert predict.main(argv) == 2
     line = _one_error_line(capsys)
-    assert (
-        "batch mode needs --data_path and --output_path" in line and "--system only applies to --chat" in line
-    )
+    for problem in (
+        "batch mode needs --data_path and --output_path",
+        "--system only applies to --chat",
+        "--prompt_cache_mb only applies to --chat",
+        "--prompt_cache_mb=-1 must be >= 0",
+    ):
+        assert problem in line
 
 
 def test_synthesize_reports_every_flag_problem_before_any_file_is_read(tmp_path, capsys):

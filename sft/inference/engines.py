@@ -38,7 +38,8 @@ from sft.inference.generate import (
     stream_reply,
 )
 from sft.inference.loading import LoadedModel, inference_template, load_from_flags
-from sft.inference.serving import PROMPT_CACHE_MB, LiveBatcher, live_problem
+from sft.inference.serving import LiveBatcher, live_problem
+from sft.inference.settings import PROMPT_CACHE_MB
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -109,9 +110,9 @@ class Engine:
             raise ValueError(f"--engine {self.name} streams one reply at a time")
         return self
 
-    def session(self, config: GenerationConfig, seed: int) -> Any:
+    def session(self, config: GenerationConfig, seed: int, prompt_cache_mb: int | None = None) -> Any:
         """Something with ``stream(prompt, config)`` for the turns of one conversation (a terminal chat); it may
-        keep what the conversation computed between turns."""
+        keep what the conversation computed between turns (within ``prompt_cache_mb``, None: the default)."""
         return self
 
     def _decode(self, ids: list[int]) -> str:
@@ -150,10 +151,12 @@ class TorchEngine(Engine):
         cache = PROMPT_CACHE_MB if prompt_cache_mb is None else prompt_cache_mb
         return LiveBatcher(self.model, self.tokenizer, max_live=max_live, seed=seed, prompt_cache_mb=cache)
 
-    def session(self, config: GenerationConfig, seed: int) -> LiveBatcher | TorchEngine:
+    def session(
+        self, config: GenerationConfig, seed: int, prompt_cache_mb: int | None = None
+    ) -> LiveBatcher | TorchEngine:
         """A live batcher of one reply, whose kept caches make each turn compute only its new message; this
         engine (``generate`` in a thread) for settings a live reply does not follow."""
-        return self if live_problem(config) is not None else self.live(1, seed)
+        return self if live_problem(config) is not None else self.live(1, seed, prompt_cache_mb)
 
 
 class LlamaCppEngine(Engine):

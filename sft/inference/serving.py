@@ -47,15 +47,12 @@ from transformers.generation.logits_process import (
 from sft.inference.cpu_decode import column_groups, faster_decoding
 from sft.inference.generate import reply_streamer, settings_in_use, stop_ids
 from sft.inference.kv_cache import PromptCaches, decoder_layers, preallocated_cache, prefill_alone
+from sft.inference.settings import PROMPT_CACHE_MB
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 logger = logging.getLogger(__name__)
-
-# Default memory for recent prompts' caches: 46 KB a position for SmolLM2 in fp32 (~11,000 positions), 0.5 MB for
-# a 7B model in bf16 (~1,000: a few chats' system prompts and histories).
-PROMPT_CACHE_MB = 512
 
 # What a live reply does not do: it honours greedy or temperature/top-k/top-p sampling, with a repetition penalty.
 _LIVE_CANNOT = (

@@ -116,6 +116,23 @@ class GenerationArgs:
             raise ArgsError(problems)
 
 
+# Default memory for recent prompts' and replies' keys/values in live replies: 46 KB a position for SmolLM2 in fp32
+# (~11,000 positions), 0.5 MB for a 7B model in bf16 (~1,000: a few chats' system prompts and histories).
+PROMPT_CACHE_MB = 512
+
+
+@dataclass
+class LiveArgs:
+    """Live replies with --engine torch (the web demo, predict.py --chat)."""
+
+    prompt_cache_mb: int | None = flag(
+        None,
+        "With --engine torch: memory for recent prompts' and replies' keys/values, so that a chat's next message "
+        "computes only its new text (and a system prompt shared by chats is computed once); 0 keeps none. "
+        f"Default {PROMPT_CACHE_MB}.",
+    )
+
+
 def engine_problems(args: Any, *, streams: bool = False, batch_size: int | None = None) -> list[str]:
     """The flag combinations ``args.engine`` refuses, found before any work (``problems()`` of the scripts).
 
@@ -125,6 +142,11 @@ def engine_problems(args: Any, *, streams: bool = False, batch_size: int | None 
     name, problems = args.engine, []
     if args.gguf is not None and name != "llama_cpp":
         problems.append("--gguf is the llama_cpp engine's model file: add --engine llama_cpp or drop --gguf")
+    cache_mb = getattr(args, "prompt_cache_mb", None)
+    if cache_mb is not None and cache_mb < 0:
+        problems.append(f"--prompt_cache_mb={cache_mb} must be >= 0")
+    if cache_mb is not None and name != "torch":
+        problems.append(f"--engine {name} keeps its own prompt cache: drop --prompt_cache_mb")
     if name == "torch":
         return problems
     if args.adapter_dir is not None:
