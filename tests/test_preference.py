@@ -94,6 +94,19 @@ def lora_model(
     return model
 
 
+def test_every_pair_skipped_names_the_file_the_reasons_and_the_fix(pairs_setup):
+    path = pairs_setup["root"] / "pairs.jsonl"
+    template = get_template("llama2", pairs_setup["tokenizer"])
+    with pytest.raises(ValueError) as caught:
+        load_preference_dataset(
+            path, template, pairs_setup["tokenizer"], max_len=12, max_src_len=8, is_skip=True
+        )
+    message = str(caught.value)
+    assert message.startswith(f"no pairs left from {path}: every pair was skipped ({len(PAIRS)} "), message
+    assert "system prompt alone longer than --max_src_len" in message, message
+    assert message.endswith("raise --max_src_len (or shorten the system prompts)"), message
+
+
 def one_batch(dataset, pad_id: int, *, packing: bool, max_len: int = 96) -> dict:
     loader = build_eval_dataloader(
         dataset,

@@ -50,6 +50,19 @@ SKIP_FIXES = {
 }
 
 
+def all_skipped(
+    what: str, sources: str, skipped: Counter, max_len: int, max_src_len: int | None
+) -> ValueError:
+    """The error for a file whose every ``what`` ("sample", "pair") was skipped: the reasons with their counts and
+    what to change for each."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+    fix = "; ".join(dict.fromkeys(SKIP_FIXES.get(r, "raise --max_len/--max_src_len") for r in skipped))
+    return ValueError(
+        f"no {what}s left from {sources}: every {what} was skipped ({reasons}; max_len={max_len}, "
+        f"max_src_len={max_src_len}): {fix}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +225,7 @@ def load_sft_dataset(
         if gc_was_enabled:
             gc.enable()
     if not samples:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-        fix = "; ".join(dict.fromkeys(SKIP_FIXES.get(r, "raise --max_len/--max_src_len") for r in skipped))
-        raise ValueError(
-            f"no samples left from {', '.join(str(p) for p in paths)}: every sample was skipped "
-            f"({reasons}; max_len={max_len}, max_src_len={max_src_len}): {fix}"
-        )
+        raise all_skipped("sample", ", ".join(str(p) for p in paths), skipped, max_len, max_src_len)
 
     dataset = SFTDataset.from_samples(samples, {})
     dataset.stats = {

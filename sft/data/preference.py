@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sft.data.batching import PackedCollator, PaddedCollator, pack_first_fit_decreasing
-from sft.data.dataset import SKIP_FIXES, SKIP_REASONS, SFTDataset, _cache_key, _load_cache
+from sft.data.dataset import SKIP_REASONS, SFTDataset, _cache_key, _load_cache, all_skipped
 from sft.data.formats import IGNORE_INDEX, DataFormatError, iter_json_records, normalize_record
 from sft.data.templates import Template
 
@@ -261,12 +261,7 @@ def load_preference_dataset(
         if gc_was_enabled:
             gc.enable()
     if not samples:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-        fix = "; ".join(dict.fromkeys(SKIP_FIXES.get(r, "raise --max_len/--max_src_len") for r in skipped))
-        raise ValueError(
-            f"no pairs left from {path}: every pair was skipped ({reasons}; max_len={max_len}, "
-            f"max_src_len={max_src_len}): {fix}"
-        )
+        raise all_skipped("pair", str(path), skipped, max_len, max_src_len)
     sequences = SFTDataset.from_samples(samples, {})
     sequences.stats = {
         "files": [str(path)],
