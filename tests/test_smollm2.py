@@ -317,9 +317,9 @@ def test_web_demo_chat_goes_on_from_its_kept_prompt_and_reply(chat_model, monkey
     for message in ("What is the capital of {}?", follow_up):
         for country, history in histories.items():
             text = message.format(country)
-            prompts.append(chat.prompt(text, history, None, 32))
-            histories[country] = list(chat.reply_plain(text, history, 32, 1.0, 0.0))[-1][1]
-            expected = generate_batch(model, tokenizer, [prompts[-1]], chat.settings(32, 1.0, 0.0))[0]
+            prompts.append(chat.prompt(text, history, None, 16))
+            histories[country] = list(chat.reply_plain(text, history, 16, 1.0, 0.0))[-1][1]
+            expected = generate_batch(model, tokenizer, [prompts[-1]], chat.settings(16, 1.0, 0.0))[0]
             assert histories[country][-1]["content"].strip() == expected
     live.close()
     assert "Paris" in histories["France"][1]["content"] and "Tokyo" in histories["Japan"][1]["content"]
