@@ -189,9 +189,8 @@ def chat_loop(args: PredictArgs, engine: Engine, config: Any) -> None:
         record = {"conversations": turns, **({"system": args.system} if args.system else {})}
         return engine.template.build_prompt(record, max_src_len=max_src_len)
 
-    session = engine.session(
-        config, args.seed, args.prompt_cache_mb
-    )  # torch: a turn computes its new message
+    # torch: a live batcher of one, whose kept caches make a turn compute only its new message
+    session = engine.session(config, args.seed, args.prompt_cache_mb)
     print(CHAT_HELP, flush=True)
     while True:
         try:

@@ -14,8 +14,8 @@ otherwise. Needs the demo extras: ``pip install -r requirements-demo.txt``. See 
 Serving several people: up to ``--max_live_replies`` replies are generated at once, decoded together in one batch
 (:mod:`sft.inference.serving`); more requests wait in gradio's queue. A chat's next message computes only its new
 text: recent prompts' and replies' keys/values are kept (``--prompt_cache_mb``). A reply whose reader leaves (a
-cancelled request, a closed tab) stops generating at the next token. A message too long for the context window is cut
-from its start, inside its content: the system prompt and the template's headers always stay.
+cancelled request, a closed tab) stops generating at the next token. A message too long for the context window is
+cut from its start, inside its content: the system prompt and the template's headers always stay.
 """
 
 from __future__ import annotations

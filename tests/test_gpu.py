@@ -282,47 +282,38 @@ def test_greedy_loop_gives_generates_tokens_on_cuda(tiny_llama_dir: Path) -> Non
     )
 
 
-def test_live_replies_and_their_kept_caches_on_cuda(tiny_llama_dir: Path) -> None:
+def test_live_replies_and_their_kept_caches_on_cuda(tiny_llama_dir: Path, monkeypatch) -> None:
     """The web demo's LiveBatcher on the GPU, fp32: replies decoded together are generate()'s, and a chat's next
     prompt computes only its new message from the caches kept on the GPU."""
     import threading
 
-    from sft.inference import serving
     from sft.inference.generate import hf_generate_ids
-    from sft.inference.kv_cache import prefill_alone
     from sft.inference.loading import load_for_inference
+    from sft.inference.serving import LiveBatcher
     from tests.test_generate import greedy_config, random_prompts
+    from tests.test_serving import counting_prefills
 
     model, tokenizer = load_for_inference(tiny_llama_dir, dtype=torch.float32, device=CUDA)
     config = greedy_config(model, tokenizer, max_new_tokens=12)
-    computed = []
+    computed = counting_prefills(monkeypatch)
+    batcher = LiveBatcher(model, tokenizer, max_live=3)
+    prompts = random_prompts(model, (30, 21, 26), seed=3)
+    got = [""] * 3
 
-    def counting(model, prompt, capacity=None, *, prefix=None):
-        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
-        return prefill_alone(model, prompt, capacity, prefix=prefix)
+    def read(i: int) -> None:
+        got[i] = "".join(batcher.stream(prompts[i], config))
 
-    serving.prefill_alone, plain = counting, serving.prefill_alone
-    try:
-        batcher = serving.LiveBatcher(model, tokenizer, max_live=3)
-        prompts = random_prompts(model, (30, 21, 26), seed=3)
-        got = [""] * 3
-
-        def read(i: int) -> None:
-            got[i] = "".join(batcher.stream(prompts[i], config))
-
-        threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        answers = hf_generate_ids(model, prompts, config, batch_size=1)
-        assert got == [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-        follow_up = prompts[0] + answers[0][:-1] + random_prompts(model, [5], seed=4)[0]
-        "".join(batcher.stream(follow_up, config))
-        kept = batcher.prompt_caches.caches()
-        batcher.close()
-    finally:
-        serving.prefill_alone = plain
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    answers = hf_generate_ids(model, prompts, config, batch_size=1)
+    assert got == [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    follow_up = prompts[0] + answers[0][:-1] + random_prompts(model, [5], seed=4)[0]
+    "".join(batcher.stream(follow_up, config))
+    kept = batcher.prompt_caches.caches()
+    batcher.close()
     assert computed[-1] == 5 and kept and kept[0].layers[0].keys.device == CUDA
 
 

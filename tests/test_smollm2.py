@@ -295,20 +295,13 @@ def test_web_demo_chat_goes_on_from_its_kept_prompt_and_reply(chat_model, monkey
     prompt and the whole reply from the kept caches (the reply's text, rendered into the next prompt by SmolLM2's
     own template, encodes back to the ids it was generated as) and computes only the new turn; the replies are
     generate_batch's."""
-    from sft.inference import serving
     from sft.inference.engines import TorchEngine
     from sft.inference.generate import generate_batch
-    from sft.inference.kv_cache import prefill_alone
+    from tests.test_serving import counting_prefills
     from web_demo import RolePlayChat
 
     model, tokenizer, template = chat_model
-    computed = []
-
-    def counting(model, prompt, capacity=None, *, prefix=None):
-        computed.append(len(prompt) - (prefix[0][0].shape[-2] if prefix else 0))
-        return prefill_alone(model, prompt, capacity, prefix=prefix)
-
-    monkeypatch.setattr(serving, "prefill_alone", counting)
+    computed = counting_prefills(monkeypatch)
     engine = TorchEngine(model, tokenizer, template)
     live = engine.live(2, seed=0)
     chat = RolePlayChat(engine, None, live=live)

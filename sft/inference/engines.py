@@ -39,7 +39,6 @@ from sft.inference.generate import (
 )
 from sft.inference.loading import LoadedModel, inference_template, load_from_flags
 from sft.inference.serving import LiveBatcher, live_problem
-from sft.inference.settings import PROMPT_CACHE_MB
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -148,8 +147,9 @@ class TorchEngine(Engine):
         return stream_reply(self.model, self.tokenizer, prompt, config)
 
     def live(self, max_live: int, seed: int, prompt_cache_mb: int | None = None) -> LiveBatcher:
-        cache = PROMPT_CACHE_MB if prompt_cache_mb is None else prompt_cache_mb
-        return LiveBatcher(self.model, self.tokenizer, max_live=max_live, seed=seed, prompt_cache_mb=cache)
+        return LiveBatcher(
+            self.model, self.tokenizer, max_live=max_live, seed=seed, prompt_cache_mb=prompt_cache_mb
+        )
 
     def session(
         self, config: GenerationConfig, seed: int, prompt_cache_mb: int | None = None

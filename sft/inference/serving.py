@@ -131,7 +131,8 @@ class LiveBatcher:
         model, tokenizer: a loaded decoder-only model and its tokenizer.
         max_live: the most replies decoded together; more requests wait (in arrival order) until one ends.
         seed: seeds the generator that sampled replies draw from.
-        prompt_cache_mb: the most memory that recent prompts' and replies' caches may hold (0: none kept).
+        prompt_cache_mb: the most memory that recent prompts' and replies' caches may hold (0: none kept; None:
+            :data:`~sft.inference.settings.PROMPT_CACHE_MB`).
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class LiveBatcher:
         *,
         max_live: int = 4,
         seed: int = 0,
-        prompt_cache_mb: int = PROMPT_CACHE_MB,
+        prompt_cache_mb: int | None = None,
     ) -> None:
         if max_live < 1:
             raise ValueError(f"max_live={max_live} must be >= 1")
@@ -156,7 +157,9 @@ class LiveBatcher:
         self._mask: torch.Tensor | None = None  # (B, width): 1 = a real position
         # Recent prompts' and ended replies' caches: a new prompt computes only what follows the longest start it
         # shares with one (the system prompt and headers every chat begins with; the chat's history and last reply).
-        self.prompt_caches = PromptCaches(prompt_cache_mb * 2**20)
+        self.prompt_caches = PromptCaches(
+            (PROMPT_CACHE_MB if prompt_cache_mb is None else prompt_cache_mb) * 2**20
+        )
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-batcher")
         self._thread.start()
